@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension
 
-from . import entities, lora, toyworld, training
+from . import dataset, entities, lora, preview, toyworld, training
 
-NODE_MODULES = (entities, lora, training, toyworld)
+NODE_MODULES = (entities, preview, lora, dataset, training, toyworld)
 
 
 class EliGenExtension(ComfyExtension):
