@@ -1,2 +1,49 @@
-"""Placeholder: filled in by the owner of this module."""
-NODES = []
+"""LoRA loader node: any supported EliGen LoRA format onto a MODEL, through ComfyUI's own LoRA machinery."""
+
+import logging
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from ..core import lora_formats
+
+
+def load_eligen_lora(model, lora_path, strength, source):
+    """Convert the file at ``lora_path`` to ComfyUI form for ``model`` and apply it (a patched clone)."""
+    state_dict = lora_formats.load_lora(lora_path)
+    found = lora_formats.detect_format(state_dict)
+    converted = lora_formats.to_comfy_for_model(state_dict, model, source=source)
+    logging.info(f"EliGen LoRA {source}: {found} format, {len(converted)} tensors, strength {strength}")
+    patched, _ = comfy.sd.load_lora_for_models(model, None, converted, strength, 0)
+    return patched
+
+
+class EliGenLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenLoraLoader",
+            display_name="EliGen LoRA Loader",
+            category="EliGen/lora",
+            description="Loads an EliGen LoRA in any released or trained format (ComfyUI, kohya, peft, "
+                        "DiffSynth-Studio's internal FLUX names) and names every key the model has no place for.",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 or Qwen-Image model the LoRA is applied to."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The LoRA file in models/loras (safetensors only)."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="How strongly the LoRA changes the model; 1.0 is the trained strength."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the LoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength):
+        if strength == 0:
+            return io.NodeOutput(model)
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return io.NodeOutput(load_eligen_lora(model, path, strength, source=lora_name))
+
+
+NODES = [EliGenLoraLoader]

@@ -22,6 +22,9 @@ say() { printf '[setup] %s\n' "$*"; }
 
 # 1. virtual environment
 if [ ! -x "$VENV/bin/python" ]; then
+  if ! command -v "$PY_BIN" >/dev/null 2>&1; then
+    echo "[setup] $PY_BIN not found: install Python 3.11 or set PYTHON=/path/to/python3.11" >&2; exit 2
+  fi
   say "creating virtual environment $VENV"
   "$PY_BIN" -m venv "$VENV"
 fi
@@ -29,10 +32,21 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet)
 
 # 2. torch + torchvision (ComfyUI imports torchvision at start-up). Skip if an importable pair exists.
-if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
-  say "installing $TORCH_SPEC (large; taken from the local wheel cache where available)"
-  # shellcheck disable=SC2086
-  "${PIP[@]}" $TORCH_SPEC
+#    Importing torch takes seconds, so a stamp remembers the installed versions that imported fine.
+TORCH_STAMP="$VENV/.eligen-torch-stamp"
+torch_versions() {
+  "$PY" -c 'from importlib.metadata import version as v
+try: print("torch", v("torch"), "torchvision", v("torchvision"))
+except Exception: print("none")'
+}
+if [ "$(torch_versions)" != "$(cat "$TORCH_STAMP" 2>/dev/null)" ]; then
+  if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+    say "installing $TORCH_SPEC (large; taken from the local wheel cache where available)"
+    # shellcheck disable=SC2086
+    "${PIP[@]}" $TORCH_SPEC
+    "$PY" -c "import torch, torchvision"
+  fi
+  torch_versions > "$TORCH_STAMP"
 fi
 
 # 3. ComfyUI workspace
@@ -93,14 +107,35 @@ fi
 # 5. link this repo into custom_nodes/ (a valid Python identifier, so relative imports are plain)
 LINK="$COMFY/custom_nodes/comfyui_eligen"
 if [ "$(readlink -f "$LINK" 2>/dev/null)" != "$REPO" ]; then
-  rm -rf "$LINK"
+  if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    # a real folder (e.g. an installed copy of this package): never delete a user's files
+    echo "[setup] $LINK exists and is not a link to $REPO: move it away, then run again" >&2; exit 2
+  fi
+  rm -f "$LINK"
   ln -s "$REPO" "$LINK"
   say "linked $LINK -> $REPO"
 fi
 
-# 6. comfy-cli, configured non-interactively
-"$VENV/bin/comfy" --skip-prompt tracking disable >/dev/null 2>&1 || true
-"$VENV/bin/comfy" --skip-prompt set-default "$COMFY" >/dev/null 2>&1 || true
+# 6. comfy-cli, configured non-interactively: tracking off; this ComfyUI becomes the default workspace
+#    unless the user already has another one that exists (scripts and tests name the workspace
+#    explicitly, so they do not depend on the default).
+case "$(uname -s)" in  # where comfy-cli keeps its config (comfy_cli/constants.py)
+  Darwin) CLI_CONFIG="$HOME/Library/Application Support/comfy-cli/config.ini" ;;
+  *) CLI_CONFIG="$HOME/.config/comfy-cli/config.ini" ;;
+esac
+cli_get() { sed -n "s/^$1 *= *//p" "$CLI_CONFIG" 2>/dev/null | tail -n 1; }
+if [ "$(cli_get enable_tracking)" != "False" ]; then
+  "$VENV/bin/comfy" --skip-prompt tracking disable >/dev/null
+fi
+current_default="$(cli_get default_workspace)"
+if [ "$current_default" != "$COMFY" ]; then
+  if [ -z "$current_default" ] || [ ! -f "$current_default/main.py" ]; then
+    "$VENV/bin/comfy" --skip-prompt set-default "$COMFY" >/dev/null
+    say "comfy-cli default workspace: $COMFY"
+  else
+    say "comfy-cli keeps its default workspace $current_default (use: comfy --workspace $COMFY ...)"
+  fi
+fi
 
 echo "$COMFY" > "$REPO/.comfyui-path"
 say "ready: venv $VENV, ComfyUI $COMFY"

@@ -1,22 +1,23 @@
-"""Test set-up: import this repo as the package ``comfyui_eligen`` and put ComfyUI on sys.path."""
+"""Test set-up: import this repo as the package ``comfyui_eligen`` and put ComfyUI on sys.path.
+
+Also provides the session fixture ``comfy_server``: one real ComfyUI server (tests/comfy_server.py)
+with this package loaded, shared by all server tests and always stopped at the end.
+"""
 
 import importlib.util
 import os
 import sys
+
+import pytest
+
+from comfy_server import ComfyServer, ServerError, expected_node_ids, find_comfyui_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def comfyui_dir():
     """The ComfyUI folder: $COMFYUI_DIR, else the one scripts/setup.sh recorded."""
-    path = os.environ.get("COMFYUI_DIR")
-    if not path:
-        marker = os.path.join(REPO, ".comfyui-path")
-        if os.path.exists(marker):
-            path = open(marker).read().strip()
-    if not path or not os.path.exists(os.path.join(path, "main.py")):
-        raise RuntimeError("ComfyUI not found: run scripts/setup.sh or set COMFYUI_DIR")
-    return path
+    return find_comfyui_dir()
 
 
 def _import_comfy():
@@ -41,3 +42,34 @@ def _register_package():
 
 _import_comfy()
 _register_package()
+
+
+# ---- the real server ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A running ComfyUI with this package; fails loudly if any EliGen node did not load."""
+    log_path = tmp_path_factory.getbasetemp() / "comfy_server.log"
+    server = ComfyServer(log_path=str(log_path))
+    try:
+        server.start()
+        server.check_nodes_loaded(expected_node_ids())
+        yield server
+    except ServerError as error:
+        pytest.fail(str(error), pytrace=False)
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """When a test that used the server fails, attach the tail of the server log to its report."""
+    outcome = yield
+    report = outcome.get_result()
+    server = getattr(item, "funcargs", {}).get("comfy_server")
+    if report.failed and isinstance(server, ComfyServer):
+        report.sections.append((f"ComfyUI server log (tail of {server.log_path})", server.log_tail(80)))
+
+
+def pytest_report_header(config):
+    return f"ComfyUI: {comfyui_dir()}"

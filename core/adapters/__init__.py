@@ -1,0 +1,92 @@
+"""Model-family adapters: everything that differs between FLUX.1 and Qwen-Image lives here.
+
+``adapter_for(model)`` takes a ModelPatcher, a ``comfy.model_base.BaseModel`` or a diffusion model and
+returns the family's adapter, or raises a ValueError naming the class it got. Code outside this package
+asks the adapter instead of testing the family itself.
+"""
+
+import math
+
+import torch
+
+from ..attention import mask_to_token_grid
+
+
+class Adapter:
+    family = ""            # short id: "flux", "qwen_image"
+    display_name = ""      # for messages: "FLUX.1", "Qwen-Image"
+    patch_size = 2
+    # Where the diffusion model's forward puts arguments when it calls its DIFFUSION_MODEL wrappers.
+    CONTEXT_INDEX = 2
+    REF_LATENTS_INDEX = 5
+    TRANSFORMER_OPTIONS_INDEX = None
+    LORA_TARGETS = {}      # preset name -> module-name regexes (full match, ComfyUI names)
+    lora_reference_format = ""
+    training_blocks = {}   # see core/blocks.py
+
+    # -- recognising the family -------------------------------------------------------------
+    def matches_base_model(self, base_model):
+        raise NotImplementedError
+
+    def matches_diffusion_model(self, diffusion_model):
+        raise NotImplementedError
+
+    # -- shapes -----------------------------------------------------------------------------
+    def context_dim(self, diffusion_model):
+        """Width of the text embeddings the model takes (T5 4096 for FLUX.1, Qwen2.5-VL 3584)."""
+        return diffusion_model.txt_in.in_features
+
+    def latent_to_tokens(self, h, w):
+        return math.ceil(h / self.patch_size), math.ceil(w / self.patch_size)
+
+    def image_token_masks(self, masks, x, ref_latents=None):
+        """Entity masks ``[B, N, H, W]`` -> bool ``[B, N, T_img]`` in the model's image-token order:
+        the latent's grid, then one grid per reference latent (the reference tiles the mask over them)."""
+        sizes = [tuple(x.shape[-2:])] + [tuple(ref.shape[-2:]) for ref in (ref_latents or [])]
+        grids = [mask_to_token_grid(masks, size, self.patch_size).flatten(-2) for size in sizes]
+        return torch.cat(grids, dim=-1)
+
+    # -- text positions ---------------------------------------------------------------------
+    def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
+        """transformer_options that give every text segment the positions the reference gives it.
+        Default: nothing to do (all text positions are equal)."""
+        return transformer_options
+
+    # -- training ---------------------------------------------------------------------------
+    def forward_kwargs(self, diffusion_model, pooled, batch):
+        """Family-specific keyword arguments of ``diffusion_model.forward`` besides x, t, context."""
+        return {}
+
+    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options):
+        """Velocity prediction through ``diffusion_model.forward`` (so the EliGen wrapper and attention
+        override in ``transformer_options["wrappers"]`` apply as in sampling). ``sigma`` is ``[B]``."""
+        diffusion_model = base_model.diffusion_model
+        timestep = base_model.model_sampling.timestep(sigma).float()
+        kwargs = self.forward_kwargs(diffusion_model, pooled, x_t.shape[0])
+        if entity_condition is not None:
+            kwargs["eligen"] = entity_condition
+        return diffusion_model(x_t, timestep, context, transformer_options=transformer_options, **kwargs)
+
+
+def _all_adapters():
+    from .flux import FluxAdapter
+    from .qwen_image import QwenImageAdapter
+
+    return (FluxAdapter(), QwenImageAdapter())
+
+
+def adapter_for(model):
+    """The adapter of a ModelPatcher, BaseModel or diffusion model; ValueError for other families."""
+    import comfy.model_base
+
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(model, "model_options"):  # a ModelPatcher
+        model = inner
+    adapters = _all_adapters()
+    if isinstance(model, comfy.model_base.BaseModel):
+        found = [a for a in adapters if a.matches_base_model(model)]
+    else:
+        found = [a for a in adapters if a.matches_diffusion_model(model)]
+    if not found:
+        raise ValueError(f"EliGen supports FLUX.1 and Qwen-Image; this model is {type(model).__name__}")
+    return found[0]

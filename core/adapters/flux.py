@@ -1,0 +1,57 @@
+"""FLUX.1 (dev, schnell, Kontext): ComfyUI's ``comfy.ldm.flux.model.Flux`` with 3 RoPE axes.
+
+Text positions are all zero in FLUX.1, so entity segments need no position change: only the attention
+mask. FLUX.2 (4 axes, global modulation) and Chroma are other families.
+"""
+
+import torch
+
+from ..blocks import FLUX_TRAINING_BLOCKS
+from . import Adapter
+
+_DOUBLE = r"double_blocks\.\d+\."
+_SINGLE = r"single_blocks\.\d+\."
+
+
+class FluxAdapter(Adapter):
+    family = "flux"
+    display_name = "FLUX.1"
+    # Flux.forward -> execute(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    TRANSFORMER_OPTIONS_INDEX = 7
+    LORA_TARGETS = {
+        # The reference's EliGen targets (eligen.md), in ComfyUI module names.
+        "eligen": [
+            _DOUBLE + r"(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|txt_attn\.proj|img_mlp\.[02]|txt_mlp\.[02]|img_mod\.lin|txt_mod\.lin)",
+            _SINGLE + r"(linear1|linear2|modulation\.lin)",
+        ],
+        # Every block linear except the modulation (the toy-world recipe).
+        "no_modulation": [
+            _DOUBLE + r"(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|txt_attn\.proj|img_mlp\.[02]|txt_mlp\.[02])",
+            _SINGLE + r"(linear1|linear2)",
+        ],
+        "attention": [
+            _DOUBLE + r"(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|txt_attn\.proj)",
+            _SINGLE + r"(linear1|linear2)",
+        ],
+    }
+    lora_reference_format = "kohya"
+    training_blocks = FLUX_TRAINING_BLOCKS
+
+    def matches_base_model(self, base_model):
+        import comfy.model_base
+
+        # Exact class: Flux2 and Chroma subclass model_base.Flux but are different models.
+        return type(base_model) is comfy.model_base.Flux and self.matches_diffusion_model(base_model.diffusion_model)
+
+    def matches_diffusion_model(self, diffusion_model):
+        import comfy.ldm.flux.model
+
+        return (type(diffusion_model) is comfy.ldm.flux.model.Flux
+                and len(diffusion_model.params.axes_dim) == 3 and not diffusion_model.params.global_modulation)
+
+    def forward_kwargs(self, diffusion_model, pooled, batch):
+        kwargs = {"y": pooled}
+        if diffusion_model.params.guidance_embed:
+            # The reference trains FLUX.1-dev with embedded guidance 1.
+            kwargs["guidance"] = torch.ones(batch, device=pooled.device if pooled is not None else None)
+        return kwargs

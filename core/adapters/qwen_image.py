@@ -1,0 +1,87 @@
+"""Qwen-Image: ComfyUI's ``comfy.ldm.qwen_image.model.QwenImageTransformer2DModel``.
+
+Text RoPE positions: ComfyUI numbers one prompt's tokens ``offset .. offset+L-1``; the reference gives
+every text segment (each entity, then the global prompt) its own positions starting at that same offset.
+The ``pe`` tensor ComfyUI computes for the joint sequence already holds rows for positions
+``offset .. offset+L_total-1``, so the per-segment ``pe`` is a gather of its text rows.
+"""
+
+import torch
+
+from ..blocks import QWEN_IMAGE_TRAINING_BLOCKS
+from . import Adapter
+
+_BLOCK = r"transformer_blocks\.\d+\."
+_ATTENTION = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+
+
+class QwenImageAdapter(Adapter):
+    family = "qwen_image"
+    display_name = "Qwen-Image"
+    # QwenImageTransformer2DModel.forward -> execute(x, timestep, context, attention_mask, guidance,
+    #                                                ref_latents, transformer_options, **kwargs)
+    TRANSFORMER_OPTIONS_INDEX = 6
+    LORA_TARGETS = {
+        # The reference's EliGen targets (eligen.md): attention, MLP down-projections, modulation.
+        "eligen": [_BLOCK + r"(" + _ATTENTION + r"|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)"],
+        "no_modulation": [_BLOCK + r"(" + _ATTENTION + r"|img_mlp\.net\.0\.proj|img_mlp\.net\.2|txt_mlp\.net\.0\.proj|txt_mlp\.net\.2)"],
+        "attention": [_BLOCK + _ATTENTION],
+    }
+    lora_reference_format = "peft"
+    training_blocks = QWEN_IMAGE_TRAINING_BLOCKS
+
+    def matches_base_model(self, base_model):
+        import comfy.model_base
+
+        return type(base_model) is comfy.model_base.QwenImage
+
+    def matches_diffusion_model(self, diffusion_model):
+        import comfy.ldm.qwen_image.model
+
+        return type(diffusion_model) is comfy.ldm.qwen_image.model.QwenImageTransformer2DModel
+
+    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options):
+        # The model takes [B, C, T, h, w] (Qwen-Image's VAE is 3-D); accept image latents [B, C, h, w] too.
+        if x_t.ndim == 4:
+            out = super().training_forward(base_model, x_t[:, :, None], sigma, context, pooled, entity_condition,
+                                           transformer_options)
+            return out[:, :, 0]
+        return super().training_forward(base_model, x_t, sigma, context, pooled, entity_condition,
+                                         transformer_options)
+
+    def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
+        text_rows = torch.cat([torch.arange(int(n)) for n in segment_lengths])
+        options = dict(transformer_options)
+        patches_replace = dict(options.get("patches_replace", {}))
+        dit = dict(patches_replace.get("dit", {}))
+        swap = _SegmentPositions(text_rows)
+        for index in range(len(diffusion_model.transformer_blocks)):
+            dit[("double_block", index)] = swap.replacement(dit.get(("double_block", index)))
+        patches_replace["dit"] = dit
+        options["patches_replace"] = patches_replace
+        return options
+
+
+class _SegmentPositions:
+    """Swaps ``pe`` in every double block; the gathered tensor is computed once per forward pass."""
+
+    def __init__(self, text_rows):
+        self.text_rows = text_rows
+        self._last = (None, None)
+
+    def positions(self, pe):
+        if self._last[0] is not pe:
+            rows = self.text_rows.to(pe.device)
+            # pe: [B, 1, S, d/2, 2, 2]; text rows first, then the image rows unchanged.
+            swapped = torch.cat([pe[:, :, rows], pe[:, :, len(rows):]], dim=2)
+            self._last = (pe, swapped)
+        return self._last[1]
+
+    def replacement(self, existing):
+        def run(args, extra):
+            args = dict(args, pe=self.positions(args["pe"]))
+            if existing is not None:
+                return existing(args, extra)
+            return extra["original_block"](args)
+
+        return run

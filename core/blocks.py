@@ -1,0 +1,158 @@
+"""Out-of-place transformer blocks for training, installed through ``patches_replace["dit"]``.
+
+ComfyUI 0.3.75's FLUX blocks update their inputs in place (``img += ...``). Autograd rejects that, and
+under ``torch.utils.checkpoint`` the recomputation starts from already-modified tensors, so the
+gradients come out silently wrong. The functions here compute the same maths without touching their
+inputs. Attention still goes through ``comfy.ldm.flux.math.attention`` with ``transformer_options``,
+so the EliGen attention override applies exactly as in sampling.
+
+Qwen-Image blocks are already out-of-place: their "training forward" is the stock block itself, and a
+replacement is installed only to add checkpointing.
+
+Composition with replacements that already exist (the EliGen Qwen-Image patch swaps ``pe`` through a
+``("double_block", i)`` replacement): the training replacement calls the existing one and hands it the
+out-of-place block as its ``original_block``, so both apply, and checkpointing covers both.
+"""
+
+import torch
+import torch.utils.checkpoint
+
+from comfy.ldm.flux.math import attention
+
+
+def _rope_for(pe, reference):
+    # ComfyUI's FLUX rope is float32; promote it so a float64 model stays float64 end to end (needed
+    # for finite-difference checks). For fp32/bf16/fp16 inputs this is the identity.
+    if pe is None:
+        return None
+    return pe.to(torch.promote_types(pe.dtype, reference.dtype))
+
+
+def _modulate(x, mod):
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def _split_heads(qkv, num_heads):
+    # [B, T, 3*D] -> three [B, H, T, D/H]
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _fp16_clamp(x):
+    if x.dtype == torch.float16:
+        return torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x
+
+
+def flux_double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
+    """FLUX ``DoubleStreamBlock.forward`` (text before image), out of place."""
+    if not block.modulation:
+        raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
+    img_mod1, img_mod2 = block.img_mod(vec)
+    txt_mod1, txt_mod2 = block.txt_mod(vec)
+
+    img_q, img_k, img_v = _split_heads(block.img_attn.qkv(_modulate(block.img_norm1(img), img_mod1)), block.num_heads)
+    img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
+    txt_q, txt_k, txt_v = _split_heads(block.txt_attn.qkv(_modulate(block.txt_norm1(txt), txt_mod1)), block.num_heads)
+    txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
+
+    if block.flipped_img_txt:
+        order = (img_q, txt_q), (img_k, txt_k), (img_v, txt_v)
+    else:
+        order = (txt_q, img_q), (txt_k, img_k), (txt_v, img_v)
+    q, k, v = (torch.cat(pair, dim=2) for pair in order)
+    attn = attention(q, k, v, pe=_rope_for(pe, q), mask=attn_mask, transformer_options=transformer_options)
+    if block.flipped_img_txt:
+        img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1]:]
+    else:
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+
+    img = img + img_mod1.gate * block.img_attn.proj(img_attn)
+    img = img + img_mod2.gate * block.img_mlp(_modulate(block.img_norm2(img), img_mod2))
+    txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
+    txt = txt + txt_mod2.gate * block.txt_mlp(_modulate(block.txt_norm2(txt), txt_mod2))
+    return img, _fp16_clamp(txt)
+
+
+def flux_single_block(block, x, vec, pe, attn_mask=None, transformer_options={}):
+    """FLUX ``SingleStreamBlock.forward``, out of place."""
+    if block.modulation is None:
+        raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
+    mod, _ = block.modulation(vec)
+    qkv, mlp = torch.split(
+        block.linear1(_modulate(block.pre_norm(x), mod)), [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1
+    )
+    q, k, v = _split_heads(qkv, block.num_heads)
+    q, k = block.norm(q, k, v)
+    attn = attention(q, k, v, pe=_rope_for(pe, q), mask=attn_mask, transformer_options=transformer_options)
+    out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
+    return _fp16_clamp(x + mod.gate * out)
+
+
+def _flux_double_replacement(block):
+    def run(args):
+        img, txt = flux_double_block(
+            block, args["img"], args["txt"], args["vec"], args["pe"],
+            attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
+        )
+        return {"img": img, "txt": txt}
+    return run
+
+
+def _flux_single_replacement(block):
+    def run(args):
+        img = flux_single_block(
+            block, args["img"], args["vec"], args["pe"],
+            attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
+        )
+        return {"img": img}
+    return run
+
+
+# Per family: replacement kind -> (attribute holding the block list, maker of an out-of-place forward
+# for one block, or None when the stock block is already out-of-place). Adapters expose these as
+# ``training_blocks``.
+FLUX_TRAINING_BLOCKS = {
+    "double_block": ("double_blocks", _flux_double_replacement),
+    "single_block": ("single_blocks", _flux_single_replacement),
+}
+QWEN_IMAGE_TRAINING_BLOCKS = {
+    "double_block": ("transformer_blocks", None),
+}
+
+
+def _training_replacement(own_forward, existing, checkpointing):
+    """One ``patches_replace`` entry: existing replacement (if any) around the out-of-place block,
+    optionally under non-reentrant checkpointing."""
+
+    def run(args, extra):
+        inner = own_forward if own_forward is not None else extra["original_block"]
+        if existing is not None:
+            def call(a):
+                return existing(a, {"original_block": inner})
+        else:
+            call = inner
+        # The model mutates transformer_options (block_index) while it runs; recomputation in
+        # backward must see the values of this block, so freeze a copy now.
+        args = dict(args, transformer_options=dict(args["transformer_options"]))
+        if checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(call, args, use_reentrant=False)
+        return call(args)
+
+    return run
+
+
+def training_transformer_options(diffusion_model, training_blocks, transformer_options, checkpointing):
+    """A copy of ``transformer_options`` whose ``patches_replace["dit"]`` runs every block of
+    ``diffusion_model`` out of place (and checkpointed when asked), wrapping replacements already there.
+    The input dict is not modified."""
+    options = dict(transformer_options)
+    patches_replace = dict(options.get("patches_replace", {}))
+    dit = dict(patches_replace.get("dit", {}))
+    for kind, (attribute, make_forward) in training_blocks.items():
+        for index, block in enumerate(getattr(diffusion_model, attribute)):
+            own = make_forward(block) if make_forward is not None else None
+            dit[(kind, index)] = _training_replacement(own, dit.get((kind, index)), checkpointing)
+    patches_replace["dit"] = dit
+    options["patches_replace"] = patches_replace
+    return options

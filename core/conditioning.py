@@ -1,0 +1,217 @@
+"""Entities and the conditioning that carries them to the model.
+
+An entity is a prompt's text embeddings plus a mask. ``apply_entities`` puts the entity embeddings in
+front of the global prompt in the positive CONDITIONING (``[E1 .. EN, G]``) and attaches an
+``EntityCondition`` under ``model_conds["eligen"]``: ComfyUI batches, repeats and hands it to the
+diffusion model as the ``eligen`` keyword argument, where the model patch (core/patch.py) reads it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import comfy.conds
+import comfy.utils
+
+MAX_ENTITIES = 16
+MODEL_CONDS_KEY = "eligen"
+
+# Tokenizer options for entity prompts. FLUX's T5 pads to 256 tokens in ComfyUI; the released FLUX
+# EliGen adapter saw every entity padded to 512. Tokenizers without a "t5xxl" part ignore the option
+# (Qwen-Image entities are never padded, as in the reference).
+TEXT_LENGTHS = {
+    "padded_512": {"t5xxl_min_length": 512},
+    "real_length": {"t5xxl_min_length": 1},
+}
+
+
+@dataclass(frozen=True)
+class Entity:
+    embeds: torch.Tensor   # [1, L, D] text embeddings of the entity prompt
+    mask: torch.Tensor     # [H, W] float32 in [0, 1], white = entity, any resolution
+    label: str             # human label, used in messages and previews
+
+
+def describe(index, label):
+    """'entity 2 ("red circle")' - how messages name an entity (1-based, as users count)."""
+    return f'entity {index + 1} ("{label}")'
+
+
+# ---------------------------------------------------------------------------------------------
+# Making entities
+
+def entity_mask(mask, name):
+    """A MASK (``[H, W]`` or ``[1, H, W]``) -> float32 ``[H, W]`` in [0, 1]; errors start with ``name``
+    (see ``describe``)."""
+    if mask.ndim == 3:
+        if mask.shape[0] != 1:
+            raise ValueError(
+                f"{name}: the mask input holds {mask.shape[0]} masks but there is one prompt; "
+                f"one entity takes one mask (split the batch, one EliGen Entity node per mask)")
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: a mask must be [H, W] or [1, H, W], not {list(mask.shape)}")
+    mask = mask.detach().float().clamp(0.0, 1.0).cpu()
+    if not bool((mask > 0.5).any()):
+        raise ValueError(
+            f"{name}: the mask is empty (no pixel above half intensity); paint the "
+            f"entity's region white, or remove the entity")
+    return mask
+
+
+def entity_embeds(conditioning, name):
+    """The ``[1, L, D]`` embeddings of a one-prompt CONDITIONING."""
+    if len(conditioning) != 1:
+        raise ValueError(
+            f"{name}: the conditioning holds {len(conditioning)} entries; use one text "
+            f"encoding per entity (not a combined or concatenated conditioning)")
+    embeds = conditioning[0][0]
+    if embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"{name}: expected text embeddings [1, L, D], got {list(embeds.shape)}")
+    return embeds.detach()
+
+
+def encode_entity_text(clip, text, text_length="padded_512"):
+    """Encode one entity prompt with ``clip`` -> ``[1, L, D]``."""
+    if text_length not in TEXT_LENGTHS:
+        raise ValueError(f"text_length must be one of {', '.join(TEXT_LENGTHS)}, not {text_length!r}")
+    tokens = clip.tokenize(text, tokenizer_options=TEXT_LENGTHS[text_length])
+    return clip.encode_from_tokens(tokens).detach()
+
+
+def add_entity(previous, entity):
+    """A new ELIGEN_ENTITIES tuple: ``previous`` (or nothing) then ``entity``."""
+    entities = tuple(previous or ())
+    if len(entities) >= MAX_ENTITIES:
+        raise ValueError(
+            f"too many entities: {describe(len(entities), entity.label)} would be number {len(entities) + 1}; "
+            f"EliGen takes at most {MAX_ENTITIES}")
+    return entities + (entity,)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model condition
+
+class EntityCondition(comfy.conds.CONDRegular):
+    """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text segment lengths
+    ``[L1 .. LN, LG]``, the active step range and the entity labels.
+
+    ComfyUI calls ``process_cond`` (repeat to the batch), ``can_concat`` / ``concat`` (batch several
+    conditionings into one model call); the diffusion model receives the result as ``eligen``.
+    """
+
+    def __init__(self, masks, segment_lengths, start=0.0, end=1.0, labels=()):
+        super().__init__(masks)
+        self.segment_lengths = tuple(int(n) for n in segment_lengths)
+        self.start = float(start)
+        self.end = float(end)
+        self.labels = tuple(labels)
+
+    @classmethod
+    def for_training(cls, segment_lengths, masks, labels=()):
+        """The ``eligen`` argument for a direct diffusion-model call: masks ``[B, N, H, W]``, always active."""
+        return cls(masks, segment_lengths, 0.0, 1.0, labels)
+
+    @property
+    def masks(self):
+        return self.cond
+
+    @property
+    def entity_tokens(self):
+        return sum(self.segment_lengths[:-1])
+
+    def _copy_with(self, cond):
+        return EntityCondition(cond, self.segment_lengths, self.start, self.end, self.labels)
+
+    def can_concat(self, other):
+        return (isinstance(other, EntityCondition)
+                and other.segment_lengths == self.segment_lengths
+                and other.cond.shape[1:] == self.cond.shape[1:]
+                and (other.start, other.end) == (self.start, self.end)
+                and other.cond.device == self.cond.device)
+
+    def concat(self, others):
+        return self._copy_with(torch.cat([self.cond] + [other.cond for other in others]))
+
+
+def stack_masks(entities):
+    """``[N, H, W]``; masks of other sizes are brought (nearest) to the first mask's size. All masks
+    must share one aspect ratio (within 2 %): they describe one image."""
+    height, width = entities[0].mask.shape
+    masks = []
+    for index, entity in enumerate(entities):
+        mask = entity.mask
+        if mask.shape != (height, width):
+            h, w = mask.shape
+            if abs(h / w - height / width) > 0.02 * height / width:
+                raise ValueError(
+                    f"{describe(index, entity.label)}: mask is {w}x{h} (aspect {w / h:.3f}) but "
+                    f"{describe(0, entities[0].label)} has {width}x{height} (aspect {width / height:.3f}); "
+                    f"all entity masks describe one image and need its aspect ratio")
+            mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest-exact")[0, 0]
+        masks.append(mask)
+    return torch.stack(masks)
+
+
+def _prepend_to_attention_mask(options, count):
+    # Other nodes' masks stay valid with `count` new text tokens in front: a text padding mask
+    # [B, L] gets "valid" entries, a joint mask [B, S, S] (FLUX Redux) gets "no bias" rows/columns.
+    mask = options.get("attention_mask")
+    if mask is None:
+        return options
+    allowed = True if mask.dtype == torch.bool else (1 if mask.ndim == 2 else 0)
+    if mask.ndim == 2:
+        options["attention_mask"] = F.pad(mask, (count, 0), value=allowed)
+    elif mask.ndim == 3:
+        options["attention_mask"] = F.pad(mask, (count, 0, count, 0), value=allowed)
+    return options
+
+
+def _with_segments(conditioning, segments_for, masks, start, end, labels):
+    out = []
+    for tensor, options in conditioning:
+        segments = [s.to(tensor.device, tensor.dtype).expand(tensor.shape[0], -1, -1) for s in segments_for(tensor)]
+        lengths = [s.shape[1] for s in segments] + [tensor.shape[1]]
+        options = _prepend_to_attention_mask(dict(options), sum(lengths[:-1]))
+        model_conds = dict(options.get("model_conds", {}))
+        model_conds[MODEL_CONDS_KEY] = EntityCondition(masks[None], lengths, start, end, labels)
+        options["model_conds"] = model_conds
+        out.append([torch.cat(segments + [tensor], dim=1), options])
+    return out
+
+
+def validate_text_width(entities, conditioning, expected_width, what):
+    """Every entity and the conditioning must come from the text encoder the model expects."""
+    for index, entity in enumerate(entities):
+        width = entity.embeds.shape[-1]
+        if width != expected_width:
+            raise ValueError(
+                f"{describe(index, entity.label)}: its text embeddings are {width} wide but {what} expects "
+                f"{expected_width}; encode the entity with the same text encoder as the model's prompt")
+    for tensor, _ in conditioning:
+        if tensor.shape[-1] != expected_width:
+            raise ValueError(
+                f"the prompt conditioning is {tensor.shape[-1]} wide but {what} expects {expected_width}; "
+                f"it comes from a different text encoder")
+
+
+def apply_entities(positive, entities, negative=None, on_negative=False, start=0.0, end=1.0):
+    """(positive, negative) CONDITIONING lists with the entities applied (see the module docstring).
+
+    With ``on_negative`` the negative prompt is copied into every entity slot with the same masks, as
+    the reference's "on negative" option does; otherwise the negative is returned unchanged.
+    """
+    entities = tuple(entities)
+    if not entities:
+        raise ValueError("no entities given")
+    if len(entities) > MAX_ENTITIES:
+        raise ValueError(f"{len(entities)} entities given; EliGen takes at most {MAX_ENTITIES}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start_percent <= end_percent <= 1 (got {start}, {end})")
+    masks = stack_masks(entities)
+    labels = tuple(entity.label for entity in entities)
+    positive = _with_segments(positive, lambda _: [e.embeds for e in entities], masks, start, end, labels)
+    if negative is not None and on_negative:
+        negative = _with_segments(negative, lambda g: [g] * len(entities), masks, start, end, labels)
+    return positive, negative

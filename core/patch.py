@@ -1,0 +1,122 @@
+"""The model side of EliGen: one DIFFUSION_MODEL wrapper on a clone of the MODEL.
+
+For every forward pass that carries an ``eligen`` keyword argument (from ``model_conds``, see
+core/conditioning.py) the wrapper
+1. drops the entity tokens when the step lies outside the entity's [start, end] range;
+2. otherwise builds the token-grid mask at the real latent size and puts it, with an attention override
+   that applies it, into a fresh copy of ``transformer_options``; an override already there (from another
+   node, installed before or after this one) is chained, not replaced;
+3. lets the family adapter adjust text positions (Qwen-Image: per-segment RoPE through ``("double_block",
+   i)`` replacements that wrap any replacement already there).
+Everything is installed per call, so patches that other nodes add after EliGen Apply compose too.
+Forward passes without ``eligen`` (plain prompts, the negative by default) run unchanged.
+"""
+
+import logging
+
+import comfy.patcher_extension
+
+from .adapters import adapter_for
+from .attention import OPTIONS_KEY, EntityAttention, entity_attention_mask, entity_attention_override
+from .conditioning import describe
+
+WRAPPER_KEY = "eligen"
+WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+def patch_model(model_patcher):
+    """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing)."""
+    adapter = adapter_for(model_patcher)
+    model = model_patcher.clone()
+    if not model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY):
+        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model))
+    return model
+
+
+def is_active(entity, base_model, transformer_options):
+    """Whether this step lies in the entity's range (ComfyUI's start/end_percent meaning, as on the
+    ControlNet and timestep-range nodes). Outside sampling (no sigma known) it is always active."""
+    if entity.start <= 0.0 and entity.end >= 1.0:
+        return True
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None or base_model is None:
+        return True
+    sampling = base_model.model_sampling
+    sigma = float(sigmas.max())
+    return float(sampling.percent_to_sigma(entity.end)) <= sigma <= float(sampling.percent_to_sigma(entity.start))
+
+
+def check_mask_aspect(entity, adapter, latent_hw):
+    """Masks must have the latent's aspect (within one token); a ValueError names the entity."""
+    mask_h, mask_w = entity.masks.shape[-2:]
+    token_h, token_w = adapter.latent_to_tokens(*latent_hw)
+    expected_h = mask_h / mask_w * token_w  # the mask's height in tokens at the latent's width
+    if abs(expected_h - token_h) > 1.0:
+        labels = entity.labels or ("?",) * entity.masks.shape[1]
+        who = ", ".join(describe(i, label) for i, label in enumerate(labels))
+        raise ValueError(
+            f"{who}: mask is {mask_w}x{mask_h} (aspect {mask_w / mask_h:.3f}) but the latent is "
+            f"{latent_hw[1]}x{latent_hw[0]} (aspect {latent_hw[1] / latent_hw[0]:.3f}); draw the masks "
+            f"at the image's aspect ratio")
+
+
+class EntityWrapper:
+    """The DIFFUSION_MODEL wrapper (a class so ComfyUI can deep-copy model options holding it)."""
+
+    def __init__(self, adapter, base_model):
+        self.adapter = adapter
+        self.base_model = base_model
+        self._cache = None  # (key, EntityAttention): the mask is the same at every step of a run
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def attention_for(self, entity, x, ref_latents):
+        token_masks = self.adapter.image_token_masks(entity.masks.to(x.device), x, ref_latents)
+        if bool((token_masks == token_masks[:1]).all()):
+            token_masks = token_masks[:1]  # one mask for the whole batch (broadcast in attention)
+        key = (entity.segment_lengths, token_masks.shape, str(x.device))
+        if self._cache is not None and self._cache[0][0] == key and self._cache[0][1].equal(token_masks):
+            return self._cache[1]
+        if not bool(token_masks.any(-1).all()):
+            logging.warning("EliGen: an entity mask covers no image token at latent size %s; that "
+                            "entity's text reaches no part of the image", tuple(x.shape[-2:]))
+        attention = EntityAttention(entity_attention_mask(entity.segment_lengths, token_masks))
+        self._cache = ((key, token_masks), attention)
+        return attention
+
+    def __call__(self, executor, *args, **kwargs):
+        entity = kwargs.pop("eligen", None)
+        if entity is None:
+            return executor(*args, **kwargs)
+        adapter = self.adapter
+        args = list(args)
+        index = adapter.TRANSFORMER_OPTIONS_INDEX
+        options = args[index] if len(args) > index else kwargs.get("transformer_options", {})
+        x, context = args[0], args[adapter.CONTEXT_INDEX]
+        if context.shape[1] != sum(entity.segment_lengths):
+            raise ValueError(
+                f"EliGen: the prompt has {context.shape[1]} text tokens but the entities were applied to "
+                f"{sum(entity.segment_lengths)}; apply EliGen after any node that changes the conditioning")
+        check_mask_aspect(entity, adapter, tuple(x.shape[-2:]))
+
+        if not is_active(entity, self.base_model, options):
+            # Plain prompt for this step: the global segment only (another node's joint mask shrinks too).
+            drop = entity.entity_tokens
+            args[adapter.CONTEXT_INDEX] = context[:, drop:]
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.ndim == 3:
+                kwargs["attention_mask"] = mask[:, drop:, drop:]
+            return executor(*args, **kwargs)
+
+        ref_latents = args[adapter.REF_LATENTS_INDEX] if len(args) > adapter.REF_LATENTS_INDEX else None
+        attention = self.attention_for(entity, x, ref_latents)
+        options = dict(options)
+        options[OPTIONS_KEY] = attention
+        options["optimized_attention_override"] = entity_attention_override(options.get("optimized_attention_override"))
+        options = adapter.text_position_options(executor.class_obj, options, entity.segment_lengths)
+        if len(args) > index:
+            args[index] = options
+        else:
+            kwargs["transformer_options"] = options
+        return executor(*args, **kwargs)

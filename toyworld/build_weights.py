@@ -1,0 +1,195 @@
+"""Pretrain the toy base model on global captions only (no entity prompts, no masks) and write the
+shipped weights file.
+
+    .venv/bin/python scripts/toyworld.py build-weights            # flux, 1200 steps x batch 64
+    .venv/bin/python scripts/toyworld.py build-weights --steps 3 --batch 4 --pool 16 --out t.safetensors
+
+Deterministic: every random draw comes from generators seeded by --seed, the data are pure functions
+of (split, seed, index), and torch runs with deterministic algorithms. The same torch version, thread
+count and CPU give bit-identical weights.
+
+Recipe (from the feasibility run in the project notes): rectified-flow velocity target, sigma =
+sigmoid(randn), MSE; AdamW, linear warm-up then cosine decay; gradient clipping; 10% of the steps use
+the empty caption so classifier-free guidance has an unconditional model to work with.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from ..core import blocks
+from ..core.adapters import adapter_for
+from . import data, models
+
+DEFAULTS = dict(steps=1200, batch=64, lr=1e-3, min_lr=1e-4, warmup=100, pool=8192, seed=0,
+                caption_dropout=0.1, weight_decay=0.01, clip=1.0)
+
+
+def learning_rate(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class CaptionPool:
+    """Pretraining data held in memory: model-space latents and encoded captions, grouped by caption
+    length so a batch stacks without padding (sampling sees unpadded captions too)."""
+
+    def __init__(self, model, clip, vae, size, seed, log):
+        started = time.time()
+        self.latents, self.contexts, self.pooled, self.groups = [], {}, {}, {}
+        chunk = 512
+        for start in range(0, size, chunk):
+            indices = range(start, min(size, start + chunk))
+            images, captions = data.batch_arrays("train", seed, indices)
+            pixels = torch.from_numpy(images).float() / 255.0
+            self.latents.append(model.model.process_latent_in(vae.encode(pixels)))
+            for index, caption in zip(indices, captions):
+                context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+                self.contexts[index], self.pooled[index] = context[0], pooled[0]
+                self.groups.setdefault(context.shape[1], []).append(index)
+        self.latents = torch.cat(self.latents)
+        empty_context, empty_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        self.empty = (empty_context[0], empty_pooled[0])
+        self.lengths = sorted(self.groups)
+        self.weights = torch.tensor([len(self.groups[n]) for n in self.lengths], dtype=torch.float64)
+        log(f"data: {size} train layouts encoded in {time.time() - started:.1f} s; "
+            f"caption lengths {self.lengths[0]}-{self.lengths[-1]} tokens")
+
+    def batch(self, batch_size, generator, unconditional):
+        group = self.groups[self.lengths[int(torch.multinomial(self.weights, 1, generator=generator))]]
+        picks = torch.randint(len(group), (batch_size,), generator=generator)
+        indices = [group[int(i)] for i in picks]
+        x0 = self.latents[indices]
+        # Mirror images: captions say nothing about position, so flips are free extra layouts.
+        flips = torch.rand(batch_size, 2, generator=generator) < 0.5
+        x0 = torch.where(flips[:, 0].view(-1, *[1] * (x0.ndim - 1)), x0.flip(-1), x0)
+        x0 = torch.where(flips[:, 1].view(-1, *[1] * (x0.ndim - 1)), x0.flip(-2), x0)
+        if unconditional:
+            context = self.empty[0].expand(batch_size, -1, -1)
+            pooled = self.empty[1].expand(batch_size, -1)
+        else:
+            context = torch.stack([self.contexts[i] for i in indices])
+            pooled = torch.stack([self.pooled[i] for i in indices])
+        return x0, context, pooled
+
+
+def pretrain(args, log=print):
+    """Train the base model; returns (ModelPatcher, CLIP, VAE, info dict)."""
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    model, clip, vae = models.load_toy_models(args.family, "random", seed=args.seed)
+    base_model = model.model
+    spec = models.family_spec(args.family)
+    models.init_weights(base_model.diffusion_model, args.seed, spec["zero_init"])
+    with torch.inference_mode(False):
+        pool = CaptionPool(model, clip, vae, args.pool, args.seed, log)
+
+    adapter = adapter_for(base_model)
+    diffusion_model = base_model.diffusion_model.to(device)
+    diffusion_model.train()
+    parameters = [p for p in diffusion_model.parameters()]
+    for p in parameters:
+        p.requires_grad_(True)
+    options = blocks.training_transformer_options(diffusion_model, adapter.training_blocks, {}, checkpointing=False)
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    log(f"pretraining toy {args.family}: {sum(p.numel() for p in parameters) / 1e6:.2f}M parameters, "
+        f"{args.steps} steps x batch {args.batch}, {torch.get_num_threads()} threads on {device}")
+    started = time.time()
+    losses = []
+    with torch.inference_mode(False):
+        for step in range(args.steps):
+            unconditional = bool(torch.rand(1, generator=generator) < args.caption_dropout)
+            x0, context, pooled = pool.batch(args.batch, generator, unconditional)
+            noise = torch.randn(x0.shape, generator=generator)
+            sigma = torch.sigmoid(torch.randn(args.batch, generator=generator))
+            s = sigma.view(-1, *[1] * (x0.ndim - 1))
+            x_t = ((1 - s) * x0 + s * noise).to(device)
+            target = (noise - x0).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            prediction = adapter.training_forward(
+                base_model, x_t, sigma.to(device), context.to(device), pooled.to(device), None, options)
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, args.clip)
+            optimizer.step()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise RuntimeError(f"pretraining diverged at step {step}: loss {losses[-1]}")
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                elapsed = time.time() - started
+                recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
+                log(f"step {step + 1}/{args.steps}  loss {recent:.4f}  lr {learning_rate(step, args):.2e}  "
+                    f"{elapsed:.0f} s, about {elapsed / (step + 1) * (args.steps - step - 1):.0f} s left")
+    seconds = time.time() - started
+    diffusion_model.eval().requires_grad_(False).to("cpu")
+    info = {
+        "family": args.family, "steps": args.steps, "batch": args.batch, "lr": args.lr, "min_lr": args.min_lr,
+        "warmup": args.warmup, "pool": args.pool, "seed": args.seed, "text_seed": args.seed,
+        "caption_dropout": args.caption_dropout, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+        "first_loss": losses[0], "final_loss": sum(losses[-50:]) / len(losses[-50:]), "torch": torch.__version__,
+        "unet_config": spec["unet_config"], "losses_every_10": losses[::10],
+    }
+    return model, clip, vae, info
+
+
+def save_weights(path, model, clip, info):
+    """Atomic safetensors write: diffusion_model.* + text_encoder.*, recipe in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"diffusion_model.{k}": v.detach().contiguous().cpu() for k, v in model.model.diffusion_model.state_dict().items()}
+    tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu() for k, v in clip.cond_stage_model.state_dict().items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, temp = tempfile.mkstemp(suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, temp, metadata={"toy_world": json.dumps(info)})
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Pretrain the toy-world base model (global captions only).")
+    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
+    for name, value in DEFAULTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: deterministic, and on a busy 2-core machine 1 thread "
+                        "ran ~5x faster than 2; 0 = torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--out", help="output file (default: toyworld/weights/<family file>)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda message: print(f"[build_weights] {message}", flush=True)
+    model, clip, _, info = pretrain(args, log)
+    path = save_weights(args.out or models.weights_path(args.family), model, clip, info)
+    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) after {info['seconds']:.0f} s of training; "
+        f"loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

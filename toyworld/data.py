@@ -1,0 +1,187 @@
+"""Synthetic entity dataset: 1-4 coloured shapes on a plain background, with a global caption and one
+prompt and one mask per entity.
+
+Every layout is a pure function of (split, seed, index): the train and held-out splits draw from
+separate seed streams (numpy SeedSequence keyed by the split), so they never share a layout.
+`write_dataset` writes the reference's metadata format (metadata.json + PNGs), which the dataset
+node reads like any user dataset.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+SIZE = 128
+
+# Saturated colours, pairwise far apart (the metric assigns a pixel to the nearest one within reach).
+PALETTE = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+}
+# Backgrounds are greys: every palette colour is far from all of them.
+BACKGROUNDS = {"grey": (128, 128, 128), "dark grey": (64, 64, 64), "light grey": (192, 192, 192)}
+SHAPES = ("circle", "square", "triangle")
+SPLITS = {"train": 1, "heldout": 2}  # seed-stream keys; the streams never overlap
+
+RADIUS_RANGE = (0.12, 0.25)  # shape radius as a share of the image side
+GAP = 2  # pixels between the bounding circles of two shapes
+
+
+@dataclass
+class Entity:
+    colour: str
+    shape: str
+    centre: tuple  # (x, y) in pixels
+    radius: float
+    mask: np.ndarray  # bool [H, W]
+
+    @property
+    def prompt(self):
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Layout:
+    image: np.ndarray  # uint8 [H, W, 3]
+    caption: str
+    background: str
+    entities: list
+
+    @property
+    def masks(self):
+        return np.stack([e.mask for e in self.entities]) if self.entities else np.zeros((0,) + self.image.shape[:2], bool)
+
+
+def shape_mask(shape, centre, radius, size=SIZE):
+    """Pixels (by their centres) covered by a circle, an axis-aligned square or an upward triangle,
+    each fitting the circle of `radius` around `centre`."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = x - centre[0], y - centre[1]
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        half = radius / np.sqrt(2) * 1.2  # a bit larger than inscribed so areas are closer to the circle's
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":
+        # apex up at (0, -r), base at y = r/2 from -r*sqrt(3)/2 to +r*sqrt(3)/2
+        base = dy <= radius / 2
+        slope = np.sqrt(3)
+        return base & (dy >= -radius + slope * np.abs(dx))
+    raise ValueError(f"unknown shape {shape!r}; toy shapes are {SHAPES}")
+
+
+def _rng(split, seed, index):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
+    return np.random.default_rng(np.random.SeedSequence([SPLITS[split], int(seed), int(index)]))
+
+
+def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4):
+    """One layout: 1..max_entities non-overlapping shapes in distinct colours."""
+    rng = _rng(split, seed, index)
+    count = int(rng.integers(1, max_entities + 1))
+    colours = rng.choice(list(PALETTE), size=count, replace=False)
+    background = str(rng.choice(list(BACKGROUNDS)))
+    placed = []
+    for colour in colours:
+        low, high = RADIUS_RANGE
+        for attempt in range(200):
+            if attempt and attempt % 50 == 0:
+                high = max(low, high * 0.8)  # crowded: try smaller shapes
+            radius = float(rng.uniform(low, high)) * size
+            centre = tuple(float(c) for c in rng.uniform(radius, size - radius, size=2))
+            if all(np.hypot(centre[0] - p.centre[0], centre[1] - p.centre[1]) >= radius + p.radius + GAP for p in placed):
+                shape = str(rng.choice(SHAPES))
+                placed.append(Entity(str(colour), shape, centre, radius, shape_mask(shape, centre, radius, size)))
+                break
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = BACKGROUNDS[background]
+    for entity in placed:
+        image[entity.mask] = PALETTE[entity.colour]
+    return Layout(image, caption(placed, background), background, placed)
+
+
+def caption(entities, background):
+    """Global caption in the form "a red circle and a blue square on a grey background"."""
+    names = [f"a {e.prompt}" for e in entities]
+    things = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{things} on a {background} background"
+
+
+def layouts(split="train", seed=0, count=1, start=0, size=SIZE):
+    return [make_layout(split, seed, start + i, size) for i in range(count)]
+
+
+def batch_arrays(split, seed, indices, size=SIZE):
+    """(images uint8 [B, H, W, 3], captions) for pretraining: global captions only, no entity data."""
+    items = [make_layout(split, seed, int(i), size) for i in indices]
+    return np.stack([item.image for item in items]), [item.caption for item in items]
+
+
+def _save_png(array, path):
+    folder = os.path.dirname(path)
+    fd, temp = tempfile.mkstemp(suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        Image.fromarray(array).save(temp, format="PNG")
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def write_dataset(folder, count, seed=0, split="train", size=SIZE):
+    """Write `count` layouts as an EliGen dataset (reference metadata format) into `folder`.
+
+    Layout: images/NNNNN.png, masks/NNNNN_K.png (white = entity), metadata.json. Returns the
+    metadata path. Every file is written atomically; metadata.json last, so a folder with it is complete.
+    """
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    records = []
+    for i in range(count):
+        layout = make_layout(split, seed, i, size)
+        image_name = f"images/{i:05d}.png"
+        _save_png(layout.image, os.path.join(folder, image_name))
+        mask_names = []
+        for k, entity in enumerate(layout.entities):
+            mask_name = f"masks/{i:05d}_{k}.png"
+            _save_png(entity.mask.astype(np.uint8) * 255, os.path.join(folder, mask_name))
+            mask_names.append(mask_name)
+        records.append({
+            "image": image_name,
+            "prompt": layout.caption,
+            "eligen_entity_prompts": [e.prompt for e in layout.entities],
+            "eligen_entity_masks": mask_names,
+        })
+    path = os.path.join(folder, "metadata.json")
+    fd, temp = tempfile.mkstemp(suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(temp, path)
+    return path
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a synthetic EliGen toy dataset (reference metadata format).")
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="train")
+    args = parser.parse_args(argv)
+    path = write_dataset(args.folder, args.count, args.seed, args.split)
+    print(f"wrote {args.count} {args.split} layouts to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""The EliGen LoRA training loop: a plain function (``train``) with a settings dataclass.
+
+Usable without a server (the toy-world demo calls it directly); the training node adds the progress
+bar, the interrupt check and file locations through arguments.
+
+One step = ``grad_accumulation`` micro-batches of ``batch_size`` samples, then one AdamW update.
+Everything random in step k (batch order, noise, timesteps, dropout of entities, captions and LoRA)
+is drawn from generators seeded by (seed, k) alone, so a resumed run repeats an uninterrupted one.
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.samplers
+
+from ..core import blocks
+from ..core.adapters import adapter_for
+from ..core.conditioning import EntityCondition
+from ..core.patch import patch_model
+from . import checkpoints, lora
+from .loss import TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent, velocity_target
+
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    schedule: str = "constant"          # constant | cosine | linear (decay to 0 after warm-up)
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0          # 0 turns clipping off
+    timestep_sampling: str = "reference"  # reference | logit_normal | uniform
+    entity_weight: float = 0.0          # extra loss weight inside the entity masks (0 = plain MSE)
+    precision: str = "fp32"             # autocast: fp32 (off) | bf16 | fp16; LoRA weights stay in their dtype
+    gradient_checkpointing: bool = False
+    entity_dropout: float = 0.0         # probability to drop each entity of a sample
+    caption_dropout: float = 0.0        # probability to replace the global caption by the empty one
+    seed: int = 0
+    checkpoint_every: int = 0           # 0 = only at the end / on interrupt / on a bad loss
+    keep_checkpoints: int = 3
+    validation_every: int = 0           # 0 = no validation images
+    validation_steps: int = 12          # Euler steps of the validation sampler
+
+    def validate(self):
+        problems = []
+        for name in ("steps", "batch_size", "grad_accumulation", "validation_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "checkpoint_every", "validation_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative (got {getattr(self, name)})")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            problems.append(f"learning_rate must be a positive number (got {self.learning_rate})")
+        for name in ("weight_decay", "max_grad_norm", "entity_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name} must be a finite number >= 0 (got {value})")
+        for name in ("entity_dropout", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1) (got {getattr(self, name)})")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        try:
+            TimestepSampler(self.timestep_sampling, family="flux")
+        except ValueError as error:
+            problems.append(str(error))
+        if problems:
+            raise ValueError("training settings: " + "; ".join(problems))
+        return self
+
+
+@dataclass
+class Sample:
+    """One encoded training (or validation) example. ``latent`` is ``latent_format.process_in``-ed;
+    ``masks`` [N, H, W] float at image resolution, one per entity embedding."""
+    latent: torch.Tensor
+    context: torch.Tensor
+    pooled: torch.Tensor | None
+    entity_embeds: list
+    masks: torch.Tensor
+
+
+@dataclass
+class TrainResult:
+    lora: dict                       # ComfyUI-format LoRA state dict (float32)
+    losses: list                     # (step, loss) per optimizer step of this and resumed runs
+    step: int
+    checkpoint: str | None = None    # last checkpoint written
+    validation: list = field(default_factory=list)  # (step, images [B, H, W, 3] float in [0, 1])
+    stopped: str | None = None       # why the run ended early, if it did
+
+
+class TrainingStopped(RuntimeError):
+    """A non-finite loss or gradient: training stopped, the last good checkpoint kept."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def lr_lambda(settings):
+    """Multiplier of the base learning rate after ``step`` optimizer updates (LambdaLR convention)."""
+    warmup, total = settings.warmup_steps, settings.steps
+
+    def factor(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if settings.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if settings.schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def as_sample(encoded):
+    """Anything with the EncodedSample fields -> ``Sample`` (tensors cloned out of inference mode)."""
+    def own(t):
+        return None if t is None else t.detach().clone()
+    return Sample(
+        latent=own(encoded.latent), context=own(encoded.context), pooled=own(encoded.pooled),
+        entity_embeds=[own(e) for e in encoded.entity_embeds], masks=own(encoded.masks).float(),
+    )
+
+
+def step_generator(seed, step, purpose):
+    """A generator for step ``step`` that depends only on (seed, step, purpose)."""
+    mixed = (seed * 1_000_003 + step * 7919 + purpose * 104_729) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def epoch_batches(samples, batch_size, seed, epoch):
+    """Batches of sample indices for one epoch, each of one latent size, reproducible from (seed, epoch)."""
+    generator = step_generator(seed, epoch, purpose=1)
+    groups = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(tuple(sample.latent.shape), []).append(index)
+    batches = []
+    for key in sorted(groups):
+        members = [groups[key][i] for i in torch.randperm(len(groups[key]), generator=generator).tolist()]
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class BatchStream:
+    """Endless stream of batches over epochs; position k is a pure function of (seed, k)."""
+
+    def __init__(self, samples, batch_size, seed):
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self._epoch, self._batches = None, None
+
+    def batch(self, position):
+        per_epoch = len(epoch_batches(self.samples, self.batch_size, self.seed, 0))
+        epoch, index = divmod(position, per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.samples, self.batch_size, self.seed, epoch)
+        return [self.samples[i] for i in self._batches[index]]
+
+
+def drop_entities(sample, settings, empty, generator):
+    """Entity and caption dropout for one sample (a new Sample; the input is not modified)."""
+    keep = [i for i in range(len(sample.entity_embeds))
+            if torch.rand((), generator=generator).item() >= settings.entity_dropout]
+    context, pooled = sample.context, sample.pooled
+    if settings.caption_dropout and torch.rand((), generator=generator).item() < settings.caption_dropout:
+        context, pooled = empty
+    return Sample(sample.latent, context, pooled, [sample.entity_embeds[i] for i in keep], sample.masks[keep])
+
+
+def group_by_layout(batch):
+    """Samples that can share one forward: same latent shape and same text segment lengths."""
+    groups = {}
+    for sample in batch:
+        key = (tuple(sample.latent.shape), tuple(e.shape[1] for e in sample.entity_embeds), sample.context.shape[1])
+        groups.setdefault(key, []).append(sample)
+    return list(groups.values())
+
+
+def stack_condition(samples, device):
+    """Joint text context ``[E1..EN, G]`` per sample, pooled vectors and the EntityCondition (None
+    without entities) for samples of one layout."""
+    context = torch.cat([torch.cat(list(s.entity_embeds) + [s.context], dim=1) for s in samples]).to(device)
+    pooled = None if samples[0].pooled is None else torch.cat([s.pooled for s in samples]).to(device)
+    if not samples[0].entity_embeds:
+        return context, pooled, None
+    lengths = [e.shape[1] for e in samples[0].entity_embeds] + [samples[0].context.shape[1]]
+    masks = torch.stack([s.masks for s in samples]).to(device)
+    return context, pooled, EntityCondition.for_training(lengths, masks)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model side
+
+
+class TrainingModel:
+    """The patched MODEL with LoRA layers injected, and the forward used by training and validation.
+
+    Use as a context manager: leaving it removes the LoRA layers, whatever happened.
+    """
+
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False):
+        self.adapter = adapter_for(model_patcher)
+        lora_settings.validate(self.adapter)
+        self.patched = patch_model(model_patcher)
+        self.base_model = self.patched.model
+        self.diffusion_model = self.base_model.diffusion_model
+        self.lora_settings = lora_settings
+        self.gradient_checkpointing = gradient_checkpointing
+        self.device = self.patched.load_device
+
+    def __enter__(self):
+        comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+        self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
+        self.parameters = lora.lora_parameters(self.diffusion_model)
+        self._options = self._transformer_options()
+        return self
+
+    def __exit__(self, *exc):
+        lora.remove(self.diffusion_model)
+        return False
+
+    def _transformer_options(self):
+        # What sampling would give the diffusion model (patches, attention override, wrappers), plus
+        # the out-of-place training blocks.
+        options = dict(self.patched.model_options.get("transformer_options", {}))
+        wrappers = comfy.patcher_extension.copy_nested_dicts(options.get("wrappers", {}))
+        comfy.patcher_extension.merge_nested_dicts(wrappers, self.patched.wrappers, copy_dict1=False)
+        options["wrappers"] = wrappers
+        return blocks.training_transformer_options(
+            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
+        )
+
+    def velocity(self, x_t, sigma, context, pooled, entity_condition):
+        return self.adapter.training_forward(
+            self.base_model, x_t, sigma, context, pooled, entity_condition, dict(self._options)
+        )
+
+    @property
+    def latent_format(self):
+        return self.patched.get_model_object("latent_format")
+
+
+def batch_loss(training_model, batch, sigma_sampler, settings, generator):
+    """Weighted flow-matching loss of one micro-batch (mean over its samples)."""
+    total, count = 0.0, 0
+    device = training_model.device
+    autocast = PRECISIONS[settings.precision]
+    for group in group_by_layout(batch):
+        x0 = torch.stack([s.latent for s in group]).to(device)
+        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        sigma, weight = sigma_sampler(len(group), generator)
+        sigma, weight = sigma.to(device), weight.to(device)
+        context, pooled, condition = stack_condition(group, device)
+        region = None
+        if settings.entity_weight and condition is not None:
+            region = entity_region_weight(condition_masks(group), x0.shape[-2:], settings.entity_weight).to(device)
+        x_t = noisy_latent(x0, noise, sigma)
+        dtype = training_model.base_model.get_dtype()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            prediction = training_model.velocity(x_t.to(dtype), sigma, context.to(dtype),
+                                                 None if pooled is None else pooled.to(dtype), condition)
+        loss = flow_matching_loss(prediction, velocity_target(x0, noise), weight, region)
+        total = total + loss * len(group)
+        count += len(group)
+    return total / count
+
+
+def condition_masks(group):
+    return torch.stack([s.masks for s in group])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: a small Euler sampler through the same forward
+
+
+@torch.no_grad()
+def sample_latents(training_model, sample, steps, seed):
+    """Euler flow sampling of one latent with the sample's prompt and entities (no CFG: FLUX-dev style
+    guidance distillation or a LoRA trained without a negative)."""
+    model_sampling = training_model.patched.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).float()
+    device = training_model.device
+    x = torch.randn((1,) + tuple(sample.latent.shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    context, pooled, condition = stack_condition([sample], device)
+    dtype = training_model.base_model.get_dtype()
+    for i in range(steps):
+        sigma = sigmas[i:i + 1].to(device)
+        v = training_model.velocity(x.to(dtype), sigma, context.to(dtype),
+                                    None if pooled is None else pooled.to(dtype), condition).float()
+        x = x + (sigmas[i + 1] - sigmas[i]).to(device) * v
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _run_info(settings, lora_settings, family, losses, extra):
+    return {"family": family, "train": asdict(settings), "lora": lora_settings.to_dict(),
+            "losses": losses, **(extra or {})}
+
+
+def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=None, validation=None,
+          decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None):
+    """Train an EliGen LoRA on ``model_patcher`` (left unmodified) and return a ``TrainResult``.
+
+    samples:         EncodedSample-like objects (latent, context, pooled, entity_embeds, masks).
+    run_dir:         folder for checkpoints (None: no checkpoints).
+    resume:          None, "latest" or a checkpoint file name inside run_dir.
+    validation:      EncodedSample-like objects to sample every ``validation_every`` steps.
+    decode:          latent [B, C, h, w] (model space, process_out applied by us) -> images [B, H, W, 3].
+    empty_condition: (context, pooled) of the empty prompt, for caption dropout (zeros if None).
+    on_progress:     callback(step, total, loss, seconds_left, preview_images or None).
+    check_interrupt: called every micro-batch; raising stops training after a checkpoint is written.
+    """
+    settings.validate()
+    if not samples:
+        raise ValueError("the dataset has no samples to train on")
+    if resume and run_dir is None:
+        raise ValueError("resume needs a checkpoint folder (run_dir)")
+    samples = [as_sample(s) for s in samples]
+    validation = [as_sample(s) for s in (validation or [])]
+    if empty_condition is None:
+        first = samples[0]
+        empty_condition = (torch.zeros_like(first.context[:, :1]),
+                           None if first.pooled is None else torch.zeros_like(first.pooled))
+    else:
+        empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
+
+    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
+                                                     settings.gradient_checkpointing) as model:
+        return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
+                      empty_condition, on_progress, check_interrupt, info)
+
+
+def _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode, empty,
+           on_progress, check_interrupt, info):
+    family = model.adapter.family
+    sampler = TimestepSampler(settings.timestep_sampling, family=family)
+    optimizer = torch.optim.AdamW(model.parameters, lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    stream = BatchStream(samples, settings.batch_size, settings.seed)
+    result = TrainResult(lora={}, losses=[], step=0)
+
+    if resume:
+        path = (checkpoints.latest_checkpoint(run_dir) if resume == "latest"
+                else checkpoints.resolve_checkpoint(run_dir, resume))
+        if path is None:
+            raise ValueError(f"resume: there is no checkpoint yet in {run_dir}")
+        state = checkpoints.Checkpoint(path)
+        if state.info.get("family") != family:
+            raise ValueError(f"resume: checkpoint {path} is for {state.info.get('family')}, this model is {family}")
+        lora.load_lora_tensors(model.diffusion_model, state.lora)
+        state.restore_optimizer(optimizer)
+        state.restore_scheduler(scheduler)
+        result.step = state.step
+        result.losses = [tuple(x) for x in state.info.get("losses", [])]
+        result.checkpoint = path
+
+    def save():
+        if run_dir is None:
+            return None
+        result.checkpoint = checkpoints.save_checkpoint(
+            run_dir, result.step, lora.named_lora_parameters(model.diffusion_model), optimizer, scheduler,
+            _run_info(settings, lora_settings, family, result.losses, info), keep_last=settings.keep_checkpoints,
+        )
+        return result.checkpoint
+
+    started, first_step = time.monotonic(), result.step
+    while result.step < settings.steps:
+        step = result.step
+        try:
+            loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, step, check_interrupt)
+        except TrainingStopped as error:
+            save()
+            where = f"; last good checkpoint: {result.checkpoint}" if result.checkpoint else ""
+            result.stopped = str(error)
+            raise TrainingStopped(f"{error}. Training stopped at step {step}{where}") from None
+        except BaseException:
+            save()  # interrupt (or any failure): keep the last completed step
+            raise
+        scheduler.step()
+        result.step = step + 1
+        result.losses.append((result.step, loss_value))
+
+        previews = None
+        if settings.validation_every and validation and result.step % settings.validation_every == 0:
+            previews = validate(model, validation, settings, decode, result.step)
+            result.validation.append((result.step, previews))
+        if settings.checkpoint_every and result.step % settings.checkpoint_every == 0:
+            save()
+        if on_progress is not None:
+            done = result.step - first_step
+            left = (time.monotonic() - started) / done * (settings.steps - result.step)
+            on_progress(result.step, settings.steps, loss_value, left, previews)
+
+    if run_dir is not None and (result.checkpoint is None or not result.checkpoint.endswith(f"{result.step:06d}.safetensors")):
+        save()
+    result.lora = lora.lora_state_dict(model.diffusion_model)
+    return result
+
+
+def _one_step(model, stream, sampler, settings, empty, optimizer, step, check_interrupt):
+    """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss."""
+    generator = step_generator(settings.seed, step, purpose=0)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    devices = [] if model.device.type != "cuda" else [model.device]
+    with torch.random.fork_rng(devices=devices):
+        # peft's LoRA dropout draws from the global generator: seed it per step, restore it after.
+        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+        for micro in range(settings.grad_accumulation):
+            if check_interrupt is not None:
+                check_interrupt()
+            batch = stream.batch(step * settings.grad_accumulation + micro)
+            batch = [drop_entities(s, settings, empty, generator) for s in batch]
+            loss = batch_loss(model, batch, sampler, settings, generator) / settings.grad_accumulation
+            if not torch.isfinite(loss):
+                raise TrainingStopped(f"the loss became {loss.item()} at step {step + 1}")
+            loss.backward()
+            total += loss.item()
+    grads = [p.grad for p in model.parameters if p.grad is not None]
+    if settings.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters, settings.max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if not torch.isfinite(norm):
+        raise TrainingStopped(f"the gradients became non-finite (norm {norm.item()}) at step {step + 1}")
+    optimizer.step()
+    return total
+
+
+def validate(model, validation, settings, decode, step):
+    """Validation images [B, H, W, 3] (or latents when no decoder is given)."""
+    outputs = []
+    for index, sample in enumerate(validation):
+        latent = sample_latents(model, sample, settings.validation_steps, seed=settings.seed + index)
+        latent = model.latent_format.process_out(latent.cpu())
+        outputs.append(decode(latent) if decode is not None else latent)
+    if decode is None:
+        return outputs
+    return torch.cat([o.float().cpu().clamp(0, 1) for o in outputs])

@@ -1,0 +1,199 @@
+"""LoRA layers for training, through peft: settings, injection, extraction, removal.
+
+Config (``LoraSettings``), injection (``inject``: peft wraps the chosen ``nn.Linear`` modules of the
+diffusion model in place) and extraction/removal are separate steps, as in peft. The diffusion model
+belongs to a MODEL shared by the whole graph, so ``remove`` puts every original module back and
+restores ``requires_grad``; callers run it in a ``finally``.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+
+import peft
+import torch
+
+INITS = {"kaiming": True, "gaussian": "gaussian"}  # peft's init_lora_weights; both start with B = 0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CUSTOM = "custom"
+ALL_BLOCK_LINEARS = "all_block_linears"
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+    preset: str = "eligen"       # a key of adapter.LORA_TARGETS, "all_block_linears" or "custom"
+    custom_pattern: str = ""     # regex over module names (full match), used when preset == "custom"
+    dtype: str = "float32"       # dtype of the LoRA parameters
+
+    def validate(self, adapter=None):
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank must be at least 1 (got {self.rank})")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be positive (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.init not in INITS:
+            problems.append(f"init {self.init!r} is not one of {', '.join(INITS)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.preset == CUSTOM:
+            if not self.custom_pattern.strip():
+                problems.append("preset 'custom' needs a custom_pattern (a regex over module names)")
+            else:
+                try:
+                    re.compile(self.custom_pattern)
+                except re.error as error:
+                    problems.append(f"custom_pattern {self.custom_pattern!r} is not a valid regex: {error}")
+        elif adapter is not None and self.preset not in preset_names(adapter):
+            names = ", ".join(preset_names(adapter))
+            problems.append(f"preset {self.preset!r} is not one of {names} for {adapter.family}")
+        if problems:
+            raise ValueError("LoRA settings: " + "; ".join(problems))
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def preset_names(adapter):
+    return list(adapter.LORA_TARGETS) + [ALL_BLOCK_LINEARS, CUSTOM]
+
+
+def target_patterns(settings, adapter):
+    if settings.preset == CUSTOM:
+        return [settings.custom_pattern]
+    if settings.preset == ALL_BLOCK_LINEARS:
+        # The block lists are the ones training replaces, so this needs no per-family table.
+        lists = sorted({attribute for attribute, _ in adapter.training_blocks.values()})
+        return [r"(" + "|".join(lists) + r")\.\d+\..+"]
+    return list(adapter.LORA_TARGETS[settings.preset])
+
+
+def matching_linears(diffusion_model, patterns):
+    """Names of the ``nn.Linear`` modules whose name fully matches one of the regexes, in model order."""
+    compiled = [re.compile(p) for p in patterns]
+    return [
+        name for name, module in diffusion_model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(c.fullmatch(name) for c in compiled)
+    ]
+
+
+def lora_layers(diffusion_model):
+    """{module name: peft LoRA layer} currently injected in the model."""
+    return {
+        name: module for name, module in diffusion_model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+def inject(diffusion_model, settings, adapter):
+    """Wrap the target Linears of ``diffusion_model`` with peft LoRA layers; freeze everything else.
+    Returns the wrapped module names. Undo with ``remove``."""
+    settings.validate(adapter)
+    if lora_layers(diffusion_model):
+        raise ValueError("this model already has LoRA training layers injected (a training run still active?)")
+    names = matching_linears(diffusion_model, target_patterns(settings, adapter))
+    if not names:
+        pattern = " | ".join(target_patterns(settings, adapter))
+        examples = [n for n, m in diffusion_model.named_modules() if isinstance(m, torch.nn.Linear)][:5]
+        raise ValueError(
+            f"LoRA preset {settings.preset!r} ({pattern}) matches no Linear module of this "
+            f"{adapter.family} model; module names look like: {', '.join(examples)}"
+        )
+    # Remember requires_grad so `remove` can restore the shared model exactly.
+    diffusion_model._eligen_requires_grad = {n: p.requires_grad for n, p in diffusion_model.named_parameters()}
+    config = peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        init_lora_weights=INITS[settings.init],
+        target_modules=names,
+        bias="none",
+    )
+    try:
+        peft.inject_adapter_in_model(config, diffusion_model, adapter_name=ADAPTER_NAME)
+        dtype = DTYPES[settings.dtype]
+        for param in diffusion_model.parameters():
+            param.requires_grad_(False)
+        for param in lora_parameters(diffusion_model):
+            param.data = param.data.to(dtype)
+            param.requires_grad_(True)
+    except BaseException:
+        remove(diffusion_model)
+        raise
+    return names
+
+
+def lora_parameters(diffusion_model):
+    """The trainable LoRA tensors in a fixed order (module order, A before B)."""
+    params = []
+    for layer in lora_layers(diffusion_model).values():
+        params.append(layer.lora_A[ADAPTER_NAME].weight)
+        params.append(layer.lora_B[ADAPTER_NAME].weight)
+    return params
+
+
+def named_lora_parameters(diffusion_model):
+    """{"<module>.lora_A" / "<module>.lora_B": parameter}, same order as ``lora_parameters``."""
+    named = {}
+    for name, layer in lora_layers(diffusion_model).items():
+        named[f"{name}.lora_A"] = layer.lora_A[ADAPTER_NAME].weight
+        named[f"{name}.lora_B"] = layer.lora_B[ADAPTER_NAME].weight
+    return named
+
+
+def lora_state_dict(diffusion_model, dtype=torch.float32):
+    """ComfyUI-format LoRA weights: ``diffusion_model.<module>.lora_down/lora_up.weight`` and ``.alpha``
+    (the stock loader applies ``up @ down * alpha / rank``, the same scale peft uses)."""
+    state = {}
+    for name, layer in lora_layers(diffusion_model).items():
+        key = f"diffusion_model.{name}"
+        down = layer.lora_A[ADAPTER_NAME].weight
+        state[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous().clone()
+        state[f"{key}.lora_up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous().clone()
+        alpha = layer.scaling[ADAPTER_NAME] * down.shape[0]
+        state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return state
+
+
+def load_lora_tensors(diffusion_model, tensors):
+    """Copy {"<module>.lora_A"/"lora_B": tensor} (as from ``named_lora_parameters``) into the layers.
+    Used by resume; names and shapes must match exactly."""
+    named = named_lora_parameters(diffusion_model)
+    missing = sorted(set(named) - set(tensors))
+    extra = sorted(set(tensors) - set(named))
+    if missing or extra:
+        raise ValueError(
+            "checkpoint LoRA does not match the LoRA settings: "
+            + (f"missing {missing[:3]} " if missing else "")
+            + (f"unexpected {extra[:3]}" if extra else "")
+        )
+    with torch.no_grad():
+        for name, param in named.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint LoRA tensor {name} has shape {tuple(tensors[name].shape)}, "
+                    f"the model's has {tuple(param.shape)} (different rank or model?)"
+                )
+            param.copy_(tensors[name].to(param))
+
+
+def remove(diffusion_model):
+    """Put every original Linear back and restore requires_grad: the model is as before ``inject``."""
+    for name, layer in lora_layers(diffusion_model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = diffusion_model.get_submodule(parent_name) if parent_name else diffusion_model
+        setattr(parent, child, layer.get_base_layer())
+    flags = getattr(diffusion_model, "_eligen_requires_grad", None)
+    if flags is not None:
+        for name, param in diffusion_model.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
+        del diffusion_model._eligen_requires_grad
+    if "peft_config" in vars(diffusion_model):
+        del diffusion_model.peft_config
