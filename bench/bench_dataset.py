@@ -102,10 +102,10 @@ def make_dataset(folder, images, size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--images", type=int, default=6)
-    parser.add_argument("--size", type=int, default=256, help="square image side in pixels")
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128, help="square image side in pixels")
     parser.add_argument("--encoders", default="real", choices=["real", "toy"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     opts = parser.parse_args()
     setup_comfy(opts.device)
 

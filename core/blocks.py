@@ -6,8 +6,8 @@ gradients come out silently wrong. The functions here compute the same maths wit
 inputs. Attention still goes through ``comfy.ldm.flux.math.attention`` with ``transformer_options``,
 so the EliGen attention override applies exactly as in sampling.
 
-Qwen-Image blocks are already out-of-place: their "training forward" is the stock block itself, and a
-replacement is installed only to add checkpointing.
+Qwen-Image blocks are already out-of-place: their training forward calls the stock block, and a
+replacement is installed to add checkpointing.
 
 Composition with replacements that already exist (the EliGen Qwen-Image patch swaps ``pe`` through a
 ``("double_block", i)`` replacement): the training replacement calls the existing one and hands it the
@@ -109,15 +109,26 @@ def _flux_single_replacement(block):
     return run
 
 
-# Per family: replacement kind -> (attribute holding the block list, maker of an out-of-place forward
-# for one block, or None when the stock block is already out-of-place). Adapters expose these as
-# ``training_blocks``.
+def _qwen_image_replacement(block):
+    # The stock block is out of place; this only binds *this* block. ComfyUI's own ``original_block``
+    # closure reads the loop variable ``block`` when called, so a checkpoint recomputation in backward
+    # would run the last block instead (silently wrong gradients).
+    def run(args):
+        txt, img = block(hidden_states=args["img"], encoder_hidden_states=args["txt"],
+                         encoder_hidden_states_mask=None, temb=args["vec"], image_rotary_emb=args["pe"],
+                         transformer_options=args["transformer_options"])
+        return {"img": img, "txt": txt}
+    return run
+
+
+# Per family: replacement kind -> (attribute holding the block list, maker of the training forward of
+# one block). Adapters expose these as ``training_blocks``.
 FLUX_TRAINING_BLOCKS = {
     "double_block": ("double_blocks", _flux_double_replacement),
     "single_block": ("single_blocks", _flux_single_replacement),
 }
 QWEN_IMAGE_TRAINING_BLOCKS = {
-    "double_block": ("transformer_blocks", None),
+    "double_block": ("transformer_blocks", _qwen_image_replacement),
 }
 
 
@@ -126,12 +137,11 @@ def _training_replacement(own_forward, existing, checkpointing):
     optionally under non-reentrant checkpointing."""
 
     def run(args, extra):
-        inner = own_forward if own_forward is not None else extra["original_block"]
         if existing is not None:
             def call(a):
-                return existing(a, {"original_block": inner})
+                return existing(a, {"original_block": own_forward})
         else:
-            call = inner
+            call = own_forward
         # The model mutates transformer_options (block_index) while it runs; recomputation in
         # backward must see the values of this block, so freeze a copy now.
         args = dict(args, transformer_options=dict(args["transformer_options"]))
@@ -151,8 +161,7 @@ def training_transformer_options(diffusion_model, training_blocks, transformer_o
     dit = dict(patches_replace.get("dit", {}))
     for kind, (attribute, make_forward) in training_blocks.items():
         for index, block in enumerate(getattr(diffusion_model, attribute)):
-            own = make_forward(block) if make_forward is not None else None
-            dit[(kind, index)] = _training_replacement(own, dit.get((kind, index)), checkpointing)
+            dit[(kind, index)] = _training_replacement(make_forward(block), dit.get((kind, index)), checkpointing)
     patches_replace["dit"] = dit
     options["patches_replace"] = patches_replace
     return options

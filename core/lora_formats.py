@@ -45,8 +45,9 @@ DIFFSYNTH_FLUX_RENAMES = tuple(
     )
 )
 
-# How LoRA tensors are suffixed in the formats we convert: (regex on the key's end, role).
-# "up" is the [out, rank] matrix (kohya lora_up = peft lora_B), "down" the [rank, in] one.
+# How LoRA tensors are suffixed in the formats we convert: (regex on the key's end, role). "up" is the
+# [out, rank] matrix (kohya lora_up = peft lora_B), "down" the [rank, in] one; the other roles are per-module
+# extras the stock loader reads (DoRA scale, LoCon mid, full diffs), which must follow their module's name.
 _ROLE_SUFFIXES = tuple(
     (re.compile(pattern), role)
     for pattern, role in (
@@ -57,9 +58,14 @@ _ROLE_SUFFIXES = tuple(
         (r"\.lora\.up\.weight$", "up"),
         (r"\.lora\.down\.weight$", "down"),
         (r"\.alpha$", "alpha"),
+        (r"\.dora_scale$", "dora_scale"),
+        (r"\.lora_mid\.weight$", "mid"),
+        (r"\.diff$", "diff"),
+        (r"\.diff_b$", "diff_b"),
     )
 )
-_COMFY_SUFFIX = {"up": ".lora_up.weight", "down": ".lora_down.weight", "alpha": ".alpha"}
+_COMFY_SUFFIX = {"up": ".lora_up.weight", "down": ".lora_down.weight", "alpha": ".alpha",
+                 "dora_scale": ".dora_scale", "mid": ".lora_mid.weight", "diff": ".diff", "diff_b": ".diff_b"}
 # Wrappers some trainers put around module paths (peft's own model wrapper).
 _WRAPPER_PREFIXES = ("base_model.model.",)
 
@@ -81,7 +87,7 @@ def _key_format(key):
     split = split_lora_key(key)
     if split is None:
         return "unknown"
-    module, role = split
+    module, _ = split
     if any(pattern.match(module) for pattern, _ in DIFFSYNTH_FLUX_RENAMES):
         return "diffsynth_flux"
     if re.search(r"\.lora_[AB](\.[A-Za-z0-9_]+)?\.weight$", key):
@@ -174,10 +180,11 @@ def to_comfy(state_dict, key_map, renames=DIFFSYNTH_FLUX_RENAMES):
     """Convert a LoRA state dict to ComfyUI's form for the model whose LoRA key map is ``key_map``.
 
     Returns ``(converted, unmatched_keys)``. Every LoRA matrix or alpha whose module the model has becomes
-    ``diffusion_model.<module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``; a module without an
-    alpha gets ``alpha = rank`` (scale 1, what peft files without alpha mean). Other keys the stock loader
-    takes (DoRA scales, diffs, fused-slice names) are kept as they are. ``unmatched_keys`` lists, in file
-    order, every key neither path can place.
+    ``diffusion_model.<module>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` (per-module extras such
+    as ``.dora_scale`` follow the same rename); a module without an alpha gets ``alpha = rank`` (scale 1,
+    what peft files without alpha mean). Other keys the stock loader takes (e.g. diffusers names that map
+    onto slices of a fused qkv) are kept as they are. ``unmatched_keys`` lists, in file order, every key
+    neither path can place.
     """
     stock_dropped = set(stock_unmatched_keys(state_dict, key_map))
     converted, sources, unmatched = {}, {}, []
@@ -246,9 +253,9 @@ def _lora_modules(comfy_state_dict):
     modules = {}
     for key, tensor in comfy_state_dict.items():
         split = split_lora_key(key) if key.startswith(COMFY_PREFIX) else None
-        if split is None or not key.endswith(_COMFY_SUFFIX[split[1]]):
-            raise ValueError(f"LoRA key {key!r} is not in ComfyUI form (diffusion_model.<module>.lora_up.weight, "
-                             f".lora_down.weight or .alpha)")
+        if split is None or split[1] not in ("up", "down", "alpha") or not key.endswith(_COMFY_SUFFIX[split[1]]):
+            raise ValueError(f"LoRA key {key!r} is not a plain LoRA key in ComfyUI form "
+                             f"(diffusion_model.<module>.lora_up.weight, .lora_down.weight or .alpha)")
         modules.setdefault(split[0][len(COMFY_PREFIX):], {})[split[1]] = tensor
     result = {}
     for module, parts in modules.items():

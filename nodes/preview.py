@@ -31,6 +31,14 @@ def mask_outline(region, width):
     return region & near_outside
 
 
+def label_font(size):
+    """PIL's own default font at ``size`` pixels (the bitmap fallback where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
 def label_text(index, label):
     text = f"{index}: {label}" if label else str(index)
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 3] + "..."
@@ -57,7 +65,7 @@ def overlay_entities(images, masks, labels, opacity=0.45, draw_labels=True):
     if not draw_labels or not regions:
         return out
     pictures = [Image.fromarray((frame.numpy() * 255).round().astype(np.uint8)) for frame in out]
-    font = ImageFont.load_default()
+    font = label_font(max(10, min(height, width) // 40))
     for k, (region, label) in enumerate(zip(regions, labels)):
         text = label_text(k, label)
         colour = tuple(int(c * 255) for c in PALETTE[k % len(PALETTE)])

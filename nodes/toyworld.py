@@ -1,10 +1,18 @@
 """Toy world nodes: tiny models that run the whole EliGen job on a CPU, layouts and a placement metric."""
 
-from comfy_api.latest import io
+import os
 
-from ..toyworld import models
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+import folder_paths
+
+from ..core import conditioning as entity_conds
+from ..toyworld import data, files, metric, models
 
 CATEGORY = "EliGen/toy world"
+Entities = io.Custom("ELIGEN_ENTITIES")
 
 
 class EliGenToyModelLoader(io.ComfyNode):
@@ -33,4 +41,86 @@ class EliGenToyModelLoader(io.ComfyNode):
         return io.NodeOutput(*models.load_toy_models(family, weights, seed))
 
 
-NODES = [EliGenToyModelLoader]
+class EliGenToyLayouts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenToyLayouts",
+            display_name="EliGen Toy Layouts",
+            category=CATEGORY,
+            description="Synthetic layouts (1-4 coloured shapes) as lists: downstream nodes run once per layout.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Text encoder for the entity prompts (the toy model's CLIP)."),
+                io.Combo.Input("split", options=sorted(data.SPLITS), default="heldout",
+                               tooltip="heldout: layouts never used for training; train: the training stream."),
+                io.Int.Input("count", default=8, min=1, max=4096,
+                             tooltip="How many layouts (the lists' length)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Layout seed; layout i is the same for the same split, seed and i."),
+                io.Int.Input("start", default=0, min=0, max=2**31 - 1,
+                             tooltip="Index of the first layout."),
+                io.Combo.Input("text_length", options=list(entity_conds.TEXT_LENGTHS), default="real_length",
+                               tooltip="Entity prompt length (as in EliGen Entity); the toy world trains "
+                               "with real_length."),
+            ],
+            outputs=[
+                io.String.Output(display_name="prompt", is_output_list=True,
+                                 tooltip="Global caption per layout."),
+                Entities.Output(display_name="entities", is_output_list=True,
+                                tooltip="The layout's entities (prompt + mask each)."),
+                io.Int.Output(display_name="noise_seed", is_output_list=True,
+                              tooltip="A sampling seed per layout (seed * 100003 + index)."),
+                io.Image.Output(display_name="ground_truth", is_output_list=True,
+                                tooltip="The layout drawn exactly, for reference."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, split, count, seed, start, text_length) -> io.NodeOutput:
+        encode = lambda text: entity_conds.encode_entity_text(clip, text, text_length)
+        items = data.layouts(split, seed, count, start)
+        return io.NodeOutput(
+            [item.caption for item in items],
+            [data.layout_entities(item, encode) for item in items],
+            [seed * 100003 + start + i for i in range(count)],
+            [torch.from_numpy(item.image.astype(np.float32) / 255.0)[None] for item in items],
+        )
+
+
+class EliGenPlacementMetric(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenPlacementMetric",
+            display_name="EliGen Placement Metric",
+            category=CATEGORY,
+            description="Per entity: IoU between where its colour appears and its mask, share of its colour "
+            "outside the mask, success (IoU > 0.5). For toy-world images (palette colours).",
+            is_input_list=True,
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("images", tooltip="Generated images, one batch per layout (a list)."),
+                Entities.Input("entities", tooltip="The entities each image was generated with (a list)."),
+                io.String.Input("filename_prefix", default="eligen_placement",
+                                tooltip="Writes <output>/<prefix>_NNNNN_.json with every figure; empty: no file."),
+            ],
+            outputs=[
+                io.String.Output(display_name="summary", tooltip="One line: mean IoU, success rate, leak."),
+                io.Float.Output(display_name="mean_iou", tooltip="Mean IoU over all entities."),
+                io.Float.Output(display_name="success_rate", tooltip="Share of entities with IoU > 0.5."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, entities, filename_prefix) -> io.NodeOutput:
+        result = metric.score_entity_batches(images, entities)
+        summary = metric.format_summary(result["summary"])
+        prefix = (filename_prefix[0] if filename_prefix else "").strip()
+        if prefix:
+            folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+            files.write_json(os.path.join(folder, f"{name}_{counter:05}_.json"), result)
+        figures = result["summary"]
+        return io.NodeOutput(summary, figures["mean_iou"], figures["success_rate"], ui=ui.PreviewText(summary))
+
+
+NODES = [EliGenToyModelLoader, EliGenToyLayouts, EliGenPlacementMetric]

@@ -1,2 +1,303 @@
-"""Placeholder: filled in by the owner of this module."""
-NODES = []
+"""Training nodes: LoRA settings and the in-process EliGen LoRA trainer.
+
+``EliGenTrain`` encodes the dataset (cached), trains with training/loop.py inside the ComfyUI process,
+saves the LoRA into models/loras atomically, and returns a MODEL with it applied through the stock
+LoRA path, so it samples with the stock KSampler at once and stacks with other LoRAs.
+"""
+
+import logging
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..core import conditioning as entity_conds
+from ..core.adapters import adapter_for
+from ..core.lora_formats import load_lora, save_lora, to_reference
+from ..training import lora as lora_lib
+from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
+from ..training.loop import PRECISIONS, SCHEDULES, Sample, TrainSettings, loss_graph, train
+from ..training.loss import TIMESTEP_SAMPLERS
+
+CATEGORY = "EliGen/training"
+LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
+Dataset = io.Custom("ELIGEN_DATASET")
+Entities = io.Custom("ELIGEN_ENTITIES")
+PRESETS = ["eligen", "no_modulation", "attention", lora_lib.ALL_BLOCK_LINEARS, lora_lib.CUSTOM]
+CACHE_MODES = ["memory", "disk", "off"]
+RUNS_FOLDER = "eligen_training"
+
+
+class EliGenLoraConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenLoraConfig",
+            display_name="EliGen LoRA Config",
+            category=CATEGORY,
+            description="Which layers get a LoRA and how it is shaped. The reference EliGen recipe: rank 32, "
+                        "alpha 32, no dropout, preset 'eligen'.",
+            inputs=[
+                io.Int.Input("rank", default=32, min=1, max=1024, tooltip="LoRA rank (inner size of each adapter)."),
+                io.Float.Input("alpha", default=32.0, min=0.001, max=4096.0, step=0.5,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank (alpha = rank: scale 1, "
+                                       "as the reference)."),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01,
+                               tooltip="Dropout on the LoRA input during training (0 in the reference)."),
+                io.Combo.Input("init", options=list(lora_lib.INITS), default="kaiming",
+                               tooltip="Initial A matrices (B starts at zero, so training starts from the base "
+                                       "model): kaiming = peft's default, gaussian = normal / rank."),
+                io.Combo.Input("preset", options=PRESETS, default="eligen",
+                               tooltip="Target layers. eligen: the reference's targets (FLUX: attention, MLP and "
+                                       "modulation of every block; Qwen-Image: attention, MLP down-projections, "
+                                       "modulation). no_modulation / attention: subsets. all_block_linears: every "
+                                       "Linear in the blocks. custom: the regex below."),
+                io.String.Input("custom_pattern", default="", optional=True,
+                                tooltip="With preset 'custom': a regex that must fully match ComfyUI module names, "
+                                        r"e.g. double_blocks\.\d+\.img_attn\.(qkv|proj)"),
+                io.Combo.Input("dtype", options=list(lora_lib.DTYPES), default="float32",
+                               tooltip="Dtype of the LoRA weights while training (float32 = an fp32 master copy "
+                                       "even when the model runs in bf16)."),
+            ],
+            outputs=[LoraConfig.Output(display_name="lora_config")],
+        )
+
+    @classmethod
+    def execute(cls, rank, alpha, dropout, init, preset, dtype, custom_pattern="") -> io.NodeOutput:
+        settings = lora_lib.LoraSettings(rank=rank, alpha=alpha, dropout=dropout, init=init, preset=preset,
+                                         custom_pattern=custom_pattern or "", dtype=dtype)
+        return io.NodeOutput(settings.validate())
+
+
+class EliGenTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenTrain",
+            display_name="EliGen Train LoRA",
+            category=CATEGORY,
+            description="Trains an EliGen LoRA in this ComfyUI process with the regional entity attention active, "
+                        "saves it into models/loras and returns the model with it applied. Cancel stops within "
+                        "one step and keeps a checkpoint; 'resume' continues a run.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1 (dev/schnell) or Qwen-Image from the stock loaders. It is "
+                               "not modified: other branches of the graph keep seeing the base model."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (entity and global prompts)."),
+                io.Vae.Input("vae", tooltip="The model's VAE (images to latents, and validation images)."),
+                Dataset.Input("dataset", tooltip="From EliGen Dataset: images, captions, entity prompts and masks."),
+                LoraConfig.Input("lora_config", tooltip="From EliGen LoRA Config."),
+                io.String.Input("lora_name", default="eligen_lora",
+                                tooltip="File name in models/loras (.safetensors is added) and the name of the "
+                                        "checkpoint folder output/eligen_training/<name>."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (reference: 1e-4)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per micro-batch (one training size per batch)."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
+                             tooltip="Micro-batches per optimizer step."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
+                               tooltip="Learning-rate schedule after warm-up."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear warm-up steps."),
+                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
+                               tooltip="AdamW weight decay (reference: 0.01)."),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Gradient clipping norm; 0 turns it off."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLERS), default="reference",
+                               tooltip="reference: the reference's 1000 shifted timesteps with its Gaussian loss "
+                                       "weighting; logit_normal: sigmoid of a normal; uniform."),
+                io.Float.Input("entity_weight", default=0.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Extra loss weight inside the entity masks (0 = plain MSE, as the reference)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                               tooltip="Autocast for the forward pass; the LoRA weights keep their own dtype. "
+                                       "On CPU only fp32 or bf16 make sense."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
+                io.Float.Input("entity_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
+                               tooltip="Probability of dropping each entity of a sample in a step."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
+                               tooltip="Probability of replacing the global caption with the empty prompt."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seeds everything random in training: the same seed repeats a run exactly."),
+                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
+                             tooltip="Write a checkpoint every N steps (0: only at the end, on Cancel or on a "
+                                     "non-finite loss). The last 3 are kept."),
+                io.Int.Input("validation_every", default=0, min=0, max=1_000_000,
+                             tooltip="Sample validation images every N steps (0: off), previewed on the node."),
+                io.Int.Input("validation_steps", default=20, min=1, max=200,
+                             tooltip="Euler steps of each validation image."),
+                io.String.Input("resume", default="",
+                                tooltip="Empty: a new run. 'latest': continue the last checkpoint of this lora_name. "
+                                        "Or a checkpoint file name such as step_000250.safetensors."),
+                io.Boolean.Input("write_reference_format", default=False,
+                                 tooltip="Also write <name>_reference.safetensors in the reference's key format "
+                                         "(kohya keys for FLUX, peft keys for Qwen-Image)."),
+                io.Combo.Input("cache", options=CACHE_MODES, default="memory",
+                               tooltip="Encoded latents and prompts: memory (reused in this ComfyUI session), disk "
+                                       "(also output/eligen_training/cache, reused across restarts), off."),
+                io.Combo.Input("entity_text_length", options=list(entity_conds.TEXT_LENGTHS), default="padded_512",
+                               tooltip="FLUX T5 length of entity prompts: padded_512 as the released adapter, "
+                                       "real_length for less attention work. Qwen-Image is never padded."),
+                io.Conditioning.Input("validation_positive", optional=True,
+                                      tooltip="Global prompt of the validation image (default: the first record's)."),
+                Entities.Input("validation_entities", optional=True,
+                               tooltip="Entities of the validation image (default: the first record's)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+                io.String.Output(display_name="lora_name", tooltip="The saved file, as LoraLoader lists it."),
+                io.Image.Output(display_name="loss_graph"),
+                io.Image.Output(display_name="validation_images"),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, lora_config, lora_name, steps, learning_rate, batch_size,
+                grad_accumulation, schedule, warmup_steps, weight_decay, max_grad_norm, timestep_sampling,
+                entity_weight, precision, gradient_checkpointing, entity_dropout, caption_dropout, seed,
+                checkpoint_every, validation_every, validation_steps, resume, write_reference_format, cache,
+                entity_text_length, validation_positive=None, validation_entities=None) -> io.NodeOutput:
+        settings = TrainSettings(
+            steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
+            schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            timestep_sampling=timestep_sampling, entity_weight=entity_weight, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, entity_dropout=entity_dropout,
+            caption_dropout=caption_dropout, seed=seed, checkpoint_every=checkpoint_every,
+            validation_every=validation_every, validation_steps=validation_steps,
+        ).validate()
+        result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
+                              write_reference_format=write_reference_format, cache_mode=cache,
+                              entity_text_length=entity_text_length, validation_positive=validation_positive,
+                              validation_entities=validation_entities, node_id=cls.hidden.unique_id)
+        return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The work behind the node (plain functions)
+
+
+def checked_lora_name(name):
+    """A bare file name for models/loras (".safetensors" optional); refuses paths and empty names."""
+    name = (name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise ValueError(f"lora_name {name!r} must be a plain file name (no folders, no special characters)")
+    return name
+
+
+def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
+                 write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
+                 validation_positive=None, validation_entities=None, node_id=None):
+    name = checked_lora_name(lora_name)
+    adapter = adapter_for(model)
+    lora_settings.validate(adapter)
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache {cache_mode!r} is not one of {', '.join(CACHE_MODES)}")
+    if entity_text_length not in entity_conds.TEXT_LENGTHS:
+        raise ValueError(f"entity_text_length {entity_text_length!r} is not one of {', '.join(entity_conds.TEXT_LENGTHS)}")
+    resume = (resume or "").strip()
+    runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
+    run_dir = os.path.join(runs, name)
+
+    encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
+                      "off": lambda: EncodingCache(None)}[cache_mode]()
+    samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
+                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
+    empty = encode_text(clip, "")
+    validation = []
+    if settings.validation_every:
+        validation = [validation_sample(samples[0], validation_positive, validation_entities)]
+
+    progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
+    result = train(
+        model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
+        validation=validation, decode=lambda latent: decode_images(vae, latent), empty_condition=empty,
+        on_progress=progress_reporter(progress, node_id),
+        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        info={"lora_name": name},
+    )
+
+    metadata = {"eligen_training": {"family": adapter.family, "lora": lora_settings.to_dict(),
+                                    "train": asdict(settings), "steps_done": result.step,
+                                    "final_loss": result.losses[-1][1] if result.losses else None}}
+    loras = folder_paths.get_folder_paths("loras")[0]
+    path = save_lora(os.path.join(loras, name + ".safetensors"), result.lora, metadata)
+    if write_reference_format:
+        save_lora(os.path.join(loras, name + "_reference.safetensors"),
+                  to_reference(result.lora, adapter.lora_reference_format),
+                  {**metadata, "eligen_format": adapter.lora_reference_format})
+    # The same path as the stock LoraLoaderModelOnly: read the file back, patch a clone.
+    trained, _ = comfy.sd.load_lora_for_models(model.clone(), None, load_lora(path), 1.0, 0)
+    images = [images for _, images in result.validation]
+    return {
+        "model": trained,
+        "lora_name": os.path.basename(path),
+        "loss_graph": pil_to_image(loss_graph(result.losses)),
+        "validation": torch.cat(images) if images else torch.zeros(1, 64, 64, 3),
+        "result": result,
+        "path": path,
+    }
+
+
+def validation_sample(first, positive=None, entities=None):
+    """What validation samples: the given prompt/entities at the first record's size, else the first record."""
+    if positive is None and entities is None:
+        return first
+    context, pooled = first.context, first.pooled
+    if positive is not None:
+        context = positive[0][0]
+        pooled = positive[0][1].get("pooled_output", pooled)
+    embeds, masks = first.entity_embeds, first.masks
+    if entities is not None:
+        size = tuple(first.masks.shape[-2:]) if first.masks.numel() else None
+        if size is None:
+            size = tuple(int(s) * 8 for s in first.latent.shape[-2:])
+        embeds = [e.embeds for e in entities]
+        masks = torch.stack([torch.nn.functional.interpolate(e.mask[None, None].float(), size=size,
+                                                             mode="nearest-exact")[0, 0] for e in entities]) \
+            if entities else torch.zeros(0, *size)
+    return Sample(first.latent, context, pooled, list(embeds), masks)
+
+
+def decode_images(vae, latent):
+    images = vae.decode(latent)
+    if images.ndim == 5:  # video-style VAEs return [B, T, H, W, 3]
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
+def progress_reporter(progress, node_id):
+    """on_progress for train(): the node's progress bar (with the validation preview) and a text line."""
+    def report(step, total, loss, seconds_left, previews):
+        preview = None
+        if previews is not None and len(previews):
+            image = Image.fromarray((previews[-1].clamp(0, 1).numpy() * 255).astype(np.uint8))
+            preview = ("JPEG", image, 512)
+        progress.update_absolute(step, total, preview)
+        text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
+        logging.info("EliGen training: %s", text)
+        try:
+            from server import PromptServer
+            if node_id is not None and PromptServer.instance is not None:
+                PromptServer.instance.send_progress_text(text, node_id)
+        except Exception:  # no server (plain use): the log line is enough
+            pass
+    return report
+
+
+def pil_to_image(image):
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+NODES = [EliGenLoraConfig, EliGenTrain]

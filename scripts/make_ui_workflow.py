@@ -100,8 +100,8 @@ def _depths(graph):
 
 
 def _node_size(sockets, outputs, widgets, multiline, has_preview):
-    height = 30 + 22 * max(len(sockets), len(outputs), 0) + 26 * widgets + 80 * multiline + 280 * has_preview
-    return [400 if multiline else 320, max(height, 60)]
+    height = 30 + 22 * max(len(sockets), len(outputs), 0) + 26 * widgets + 80 * multiline + 380 * has_preview
+    return [400 if multiline or has_preview else 320, max(height, 60)]
 
 
 def api_to_ui(graph, object_info, notes=()):
@@ -136,6 +136,8 @@ def api_to_ui(graph, object_info, notes=()):
             widgets_values += [value] + extra_widget_values(name, kind, options)
             multiline += kind == "STRING" and bool(options.get("multiline"))
             preview |= bool(options.get("image_upload"))
+        # Output nodes that take images show them inside the node: leave room for the picture.
+        preview |= bool(info.get("output_node")) and any(kind == "IMAGE" for _, kind, _, _ in sockets)
         outputs = info.get("output", [])
         output_names = info.get("output_name", outputs)
         node = {

@@ -82,25 +82,28 @@ fi
 mkdir -p "$COMFY/custom_nodes" "$COMFY/models/loras" "$COMFY/models/diffusion_models"
 
 # 4. ComfyUI's requirements (torch family handled above; optional heavy extras skipped so nothing
-#    pulls a second multi-GB torch build) and this package's requirements.
-REQ_STAMP="$VENV/.eligen-req-stamp"
-req_hash="$(cat "$COMFY/requirements.txt" "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
-if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$req_hash" ]; then
-  say "installing ComfyUI and ComfyUI-EliGen requirements"
-  filtered="$(mktemp)"
-  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$COMFY/requirements.txt" > "$filtered"
-  "${PIP[@]}" -r "$filtered" requests
-  rm -f "$filtered"
-  # This package's own dependencies (and the test extra), read from pyproject.toml. The repo is not
-  # pip-installed: ComfyUI imports it from custom_nodes/ like any node pack.
-  mapfile -t deps < <("$PY" - "$REPO/pyproject.toml" <<'PYEOF'
-import sys, tomllib
+#    pulls a second multi-GB torch build) and this package's requirements plus its test extra, read
+#    from pyproject.toml. The repo is not pip-installed: ComfyUI imports it from custom_nodes/ like any
+#    node pack. A stamp of both lists makes a second run skip pip.
+deps_text="$("$PY" - "$REPO/pyproject.toml" <<'PYEOF'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (a user's own ComfyUI venv): pip vendors a TOML reader
+    from pip._vendor import tomli as tomllib
 meta = tomllib.load(open(sys.argv[1], "rb"))["project"]
 for dep in meta["dependencies"] + meta["optional-dependencies"]["test"]:
     print(dep)
 PYEOF
-)
-  "${PIP[@]}" "${deps[@]}"
+)"
+mapfile -t deps <<< "$deps_text"
+REQ_STAMP="$VENV/.eligen-req-stamp"
+req_hash="$( { cat "$COMFY/requirements.txt"; printf '%s\n' "${deps[@]}"; } | sha256sum | cut -c1-16)"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$req_hash" ]; then
+  say "installing ComfyUI and ComfyUI-EliGen requirements"
+  filtered="$VENV/.eligen-comfyui-requirements.txt"
+  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$COMFY/requirements.txt" > "$filtered"
+  "${PIP[@]}" -r "$filtered" requests "${deps[@]}"
   echo "$req_hash" > "$REQ_STAMP"
 fi
 
@@ -138,4 +141,4 @@ if [ "$current_default" != "$COMFY" ]; then
 fi
 
 echo "$COMFY" > "$REPO/.comfyui-path"
-say "ready: venv $VENV, ComfyUI $COMFY"
+say "ready in ${SECONDS} s: venv $VENV, ComfyUI $COMFY"

@@ -4,6 +4,8 @@
     .venv/bin/python scripts/toyworld.py dataset FOLDER [--count N --split heldout]
     .venv/bin/python scripts/toyworld.py metric IMAGES_DIR DATASET_DIR [--json out.json]
     .venv/bin/python scripts/toyworld.py compare [--seeds 0 1 2 ...]      (a)/(b)/(d) placement figures
+    .venv/bin/python scripts/toyworld.py demo [--out demo_out]            README command 1 (scripts/demo.sh)
+    .venv/bin/python scripts/toyworld.py workflows                        rewrite example_workflows/toyworld_*
 
 The repository is imported as the package ``comfyui_eligen`` (its name inside ComfyUI) with ComfyUI
 from $COMFYUI_DIR or the folder scripts/setup.sh recorded. Add --gpu to run on a GPU.
@@ -20,6 +22,8 @@ COMMANDS = {
     "dataset": "toyworld.data",
     "metric": "toyworld.metric",
     "compare": "toyworld.compare",
+    "demo": "toyworld.demo",
+    "workflows": "toyworld.workflows",
 }
 
 

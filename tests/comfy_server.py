@@ -366,32 +366,46 @@ def describe_failure(prompt_id, status):
     return f"prompt {prompt_id} did not succeed: {status}"
 
 
-# Imports one package's node modules one by one, the way ComfyUI would, and prints the first failure.
+# Imports one package's node modules one by one, the way ComfyUI would, and prints each failure with
+# the package file and line where it was raised. nodes/__init__.py is not run (it imports every module,
+# which would blame them all for one broken file).
 _DIAGNOSE = r"""
 import importlib, importlib.util, os, sys, traceback
-comfy_dir, package = sys.argv[1], sys.argv[2]
+comfy_dir, package = sys.argv[1], os.path.realpath(sys.argv[2])
 sys.path.insert(0, comfy_dir)
 from comfy.cli_args import args
 args.cpu = True
+
+def load_package(name, folder, run_init):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if run_init:
+        spec.loader.exec_module(module)
+
+def failure():
+    frames = [f for f in traceback.extract_tb(sys.exc_info()[2]) if os.path.realpath(f.filename).startswith(package)]
+    where = f" at {os.path.relpath(os.path.realpath(frames[-1].filename), package)}:{frames[-1].lineno}" if frames else ""
+    error = traceback.format_exception_only(*sys.exc_info()[:2])[-1].strip()
+    if isinstance(sys.exc_info()[1], SyntaxError):
+        error = error.splitlines()[-1]
+    return error + where
+
 name = "eligen_bench_diagnosis"
-spec = importlib.util.spec_from_file_location(name, os.path.join(package, "__init__.py"),
-                                              submodule_search_locations=[package])
-module = importlib.util.module_from_spec(spec)
-sys.modules[name] = module
 try:
-    spec.loader.exec_module(module)
+    load_package(name, package, run_init=True)
 except BaseException:
-    print("__init__.py fails to import:", traceback.format_exc().strip().splitlines()[-1])
+    print("__init__.py fails to import:", failure())
     sys.exit(0)
 node_dir = os.path.join(package, "nodes")
-for filename in sorted(os.listdir(node_dir)) if os.path.isdir(node_dir) else []:
+load_package(name + ".nodes", node_dir, run_init=False)
+for filename in sorted(os.listdir(node_dir)):
     if filename.endswith(".py") and filename != "__init__.py":
         try:
             importlib.import_module(f"{name}.nodes.{filename[:-3]}")
         except BaseException:
-            lines = traceback.format_exc().strip().splitlines()
-            where = [l.strip() for l in lines if l.strip().startswith("File ") and package in l]
-            print(f"nodes/{filename} fails to import: {lines[-1]}" + (f" ({where[-1]})" if where else ""))
+            print(f"nodes/{filename} fails to import: {failure()}")
 """
 
 

@@ -46,11 +46,15 @@ _register_package()
 
 # ---- the real server ---------------------------------------------------------------------------
 
+_started_servers = []  # for the summary line
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A running ComfyUI with this package; fails loudly if any EliGen node did not load."""
     log_path = tmp_path_factory.getbasetemp() / "comfy_server.log"
     server = ComfyServer(log_path=str(log_path))
+    _started_servers.append(server)
     try:
         server.start()
         server.check_nodes_loaded(expected_node_ids())
@@ -73,3 +77,9 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_report_header(config):
     return f"ComfyUI: {comfyui_dir()}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    for server in _started_servers:
+        started = f"{server.start_seconds:.1f} s" if server.start_seconds is not None else "did not start"
+        terminalreporter.write_line(f"ComfyUI server: ready after {started}; log {server.log_path}")

@@ -19,8 +19,9 @@ from comfyui_eligen.training.cache import (
     encode_dataset,
     encode_text,
     latent_format_of,
+    shared_cache,
 )
-from comfyui_eligen.training.dataset import load_dataset, prepare_image, prepare_masks
+from comfyui_eligen.training.dataset import dataset_from_images, load_dataset, prepare_image, prepare_masks
 
 ENTITY_OPTIONS = {"t5xxl_min_length": 12}
 
@@ -218,3 +219,27 @@ def test_samples_leave_inference_mode_through_to(tmp_path, toy_flux):
     (moved.latent * weight).sum().backward()  # autograd accepts it
     assert weight.grad is not None
     assert os.path.basename(ds.records[0].image_path) == "im0.png"
+
+
+def test_memory_limit_evicts_least_recent_and_shared_cache(tmp_path, toy_flux):
+    cache = EncodingCache(max_memory_bytes=3 * 4 * 1000)  # room for three 1000-float entries
+    for i in range(4):
+        cache.put("text", f"k{i}", {"cond": torch.full((1000,), float(i))})
+    assert list(cache.memory) == ["text/k1", "text/k2", "text/k3"] and cache.memory_bytes == 12000
+    assert cache.get("text", "k1") is not None  # k1 becomes the most recent ...
+    cache.put("text", "k4", {"cond": torch.zeros(1000)})
+    assert list(cache.memory) == ["text/k3", "text/k1", "text/k4"]  # ... so k2 went first
+    assert cache.get("text", "k0") is None and cache.misses == 1
+
+    # The process-wide caches: one per directory; a second "run" reuses the first one's entries.
+    images = torch.rand(2, 32, 32, 3)  # fresh content: nothing of it can be cached yet
+    ds = dataset_from_images(images, (images[:1, ..., 0] > 0.5).float(), f"caption {images.sum().item()}", "x\n-")
+    first = shared_cache(None)
+    assert shared_cache() is first and shared_cache(str(tmp_path / "c")) is shared_cache(str(tmp_path / "c"))
+    assert shared_cache(str(tmp_path / "c")) is not first
+    before = dict(first.encoder_calls)
+    encode(ds, toy_flux, shared_cache())
+    calls = dict(first.encoder_calls)
+    assert calls["vae_images"] == before["vae_images"] + 2 and calls["text"] == before["text"] + 2  # the caption and "x"
+    encode(ds, toy_flux, shared_cache())
+    assert shared_cache().encoder_calls == calls

@@ -63,6 +63,7 @@ def good_folder(tmp_path):
         record("a.png", "left and right", [("a red circle", "a_m0.png"), ("a blue square", "a_m1.png")]),
         record("b.png", "a box", [("a green triangle", "b_m0.png")]),
         record("c.png", "just a picture"),
+        {"image": "c.png", "prompt": "", "eligen_entity_prompts": [], "eligen_entity_masks": []},
     ])
     return tmp_path
 
@@ -79,8 +80,8 @@ def problems_of(folder, **kwargs):
 
 def test_load_good_folder_with_plain_record(good_folder):
     ds = load_dataset(str(good_folder))
-    assert len(ds) == 3
-    assert [len(r.entities) for r in ds.records] == [2, 1, 0]
+    assert len(ds) == 4
+    assert [len(r.entities) for r in ds.records] == [2, 1, 0, 0]  # missing keys or empty lists: plain
     assert ds.records[0].entity_prompts == ["a red circle", "a blue square"]
     assert ds.records[2].prompt == "just a picture"
     # A plain record prepares to an empty mask stack, not a crash.
@@ -340,6 +341,7 @@ def test_dataset_from_images_mapping():
     plain = dataset_from_images(images, None, "one caption for all", "")
     assert [r.prompt for r in plain.records] == ["one caption for all"] * 2
     assert all(not r.entities for r in plain.records)
+    assert [r.prompt for r in dataset_from_images(images, None, "", "").records] == ["", ""]
     # list forms and '-' for "none"
     assert parse_entity_prompts("a | b\n-\n\nc") == [["a", "b"], [], [], ["c"]]
     ds = dataset_from_images(images, masks[:1], ["x", "y"], [["only"], []])
@@ -373,3 +375,14 @@ def test_dataset_from_images_errors():
     assert info.value.problems == ["record 0 (image 0 of the batch): entity prompt 1 is empty"]
     with pytest.raises(DatasetError, match="images: expected an IMAGE batch"):
         dataset_from_images(torch.zeros(32, 32, 3), None, "a", "")
+
+
+def test_exif_orientation_is_applied_before_the_size_check(tmp_path):
+    # Stored 64x32 with "rotate 90" in EXIF: shown (and trained) as 32x64, like ComfyUI's LoadImage.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    save_mask(tmp_path / "m.png", 32, 64, (0, 0, 16, 64))
+    write_metadata(tmp_path, [record("phone.jpg", entities=[("left", "m.png")])])
+    ds = load_dataset(str(tmp_path))
+    assert ds.records[0].size == (64, 32) and ds.bucket_of(0) == (64, 32)

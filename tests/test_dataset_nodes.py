@@ -45,7 +45,7 @@ def test_folder_node_reads_and_reports(comfy_server):
     write_folder(os.path.join(comfy_server.input_dir, "eligen_ds_good"))
     node = {"class_type": "EliGenDataset", "inputs": {"folder": "eligen_ds_good", "max_pixels": 1048576}}
     text = preview_text(comfy_server.run_workflow(summary_graph(node)))
-    assert text.startswith("2 records from metadata.json of eligen_ds_good, 1 entities, 1 plain samples")
+    assert text.startswith("2 records from metadata.json of eligen_ds_good, 1 entity, 1 plain sample")
     assert "64x48 (2)" in text
 
     write_folder(os.path.join(comfy_server.input_dir, "eligen_ds_bad"), bad=True)
@@ -69,4 +69,4 @@ def test_from_images_node(comfy_server):
     assert "entity_prompts name 2 entities (per image: 2) but 1 masks were given" in str(info.value)
     graph["1"]["inputs"]["entity_prompts"] = "red circle"
     text = preview_text(comfy_server.run_workflow(graph))
-    assert text.startswith("1 records from 1 graph images, 1 entities, 0 plain samples")
+    assert text.startswith("1 record from 1 graph images, 1 entity, 0 plain samples")

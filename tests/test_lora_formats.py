@@ -148,6 +148,9 @@ def test_flux_diffsynth_internal_names_need_and_get_our_conversion(flux, adapter
 def test_qwen_image_peft_default_720_targets_load_through_the_stock_loader(qwen):
     modules = qwen_targets(qwen)
     assert len(modules) == 720
+    # The released files hold 235.9M parameters at rank 32 (eligen.md): the same 720 modules.
+    layers = [qwen.diffusion_model.get_submodule(m) for m in modules]
+    assert round(sum(32 * (layer.in_features + layer.out_features) for layer in layers) / 1e5) == 2359
     sd = peft_file(qwen, modules)
     assert lf.detect_format(sd) == "peft"
     key_map = lf.model_key_map(qwen)
@@ -157,11 +160,31 @@ def test_qwen_image_peft_default_720_targets_load_through_the_stock_loader(qwen)
 
     converted = lf.to_comfy_for_model(sd, qwen)
     assert len(converted) == len(sd) * 3 // 2  # up, down, plus an explicit alpha per module
-    module = "transformer_blocks.59.img_mod.1"
+    module = "transformer_blocks.59.attn.to_add_out"
     weight = f"diffusion_model.{module}.weight"
     shape = qwen.state_dict()[weight].shape
     # Same weight change as the released file (scale 1: no alpha there, alpha = rank here).
     assert torch.allclose(stock_delta(stock_patches(converted, qwen)[weight], shape), stock_delta(patches[weight], shape))
+
+
+def test_module_extras_follow_their_module(flux):
+    # A DoRA scale beside internal-name matrices must be renamed with them, or the stock loader drops it.
+    sd = peft_file(flux, ["single_blocks.4.linear2"], rename=internal_flux_name)
+    sd["single_blocks.4.proj_out.dora_scale"] = torch.ones(3072, 1)
+    converted = lf.to_comfy_for_model(sd, flux)
+    assert "diffusion_model.single_blocks.4.linear2.dora_scale" in converted
+    assert lf.stock_unmatched_keys(converted, lf.model_key_map(flux)) == []
+    patch = stock_patches(converted, flux)["diffusion_model.single_blocks.4.linear2.weight"]
+    assert patch.weights[4] is converted["diffusion_model.single_blocks.4.linear2.dora_scale"]
+
+
+def test_keys_the_stock_loader_maps_onto_fused_slices_are_kept(flux):
+    # Diffusers FLUX names: split q/k/v that the stock loader writes into slices of the fused qkv.
+    sd = {f"transformer.transformer_blocks.0.attn.to_{x}.lora_{ab}.weight": torch.zeros(shape)
+          for x in "qkv" for ab, shape in (("A", (RANK, 3072)), ("B", (3072, RANK)))}
+    converted = lf.to_comfy_for_model(sd, flux)
+    assert set(sd) <= set(converted)
+    assert lf.stock_unmatched_keys(converted, lf.model_key_map(flux)) == []
 
 
 def test_unknown_key_raises_naming_it(flux):
@@ -191,13 +214,13 @@ def test_shape_that_does_not_fit_is_named(flux):
 
 
 def test_export_kohya_for_flux_keeps_the_weight_change(flux):
-    module = "double_blocks.5.img_mlp.0"
+    module = "double_blocks.5.txt_attn.proj"
     up, down = lora_pair(flux, module, 7)
     comfy_sd = {f"diffusion_model.{module}.lora_up.weight": up, f"diffusion_model.{module}.lora_down.weight": down,
                 f"diffusion_model.{module}.alpha": torch.tensor(0.5)}
     kohya = lf.to_reference(comfy_sd, "kohya")
-    assert sorted(kohya) == ["lora_unet_double_blocks_5_img_mlp_0.alpha", "lora_unet_double_blocks_5_img_mlp_0.lora_down.weight",
-                             "lora_unet_double_blocks_5_img_mlp_0.lora_up.weight"]
+    assert sorted(kohya) == ["lora_unet_double_blocks_5_txt_attn_proj.alpha", "lora_unet_double_blocks_5_txt_attn_proj.lora_down.weight",
+                             "lora_unet_double_blocks_5_txt_attn_proj.lora_up.weight"]
     weight = f"diffusion_model.{module}.weight"
     shape = flux.state_dict()[weight].shape
     expected = stock_delta(stock_patches(comfy_sd, flux)[weight], shape)

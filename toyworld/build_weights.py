@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from ..core import blocks
 from ..core.adapters import adapter_for
 from . import data, models
+from .files import atomic_path
 
 DEFAULTS = dict(steps=1200, batch=64, lr=1e-3, min_lr=1e-4, warmup=100, pool=8192, seed=0,
                 caption_dropout=0.1, weight_decay=0.01, clip=1.0)
@@ -82,11 +82,20 @@ class CaptionPool:
 
 
 def pretrain(args, log=print):
-    """Train the base model; returns (ModelPatcher, CLIP, VAE, info dict)."""
-    torch.manual_seed(args.seed)
+    """Train the base model; returns (ModelPatcher, CLIP, VAE, info dict). Torch's global settings
+    (deterministic algorithms, thread count) are restored afterwards."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _pretrain(args, log)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+def _pretrain(args, log):
     device = torch.device(args.device)
 
     model, clip, vae = models.load_toy_models(args.family, "random", seed=args.seed)
@@ -154,16 +163,8 @@ def save_weights(path, model, clip, info):
 
     tensors = {f"diffusion_model.{k}": v.detach().contiguous().cpu() for k, v in model.model.diffusion_model.state_dict().items()}
     tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu() for k, v in clip.cond_stage_model.state_dict().items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={"toy_world": json.dumps(info)})
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
     return path
 
 

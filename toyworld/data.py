@@ -7,13 +7,12 @@ separate seed streams (numpy SeedSequence keyed by the split), so they never sha
 node reads like any user dataset.
 """
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+
+from .files import save_png, write_json
 
 SIZE = 128
 
@@ -60,15 +59,19 @@ class Layout:
         return np.stack([e.mask for e in self.entities]) if self.entities else np.zeros((0,) + self.image.shape[:2], bool)
 
 
+SQUARE_HALF = 1.2 / np.sqrt(2)  # half side of a square of "radius" 1: a bit over inscribed, so areas are closer
+EXTENT = {"circle": 1.0, "square": SQUARE_HALF * np.sqrt(2), "triangle": 1.0}  # farthest point from the centre
+
+
 def shape_mask(shape, centre, radius, size=SIZE):
-    """Pixels (by their centres) covered by a circle, an axis-aligned square or an upward triangle,
-    each fitting the circle of `radius` around `centre`."""
+    """Pixels (by their centres) covered by a circle, an axis-aligned square or an upward triangle of
+    the given "radius" around `centre` (EXTENT says how far each reaches)."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
     dx, dy = x - centre[0], y - centre[1]
     if shape == "circle":
         return dx * dx + dy * dy <= radius * radius
     if shape == "square":
-        half = radius / np.sqrt(2) * 1.2  # a bit larger than inscribed so areas are closer to the circle's
+        half = radius * SQUARE_HALF
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if shape == "triangle":
         # apex up at (0, -r), base at y = r/2 from -r*sqrt(3)/2 to +r*sqrt(3)/2
@@ -92,14 +95,16 @@ def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4):
     background = str(rng.choice(list(BACKGROUNDS)))
     placed = []
     for colour in colours:
+        shape = str(rng.choice(SHAPES))
         low, high = RADIUS_RANGE
         for attempt in range(200):
             if attempt and attempt % 50 == 0:
                 high = max(low, high * 0.8)  # crowded: try smaller shapes
             radius = float(rng.uniform(low, high)) * size
-            centre = tuple(float(c) for c in rng.uniform(radius, size - radius, size=2))
-            if all(np.hypot(centre[0] - p.centre[0], centre[1] - p.centre[1]) >= radius + p.radius + GAP for p in placed):
-                shape = str(rng.choice(SHAPES))
+            reach = radius * EXTENT[shape]
+            centre = tuple(float(c) for c in rng.uniform(reach, size - reach, size=2))
+            if all(np.hypot(centre[0] - p.centre[0], centre[1] - p.centre[1]) >= reach + p.radius * EXTENT[p.shape] + GAP
+                   for p in placed):
                 placed.append(Entity(str(colour), shape, centre, radius, shape_mask(shape, centre, radius, size)))
                 break
     image = np.empty((size, size, 3), np.uint8)
@@ -126,16 +131,14 @@ def batch_arrays(split, seed, indices, size=SIZE):
     return np.stack([item.image for item in items]), [item.caption for item in items]
 
 
-def _save_png(array, path):
-    folder = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+def layout_entities(layout, encode):
+    """The layout's entities as core.conditioning.Entity values; `encode(prompt) -> [1, L, D]`."""
+    import torch
+
+    from ..core.conditioning import Entity
+
+    return tuple(
+        Entity(encode(e.prompt), torch.from_numpy(e.mask.astype("float32")), e.prompt) for e in layout.entities)
 
 
 def write_dataset(folder, count, seed=0, split="train", size=SIZE):
@@ -150,11 +153,11 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE):
     for i in range(count):
         layout = make_layout(split, seed, i, size)
         image_name = f"images/{i:05d}.png"
-        _save_png(layout.image, os.path.join(folder, image_name))
+        save_png(layout.image, os.path.join(folder, image_name))
         mask_names = []
         for k, entity in enumerate(layout.entities):
             mask_name = f"masks/{i:05d}_{k}.png"
-            _save_png(entity.mask.astype(np.uint8) * 255, os.path.join(folder, mask_name))
+            save_png(entity.mask.astype(np.uint8) * 255, os.path.join(folder, mask_name))
             mask_names.append(mask_name)
         records.append({
             "image": image_name,
@@ -163,10 +166,7 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE):
             "eligen_entity_masks": mask_names,
         })
     path = os.path.join(folder, "metadata.json")
-    fd, temp = tempfile.mkstemp(suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(temp, path)
+    write_json(path, records)
     return path
 
 

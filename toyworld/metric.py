@@ -16,11 +16,11 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 
 from .data import PALETTE
+from .files import write_json
 
 COLOUR_RADIUS = 1.0
 SUCCESS_IOU = 0.5
@@ -119,31 +119,25 @@ def score_images(images, masks_per_image, prompts_per_image):
     return {"summary": summarise(flat), "images": per_image}
 
 
+def score_entity_batches(images, entity_sets):
+    """Node-facing form: images = list of IMAGE tensors [B, H, W, 3] in [0, 1], entity_sets = list of
+    entity tuples (objects with .mask [H, W] and .label). Every image of batch i is scored against
+    entity set i. Returns score_images' result."""
+    if len(images) != len(entity_sets):
+        raise ValueError(f"{len(images)} image batches but {len(entity_sets)} entity sets: they must match one to one")
+    flat_images, masks, prompts = [], [], []
+    for batch, entities in zip(images, entity_sets):
+        for image in batch:
+            flat_images.append(image.detach().cpu().float().numpy())
+            masks.append([entity.mask.detach().cpu().float().numpy() for entity in entities])
+            prompts.append([entity.label for entity in entities])
+    return score_images(flat_images, masks, prompts)
+
+
 def format_summary(summary):
     return (f"mean IoU {summary['mean_iou']:.3f}, success {100 * summary['success_rate']:.1f}%, "
             f"leak {summary['mean_leak']:.2f}, missing {100 * summary['missing_rate']:.1f}% "
             f"({summary['entities']} entities)")
-
-
-def write_json(path, payload):
-    """Atomic JSON write (NaN written as null)."""
-    def clean(value):
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, (np.bool_, np.integer, np.floating)):
-            return value.item()
-        return value
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(clean(payload), f, indent=1)
-    os.replace(temp, path)
 
 
 def score_folder(images_dir, dataset_dir):

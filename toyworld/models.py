@@ -25,7 +25,8 @@ import comfy.supported_models_base
 
 TEXT_WIDTH = 64  # width of the toy text embeddings (FLUX context_in_dim / Qwen joint_attention_dim)
 VOCAB_SIZE = 256
-MAX_TOKENS = 256
+POSITIONS = 256  # rows of the position table; longer (padded) prompts wrap around
+MAX_TOKENS = 1024  # enough for FLUX's 512-token entity padding
 LATENT_CHANNELS = 16
 POOL = 8  # VAE downscale factor, as in the real FLUX / Qwen-Image VAEs
 
@@ -178,7 +179,7 @@ class ToyTextEncoder(torch.nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.word_table = torch.nn.Parameter(torch.randn(VOCAB_SIZE, TEXT_WIDTH, generator=generator), requires_grad=False)
         self.position_table = torch.nn.Parameter(
-            0.5 * torch.randn(MAX_TOKENS, TEXT_WIDTH, generator=generator), requires_grad=False)
+            0.5 * torch.randn(POSITIONS, TEXT_WIDTH, generator=generator), requires_grad=False)
         self.previous_word = torch.nn.Parameter(
             0.5 * torch.randn(TEXT_WIDTH, TEXT_WIDTH, generator=generator) / TEXT_WIDTH ** 0.5, requires_grad=False)
         self.dtypes = {torch.float32}  # tiny: always computes in float32, whatever ComfyUI suggests
@@ -195,7 +196,8 @@ class ToyTextEncoder(torch.nn.Module):
         """ids, weights [L] -> (embeddings [1, L, D], pooled [1, D])."""
         words = self.word_table[ids]
         previous = self.word_table[torch.cat([ids.new_tensor([WORD_IDS[START]]), ids[:-1]])]
-        embeds = words + self.position_table[: len(ids)] + previous @ self.previous_word
+        positions = torch.arange(len(ids), device=ids.device) % POSITIONS
+        embeds = words + self.position_table[positions] + previous @ self.previous_word
         embeds = embeds * weights[:, None].to(embeds.dtype)
         real = ids != WORD_IDS[PAD]
         pooled = words[real].mean(dim=0) if real.any() else torch.zeros_like(words[0])
@@ -317,11 +319,11 @@ def wrap_model(base_model):
         offload_device=comfy.model_management.unet_offload_device())
 
 
-def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32):
+def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None):
     """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) of the toy world.
 
-    weights="pretrained" loads toyworld/weights/<family file> (diffusion model and text encoder);
-    weights="random" initialises both deterministically from `seed` (every layer non-zero).
+    weights="pretrained" loads toyworld/weights/<family file> (or `weights_file`): diffusion model and
+    text encoder; weights="random" initialises both deterministically from `seed` (every layer non-zero).
     """
     spec = family_spec(family)
     base_model = build_diffusion_model(family, dtype)
@@ -329,16 +331,16 @@ def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.flo
         init_weights(base_model.diffusion_model, seed)
         clip = build_clip(seed)
     elif weights == "pretrained":
-        path = weights_path(family)
+        path = weights_file or weights_path(family)
         if not os.path.exists(path):
             raise ValueError(
-                f"toy {family} weights {spec['weights_file']} are missing from toyworld/weights; "
-                f"build them with `python -m toyworld.build_weights --family {family}` or use weights='random'")
+                f"toy {family} weights {os.path.basename(path)} are missing; "
+                f"build them with `scripts/toyworld.py build-weights --family {family}` or use weights='random'")
         model_sd, text_sd, metadata = read_weights(path)
         missing, unexpected = base_model.diffusion_model.load_state_dict(model_sd, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{spec['weights_file']} does not fit the toy {family} model: missing {missing[:5]}, "
+                f"{os.path.basename(path)} does not fit the toy {family} model: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}")
         clip = build_clip(int(json.loads(metadata.get("toy_world", "{}")).get("text_seed", 0)), text_sd)
     else:

@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -183,14 +184,19 @@ def make_key(**parts) -> str:
 class EncodingCache:
     """Memory dict plus an optional folder of safetensors files, one per entry.
 
-    ``encoder_calls`` counts real encoder work done through this cache (``vae`` batches, ``vae_images``,
-    ``text`` prompts); ``hits`` counts entries served from ``memory`` and from ``disk``.
+    ``max_memory_bytes`` bounds what the memory part holds (least recently used entries go first; the
+    disk part keeps everything). ``encoder_calls`` counts real encoder work done through this cache
+    (``vae`` batches, ``vae_images``, ``text`` prompts); ``hits`` counts entries served from ``memory``
+    and from ``disk``.
     """
 
-    def __init__(self, directory: str | None = None, keep_in_memory: bool = True):
+    def __init__(self, directory: str | None = None, keep_in_memory: bool = True,
+                 max_memory_bytes: int | None = None):
         self.directory = os.path.abspath(directory) if directory else None
         self.keep_in_memory = keep_in_memory
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.max_memory_bytes = max_memory_bytes
+        self.memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.memory_bytes = 0
         self.encoder_calls = {"vae": 0, "vae_images": 0, "text": 0}
         self.hits = {"memory": 0, "disk": 0}
         self.misses = 0
@@ -198,9 +204,21 @@ class EncodingCache:
     def _path(self, kind: str, key: str) -> str:
         return os.path.join(self.directory, kind, key + ".safetensors")
 
+    def _remember(self, slot: str, entry: dict[str, torch.Tensor]):
+        if not self.keep_in_memory:
+            return
+        if slot in self.memory:
+            self.memory_bytes -= _entry_bytes(self.memory.pop(slot))
+        self.memory[slot] = entry
+        self.memory_bytes += _entry_bytes(entry)
+        while self.max_memory_bytes is not None and self.memory_bytes > self.max_memory_bytes and self.memory:
+            self.memory_bytes -= _entry_bytes(self.memory.popitem(last=False)[1])
+
     def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
-        entry = self.memory.get(kind + "/" + key)
+        slot = kind + "/" + key
+        entry = self.memory.get(slot)
         if entry is not None:
+            self.memory.move_to_end(slot)
             self.hits["memory"] += 1
             return entry
         if self.directory is not None:
@@ -212,16 +230,14 @@ class EncodingCache:
                     logging.warning(f"EliGen cache: ignoring unreadable entry {path} ({e})")
                 else:
                     self.hits["disk"] += 1
-                    if self.keep_in_memory:
-                        self.memory[kind + "/" + key] = entry
+                    self._remember(slot, entry)
                     return entry
         self.misses += 1
         return None
 
     def put(self, kind: str, key: str, entry: dict[str, torch.Tensor], note: str = ""):
         entry = {name: t.detach().to("cpu").contiguous() for name, t in entry.items()}
-        if self.keep_in_memory:
-            self.memory[kind + "/" + key] = entry
+        self._remember(kind + "/" + key, entry)
         if self.directory is not None:
             path = self._path(kind, key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -239,6 +255,24 @@ class EncodingCache:
 
     def clear_memory(self):
         self.memory.clear()
+        self.memory_bytes = 0
+
+
+def _entry_bytes(entry: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
+
+
+SHARED_MEMORY_BYTES = 4 << 30  # what the process-wide caches keep in RAM, each
+_SHARED: dict[str | None, EncodingCache] = {}
+
+
+def shared_cache(directory: str | None = None) -> EncodingCache:
+    """One cache per directory (None: memory only) for the whole process, so a second training run in
+    the same ComfyUI session reuses the first run's encodings even without a disk folder."""
+    slot = os.path.abspath(directory) if directory else None
+    if slot not in _SHARED:
+        _SHARED[slot] = EncodingCache(slot, max_memory_bytes=SHARED_MEMORY_BYTES)
+    return _SHARED[slot]
 
 
 # ---------------------------------------------------------------------------------------------------

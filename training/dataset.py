@@ -42,8 +42,7 @@ class DatasetError(ValueError):
         more = len(self.problems) - len(lines)
         if more > 0:
             lines.append(f"... and {more} more")
-        count = len(self.problems)
-        header = f"{count} problem{'s' if count != 1 else ''} in {source}:"
+        header = f"{_count(len(self.problems), 'problem')} in {source}:"
         super().__init__("\n".join([header] + ["  " + line for line in lines]))
 
 
@@ -104,8 +103,12 @@ class EliGenDataset:
         entities = sum(len(r.entities) for r in self.records)
         plain = sum(1 for r in self.records if not r.entities)
         buckets = ", ".join(f"{w}x{h} ({n})" for (h, w), n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        return (f"{len(self.records)} records from {self.source}, {entities} entities, {plain} plain samples; "
-                f"max_pixels {self.max_pixels}; sizes: {buckets}")
+        return (f"{_count(len(self.records), 'record')} from {self.source}, {_count(entities, 'entity', 'entities')}, "
+                f"{_count(plain, 'plain sample')}; max_pixels {self.max_pixels}; sizes: {buckets}")
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,7 +429,7 @@ def dataset_from_images(images, masks, prompts, entity_prompts, max_pixels: int 
     """A dataset from graph inputs.
 
     images: IMAGE float [B, H, W, 3] in [0, 1]. masks: MASK float [M, H, W] (or [H, W], or None).
-    prompts: one per image, or a single one shared by all (text: one per line).
+    prompts: one per image, or a single one shared by all (text: one per line; empty: "" for all).
     entity_prompts: per image a list of prompts (text: one line per image, ``a | b | c``); a single line
     is shared by all images. Masks are taken in order: image 0's entities first, then image 1's, ...
     """
@@ -442,7 +445,7 @@ def dataset_from_images(images, masks, prompts, entity_prompts, max_pixels: int 
         masks = None
     mask_count = 0 if masks is None else masks.shape[0]
 
-    global_prompts = split_lines(prompts)
+    global_prompts = split_lines(prompts) or [""]  # no caption at all: an empty global prompt for every image
     if len(global_prompts) == 1:
         global_prompts = global_prompts * batch
     elif len(global_prompts) != batch:

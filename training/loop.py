@@ -212,7 +212,7 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -220,11 +220,14 @@ class TrainingModel:
         self.diffusion_model = self.base_model.diffusion_model
         self.lora_settings = lora_settings
         self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
         self.device = self.patched.load_device
 
     def __enter__(self):
         comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
-        self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
+            self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
         self.parameters = lora.lora_parameters(self.diffusion_model)
         self._options = self._transformer_options()
         return self
@@ -343,7 +346,7 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
         empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
 
     with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
-                                                     settings.gradient_checkpointing) as model:
+                                                     settings.gradient_checkpointing, settings.seed) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
                       empty_condition, on_progress, check_interrupt, info)
 
@@ -391,7 +394,7 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
             save()
             where = f"; last good checkpoint: {result.checkpoint}" if result.checkpoint else ""
             result.stopped = str(error)
-            raise TrainingStopped(f"{error}. Training stopped at step {step}{where}") from None
+            raise TrainingStopped(f"{error}; training stopped after {step} completed steps{where}") from None
         except BaseException:
             save()  # interrupt (or any failure): keep the last completed step
             raise
@@ -456,3 +459,43 @@ def validate(model, validation, settings, decode, step):
     if decode is None:
         return outputs
     return torch.cat([o.float().cpu().clamp(0, 1) for o in outputs])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loss graph
+
+
+def loss_graph(losses, width=640, height=320):
+    """A PIL image of the loss per step (grey) and its moving average (blue), drawn with PIL alone."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 56, width - 12, 12, height - 28
+    draw.rectangle([left, top, right, bottom], outline="black")
+    values = [float(v) for _, v in losses if math.isfinite(float(v))]
+    if not values:
+        draw.text((left + 8, top + 8), "no loss values yet", fill="black")
+        return image
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    steps = [s for s, v in losses if math.isfinite(float(v))]
+    first, last = steps[0], max(steps[-1], steps[0] + 1)
+
+    def point(step, value):
+        x = left + (step - first) / (last - first) * (right - left)
+        y = bottom - (value - low) / (high - low) * (bottom - top)
+        return x, y
+
+    draw.line([point(s, v) for s, v in zip(steps, values)], fill=(170, 170, 170), width=1)
+    window = max(1, len(values) // 20)
+    smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+              for i in range(len(values))]
+    draw.line([point(s, v) for s, v in zip(steps, smooth)], fill=(30, 90, 200), width=2)
+    draw.text((4, top), f"{high:.4g}", fill="black")
+    draw.text((4, bottom - 10), f"{low:.4g}", fill="black")
+    draw.text((left, bottom + 6), f"step {first}", fill="black")
+    draw.text((right - 70, bottom + 6), f"step {steps[-1]}", fill="black")
+    draw.text((left + 8, top + 4), f"loss (last {values[-1]:.4g})", fill=(30, 90, 200))
+    return image

@@ -192,8 +192,11 @@ def remove(diffusion_model):
     flags = getattr(diffusion_model, "_eligen_requires_grad", None)
     if flags is not None:
         for name, param in diffusion_model.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
+            if name in flags and param.requires_grad != flags[name]:
+                # Weights loaded by a node are inference tensors (nodes run under inference_mode), and
+                # torch only lets requires_grad=True be set on those inside inference mode.
+                with torch.inference_mode(param.is_inference()):
+                    param.requires_grad_(flags[name])
         del diffusion_model._eligen_requires_grad
     if "peft_config" in vars(diffusion_model):
         del diffusion_model.peft_config

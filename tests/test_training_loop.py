@@ -1,0 +1,168 @@
+"""The training loop as a plain function: exact resume, interrupt, NaN stop, the shared MODEL left
+unmodified, validation images, settings errors."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from comfyui_eligen.training import checkpoints, lora
+from comfyui_eligen.training.loop import Sample, TrainingStopped, TrainSettings, lr_lambda, train
+
+from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def samples_for(family, count=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latent_shape = (16, 8, 8) if family == "flux" else (16, 1, 8, 8)
+    out = []
+    for i in range(count):
+        masks = torch.zeros(1 + i % 2, 64, 64)
+        masks[0, :32, :] = 1
+        if len(masks) > 1:
+            masks[1, 32:, 32:] = 1
+        out.append(Sample(
+            latent=torch.randn(latent_shape, generator=g),
+            context=torch.randn(1, 4, TEXT_WIDTH, generator=g),
+            pooled=torch.randn(1, TEXT_WIDTH, generator=g) if family == "flux" else None,
+            entity_embeds=[torch.randn(1, 2 + k, TEXT_WIDTH, generator=g) for k in range(len(masks))],
+            masks=masks,
+        ))
+    return out
+
+
+# Every random feature on, so exact resume covers them all.
+RANDOM_SETTINGS = dict(batch_size=2, grad_accumulation=2, schedule="cosine", warmup_steps=2, learning_rate=1e-2,
+                       timestep_sampling="reference", entity_weight=1.0, entity_dropout=0.3, caption_dropout=0.3,
+                       seed=5)
+LORA = lora.LoraSettings(rank=2, alpha=2, dropout=0.1, preset="eligen")
+
+
+class StopAfter:
+    """check_interrupt that raises on its n-th call (like ComfyUI's interrupt)."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __call__(self):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt("stop requested")
+
+
+@pytest.mark.parametrize("family, model", [("flux", tiny_flux), ("qwen_image", tiny_qwen_image)])
+def test_resume_is_exact(tmp_path, family, model):
+    base = model(seed=1)
+    samples = samples_for(family)
+    settings = TrainSettings(steps=5, **RANDOM_SETTINGS)
+    whole = train(base, samples, LORA, settings, run_dir=str(tmp_path / "whole"))
+    assert whole.step == 5 and len(whole.losses) == 5
+
+    run = str(tmp_path / "split")
+    # Stop during step 3 (2 micro-batches per step): steps 1 and 2 are done and kept.
+    with pytest.raises(KeyboardInterrupt):
+        train(base, samples, LORA, settings, run_dir=run, check_interrupt=StopAfter(5))
+    kept = checkpoints.latest_checkpoint(run)
+    assert os.path.basename(kept) == "step_000002.safetensors"
+    resumed = train(base, samples, LORA, settings, run_dir=run, resume="latest")
+    assert resumed.step == 5 and [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5]
+    assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in whole.losses], rel=1e-6)
+    assert resumed.lora.keys() == whole.lora.keys()
+    for key in whole.lora:
+        torch.testing.assert_close(resumed.lora[key], whole.lora[key], rtol=1e-6, atol=1e-6)
+    # The LoRA really trained (B starts at zero).
+    assert any(whole.lora[k].abs().max() > 0 for k in whole.lora if k.endswith("lora_up.weight"))
+
+
+def test_training_leaves_the_shared_model_unmodified(tmp_path):
+    base = tiny_flux(seed=2)
+    diffusion_model = base.model.diffusion_model
+    flags = {n: p.requires_grad for n, p in diffusion_model.named_parameters()}
+    weights = {k: v.clone() for k, v in diffusion_model.state_dict().items()}
+    modules = [type(m) for m in diffusion_model.modules()]
+    options_before = repr(base.model_options)
+    train(base, samples_for("flux"), LORA, TrainSettings(steps=2, **RANDOM_SETTINGS))
+    assert [type(m) for m in diffusion_model.modules()] == modules
+    assert not lora.lora_layers(diffusion_model)
+    assert {n: p.requires_grad for n, p in diffusion_model.named_parameters()} == flags
+    state = diffusion_model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert repr(base.model_options) == options_before and not base.wrappers
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    samples = samples_for("flux", count=2)
+    samples[1].latent[0, 0, 0] = float("nan")
+    run = str(tmp_path / "nan")
+    settings = TrainSettings(steps=6, batch_size=1, checkpoint_every=1, seed=3)
+    with pytest.raises(TrainingStopped, match=r"the loss became nan at step (\d+).*last good checkpoint") as info:
+        train(tiny_flux(seed=0), samples, LORA, settings, run_dir=run)
+    failed = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    kept = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run))
+    assert kept.step == failed - 1
+    assert all(torch.isfinite(t).all() for t in kept.lora.values())
+
+
+def test_validation_images_and_schedules():
+    decoded = []
+
+    def decode(latent):
+        decoded.append(latent.shape)
+        return torch.sigmoid(latent[:, :3].movedim(1, -1).repeat_interleave(8, 1).repeat_interleave(8, 2))
+
+    settings = TrainSettings(steps=4, validation_every=2, validation_steps=3, learning_rate=1e-3)
+    progress = []
+    result = train(tiny_flux(seed=0), samples_for("flux", 2), LORA, settings, validation=samples_for("flux", 1),
+                   decode=decode, on_progress=lambda *a: progress.append(a))
+    assert [step for step, _ in result.validation] == [2, 4]
+    assert result.validation[0][1].shape == (1, 64, 64, 3) and decoded[0] == (1, 16, 8, 8)
+    assert [p[0] for p in progress] == [1, 2, 3, 4] and progress[-1][3] == 0
+    assert progress[1][4] is not None and progress[0][4] is None  # previews ride on the progress call
+
+    warm = TrainSettings(steps=10, warmup_steps=4, schedule="cosine")
+    factors = [lr_lambda(warm)(s) for s in range(10)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[-1] < 0.1
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    linear = [lr_lambda(TrainSettings(steps=4, schedule="linear"))(s) for s in range(4)]
+    assert linear == [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(learning_rate=0.0), "learning_rate must be a positive number"),
+    (dict(schedule="step"), "schedule 'step' is not one of constant, cosine, linear"),
+    (dict(precision="fp8"), "precision 'fp8' is not one of"),
+    (dict(entity_dropout=1.0), "entity_dropout must be in"),
+    (dict(timestep_sampling="beta"), "timestep sampling 'beta'"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number"),
+])
+def test_bad_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_flux(), samples_for("flux", 1), LORA, TrainSettings(**changes))
+
+
+def test_bad_resume_requests_are_named(tmp_path):
+    base, samples = tiny_flux(), samples_for("flux", 1)
+    with pytest.raises(ValueError, match="no checkpoint yet"):
+        train(base, samples, LORA, TrainSettings(steps=1), run_dir=str(tmp_path), resume="latest")
+    with pytest.raises(ValueError, match="resume needs a checkpoint folder"):
+        train(base, samples, LORA, TrainSettings(steps=1), resume="latest")
+    with pytest.raises(ValueError, match="the dataset has no samples"):
+        train(base, [], LORA, TrainSettings(steps=1))
+    train(base, samples, LORA, TrainSettings(steps=1), run_dir=str(tmp_path))
+    bigger = lora.LoraSettings(rank=4, alpha=4, preset="eligen")
+    with pytest.raises(ValueError, match=r"has shape .* \(different rank or model\?\)"):
+        train(base, samples, bigger, TrainSettings(steps=2), run_dir=str(tmp_path), resume="latest")
+    with pytest.raises(ValueError, match="is for flux, this model is qwen_image"):
+        train(tiny_qwen_image(), samples_for("qwen_image", 1), LORA, TrainSettings(steps=2),
+              run_dir=str(tmp_path), resume="latest")

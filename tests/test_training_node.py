@@ -1,0 +1,109 @@
+"""The training node's work as plain functions, on the toy models: LoRA file in models/loras with the
+settings in its metadata, the returned MODEL equal to the stock loader path, reference-format twin,
+loss graph and validation outputs, and the node's input errors."""
+
+import os
+
+import pytest
+import torch
+
+import comfy.sd
+import folder_paths
+from comfyui_eligen.core import lora_formats
+from comfyui_eligen.nodes.training import EliGenLoraConfig, checked_lora_name, run_training
+from comfyui_eligen.toyworld.models import load_toy_models
+from comfyui_eligen.training import lora
+from comfyui_eligen.training.dataset import dataset_from_images
+from comfyui_eligen.training.loop import TrainSettings
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    """ComfyUI's output and loras folders pointed at a temp dir (the ComfyUI copy is never written)."""
+    output, loras = tmp_path / "output", tmp_path / "loras"
+    output.mkdir()
+    loras.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(loras)], folder_paths.supported_pt_extensions))
+    return output, loras
+
+
+def toy_dataset(count=2):
+    images = torch.rand(count, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2 * count, 64, 64)
+    masks[0::2, :32] = 1
+    masks[1::2, 32:, 32:] = 1
+    return dataset_from_images(images, masks, "a red circle and a blue square", "red circle | blue square")
+
+
+def velocity(model, x, sigma, context, y):
+    """The patched model's output (stock apply_model) for fixed inputs."""
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return model.model.apply_model(x, sigma, c_crossattn=context, y=y).detach().clone()
+
+
+def test_run_training_saves_and_applies_the_lora(comfy_folders):
+    output, loras = comfy_folders
+    model, clip, vae = load_toy_models("flux", "random", seed=0)
+    lora_settings = EliGenLoraConfig.execute(4, 4.0, 0.0, "kaiming", "eligen", "float32").result[0]
+    settings = TrainSettings(steps=3, learning_rate=5e-3, validation_every=3, validation_steps=2, precision="bf16",
+                             gradient_checkpointing=True)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    context, pooled = torch.randn(1, 5, 64), torch.randn(1, 64)
+    sigma = torch.tensor([0.7])
+    before = velocity(model, x, sigma, context, pooled)
+
+    out = run_training(model, clip, vae, toy_dataset(), lora_settings, settings, "my_lora",
+                       write_reference_format=True, cache_mode="off", entity_text_length="real_length")
+
+    assert out["lora_name"] == "my_lora.safetensors"
+    path = os.path.join(loras, "my_lora.safetensors")
+    assert out["path"] == path and sorted(os.listdir(loras)) == ["my_lora.safetensors", "my_lora_reference.safetensors"]
+    saved = lora_formats.load_lora(path)
+    meta = lora_formats.load_lora_metadata(path)["eligen_training"]
+    assert meta["lora"]["rank"] == 4 and meta["train"]["steps"] == 3 and meta["steps_done"] == 3
+    assert meta["family"] == "flux" and meta["train"]["precision"] == "bf16"
+    assert lora_formats.detect_format(lora_formats.load_lora(os.path.join(loras, "my_lora_reference.safetensors"))) == "kohya"
+    assert lora_formats.stock_unmatched_keys(saved, lora_formats.model_key_map(model)) == []
+    assert os.path.exists(os.path.join(output, "eligen_training", "my_lora", "latest.json"))
+
+    # The returned MODEL is the stock loader path on the saved file; the input MODEL is untouched.
+    stock, _ = comfy.sd.load_lora_for_models(model.clone(), None, lora_formats.load_lora(path), 1.0, 0)
+    trained = velocity(out["model"], x, sigma, context, pooled)
+    assert torch.equal(trained, velocity(stock, x, sigma, context, pooled))
+    assert not torch.equal(trained, before)
+    assert torch.equal(velocity(model, x, sigma, context, pooled), before)
+
+    assert out["loss_graph"].shape[0] == 1 and out["loss_graph"].shape[-1] == 3
+    assert out["validation"].shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "sub/dir", ".hidden", "a:b"])
+def test_bad_lora_names_are_refused(name):
+    with pytest.raises(ValueError, match="lora_name .* must be a plain file name"):
+        checked_lora_name(name)
+    assert checked_lora_name("fine_name.safetensors") == "fine_name"
+
+
+def test_node_input_errors_name_the_input(comfy_folders):
+    model, clip, vae = load_toy_models("flux", "random", seed=0)
+    good = lora.LoraSettings(rank=2, alpha=2)
+    with pytest.raises(ValueError, match="preset 'custom' needs a custom_pattern"):
+        EliGenLoraConfig.execute(4, 4.0, 0.0, "kaiming", "custom", "float32")
+    with pytest.raises(ValueError, match="cache 'sometimes' is not one of"):
+        run_training(model, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x", cache_mode="sometimes")
+    with pytest.raises(ValueError, match="EliGen supports FLUX.1 and Qwen-Image"):
+        run_training(clip.patcher, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x")
+    with pytest.raises(ValueError, match="is not of the form step_"):
+        run_training(model, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x", resume="../../secrets")

@@ -1,0 +1,200 @@
+"""The toy-world demo (README command 1): the whole EliGen job on a CPU in minutes.
+
+    bash scripts/demo.sh [--out demo_out] [--layouts 16]
+
+Starts a headless ComfyUI with this package, writes the synthetic training set into its input folder,
+runs the four example workflows with `comfy run` - (a) base, (b) base + EliGen attention, (c) train an
+EliGen LoRA in-process, (d) LoRA + EliGen attention - and writes into --out:
+
+    contact_sheet.png   rows a, b, d (and the layouts drawn exactly); columns: held-out layouts,
+                        entity masks outlined
+    loss.png            the LoRA training loss
+    report.md, report.json   placement figures of a, b and d, timings
+    workflows/          the API graphs that ran; images/ the generated images
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from . import data, figures, files, metric, models, workflows
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_server_class():
+    """tests/comfy_server.py's ComfyServer (standard library only; it is the project's server runner)."""
+    path = os.path.join(REPO, "tests", "comfy_server.py")
+    spec = importlib.util.spec_from_file_location("eligen_comfy_server", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Clock:
+    def __init__(self):
+        self.started = time.monotonic()
+        self.stages = {}
+
+    def log(self, message):
+        print(f"[demo {time.monotonic() - self.started:6.1f} s] {message}", flush=True)
+
+    def stage(self, name, seconds):
+        self.stages[name] = round(seconds, 1)
+
+
+def newest(pattern):
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise RuntimeError(f"the workflow wrote no file matching {pattern}")
+    return found[-1]
+
+
+def run_condition(server, condition, path, clock, timeout):
+    started = time.monotonic()
+    clock.log(f"({condition}) {workflows.CONDITIONS.get(condition, 'train the EliGen LoRA')}: comfy run {os.path.basename(path)}")
+    server.comfy_run(path, timeout=timeout)
+    clock.stage(condition, time.monotonic() - started)
+
+
+def collect_condition(server, condition, count):
+    """(metric result, images) written by a sampling workflow."""
+    folder = os.path.join(server.output_dir, "eligen_toy")
+    result = json.load(open(newest(os.path.join(folder, f"{condition}_*_.json"))))
+    names = sorted(glob.glob(os.path.join(folder, f"{condition}_*_.png")))[-count:]
+    if len(names) != count:
+        raise RuntimeError(f"({condition}) wrote {len(names)} images, expected {count}")
+    return result, [np.asarray(Image.open(name).convert("RGB")) for name in names], names
+
+
+def train_in_process(lora_path, args, clock):
+    """Stand-in for workflow (c) while this ComfyUI has no EliGenTrain node: the same trainer
+    (training/loop.py), called directly, saving the LoRA where the stock loader finds it."""
+    from ..core.lora_formats import save_lora
+    from .evaluate import train_lora
+
+    started = time.monotonic()
+    clock.log("(c) EliGenTrain node not available: training in-process with training/loop.py")
+    model, clip, vae = models.load_toy_models("flux", "pretrained")
+    settings = {k: v for k, v in workflows.TRAIN.items()}
+    settings["steps"] = args.train_steps
+    lora, losses, seconds = train_lora(model, clip, vae, seed=args.seed, data_seed=args.seed,
+                                       count=args.train_count, log=clock.log, **settings)
+    save_lora(lora_path, lora, {"eligen_training": json.dumps(dict(settings, seconds=round(seconds, 1),
+                                                                     losses=losses))})
+    clock.stage("c", time.monotonic() - started)
+
+
+def training_losses(lora_path):
+    """[(step, loss)] from the trained LoRA's safetensors metadata (eligen_training)."""
+    import safetensors
+
+    with safetensors.safe_open(lora_path, framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get("eligen_training", "{}"))
+    return [tuple(item) for item in info.get("losses", [])], info
+
+
+def write_report(out, figures_by_condition, layouts, clock, train_info):
+    entities = sum(len(layout.entities) for layout in layouts)
+    lines = ["# EliGen toy-world demo", "",
+             f"{len(layouts)} held-out layouts ({entities} entities), 128x128, Euler "
+             f"{workflows.SAMPLER['steps']} steps, cfg {workflows.SAMPLER['cfg']}.", "",
+             "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
+             "|---|---|---|---|---|"]
+    for condition, text in workflows.CONDITIONS.items():
+        s = figures_by_condition[condition]
+        leak = "-" if s["mean_leak"] is None else f"{s['mean_leak']:.2f}"
+        lines.append(f"| ({condition}) {text} | {s['mean_iou']:.3f} | {100 * s['success_rate']:.1f}% | "
+                     f"{leak} | {100 * s['missing_rate']:.1f}% |")
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in clock.stages.items()), "",
+              "![contact sheet](contact_sheet.png)", "", "![loss](loss.png)", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    files.write_json(os.path.join(out, "report.json"), {
+        "layouts": len(layouts), "entities": entities, "sampler": workflows.SAMPLER,
+        "conditions": figures_by_condition, "stages_seconds": clock.stages, "training": train_info})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run the EliGen toy-world demo in a headless ComfyUI.")
+    parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    parser.add_argument("--layouts", type=int, default=16, help="held-out layouts per condition")
+    parser.add_argument("--layout-seed", type=int, default=0)
+    parser.add_argument("--train-count", type=int, default=512, help="synthetic training layouts")
+    parser.add_argument("--train-steps", type=int, default=workflows.TRAIN["steps"])
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per workflow")
+    args = parser.parse_args(argv)
+    clock = Clock()
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "workflows"), exist_ok=True)
+    if not os.path.exists(models.weights_path("flux")):
+        raise SystemExit("toyworld/weights/toy_flux_base.safetensors is missing: "
+                         "run `.venv/bin/python scripts/toyworld.py build-weights` first")
+
+    server_module = load_server_class()
+    server = server_module.ComfyServer(log_path=os.path.join(out, "comfyui.log"))
+    clock.log("starting ComfyUI headless (log: comfyui.log)")
+    server.start()
+    try:
+        server.check_nodes_loaded(server_module.expected_node_ids("comfyui_eligen"))
+        clock.log(f"ComfyUI ready in {server.start_seconds:.1f} s at {server.url}")
+
+        started = time.monotonic()
+        dataset_dir = os.path.join(server.input_dir, workflows.DATASET_FOLDER)
+        data.write_dataset(dataset_dir, args.train_count, seed=args.seed, split="train")
+        clock.stage("dataset", time.monotonic() - started)
+        clock.log(f"wrote {args.train_count} synthetic training layouts to input/{workflows.DATASET_FOLDER}")
+
+        graphs = {c: workflows.sampling_workflow(c, args.layouts, args.layout_seed) for c in workflows.CONDITIONS}
+        graphs["c"] = workflows.training_workflow(seed=args.seed, steps=args.train_steps)
+        paths = {}
+        for condition, graph in graphs.items():
+            paths[condition] = os.path.join(out, "workflows", f"toyworld_{condition}.json")
+            files.write_json(paths[condition], graph)
+
+        trainer_node = "EliGenTrain" in server.object_info()
+        results, images = {}, {}
+        for condition in ("a", "b", "c", "d"):
+            lora_path = os.path.join(server.models_dir, "loras", workflows.LORA_NAME)
+            if condition == "c" and not trainer_node:
+                train_in_process(lora_path, args, clock)
+            else:
+                run_condition(server, condition, paths[condition], clock, args.timeout)
+            if condition == "c":
+                losses, train_info = training_losses(lora_path)
+                train_info["trained_by"] = "EliGenTrain node (comfy run)" if trainer_node else "in-process fallback"
+                shutil.copyfile(lora_path, os.path.join(out, workflows.LORA_NAME))
+                clock.log(f"trained {workflows.LORA_NAME}: loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
+                continue
+            result, images[condition], names = collect_condition(server, condition, args.layouts)
+            results[condition] = result["summary"]
+            for name in names:
+                target = os.path.join(out, "images", os.path.basename(name))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(name, target)
+            clock.log(f"({condition}) {metric.format_summary(result['summary'])}")
+    finally:
+        server.stop()
+
+    layouts = data.layouts("heldout", args.layout_seed, args.layouts)
+    rows = [("layout (exact)", [layout.image for layout in layouts])]
+    rows += [(f"({c}) {text}", images[c]) for c, text in workflows.CONDITIONS.items()]
+    sheet = figures.contact_sheet(rows, [layout.masks for layout in layouts],
+                                  [f"held-out {i}" for i in range(len(layouts))])
+    files.save_png(sheet, os.path.join(out, "contact_sheet.png"))
+    files.save_png(figures.loss_graph(losses), os.path.join(out, "loss.png"))
+    clock.stage("total", time.monotonic() - clock.started)
+    train_info = {k: v for k, v in train_info.items() if k != "losses"}
+    write_report(out, {c: results[c] for c in workflows.CONDITIONS}, layouts, clock, train_info)
+    clock.log(f"done: {out}/report.md, contact_sheet.png, loss.png (total {clock.stages['total']:.0f} s)")
+    return True

@@ -1,0 +1,105 @@
+"""In-process version of the demo's comparison: sample held-out layouts with the stock sampler in the
+three conditions and score them; train the EliGen LoRA with the project's trainer.
+
+(a) base model, global caption only; (b) base + EliGen attention (entity prompts and masks), no
+LoRA; (d) base + trained EliGen LoRA + EliGen attention. The demo runs the same conditions as
+ComfyUI workflows; this module is what the test suite and the multi-seed comparison use.
+"""
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import comfy.sample
+import comfy.sd
+import nodes
+
+from ..core.conditioning import TEXT_LENGTHS, apply_entities, encode_entity_text
+from ..core.patch import patch_model
+from . import data, metric
+
+SAMPLER = dict(steps=20, cfg=1.0, sampler_name="euler", scheduler="simple")
+TEXT_LENGTH = "real_length"
+
+
+def encode_prompt(clip, text):
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER):
+    """One image [1, H, W, 3] for a layout through comfy.sample (what KSampler runs)."""
+    positive, negative = encode_prompt(clip, layout.caption), encode_prompt(clip, "")
+    if use_entities:
+        entities = data.layout_entities(layout, lambda text: encode_entity_text(clip, text, TEXT_LENGTH))
+        positive, negative = apply_entities(positive, entities, negative)
+        model = patch_model(model)
+    height, width = layout.image.shape[:2]
+    latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(
+        model, noise, sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"],
+        positive, negative, latent, denoise=1.0, disable_pbar=True, seed=seed)
+    return vae.decode(samples).reshape(-1, height, width, 3)
+
+
+def score_condition(model, clip, vae, layouts, use_entities, seed=0, sampler=SAMPLER):
+    """Sample every layout (noise seed = seed * 100003 + index, as EliGenToyLayouts) and score them.
+    Returns (metric result, images list)."""
+    images = []
+    with torch.inference_mode():
+        for index, layout in enumerate(layouts):
+            images.append(sample_layout(model, clip, vae, layout, use_entities, seed * 100003 + index, sampler))
+    result = metric.score_images(
+        [image[0].numpy() for image in images], [layout.masks for layout in layouts],
+        [[e.prompt for e in layout.entities] for layout in layouts])
+    return result, images
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (the project's trainer, called as the training node calls it)
+
+TRAIN_DEFAULTS = dict(steps=200, batch_size=32, learning_rate=3e-3, rank=8, count=512)
+
+
+def encoded_training_samples(model, clip, vae, folder):
+    from ..training.cache import encode_dataset
+    from ..training.dataset import load_dataset
+
+    dataset = load_dataset(folder)
+    return encode_dataset(dataset, vae, clip, latent_format=model,
+                          entity_tokenizer_options=TEXT_LENGTHS[TEXT_LENGTH])
+
+
+def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, count=512,
+               data_seed=0, log=None):
+    """Write `count` training layouts, encode them and train an EliGen LoRA. Returns (lora state dict,
+    losses [(step, loss)], seconds)."""
+    from ..training.lora import LoraSettings
+    from ..training.loop import TrainSettings, train
+
+    with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
+        data.write_dataset(folder, count, seed=data_seed, split="train")
+        with torch.inference_mode():
+            samples = encoded_training_samples(model, clip, vae, folder)
+    empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+    lora_settings = LoraSettings(rank=rank, alpha=float(rank), preset="no_modulation")
+    settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, schedule="cosine",
+                             warmup_steps=min(20, steps // 10), timestep_sampling="logit_normal", seed=seed)
+    started = time.time()
+    progress = None
+    if log is not None:
+        def progress(step, total, loss, left, previews):
+            if step % 25 == 0 or step == total:
+                log(f"train step {step}/{total} loss {loss:.4f}, about {left:.0f} s left")
+    result = train(model, samples, lora_settings, settings, empty_condition=empty, on_progress=progress)
+    return result.lora, result.losses, time.time() - started
+
+
+def with_lora(model, lora_sd, strength=1.0):
+    """The stock path: comfy.sd.load_lora_for_models on a clone (what LoraLoaderModelOnly does)."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
+    return patched

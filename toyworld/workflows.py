@@ -1,0 +1,120 @@
+"""The toy world's API-format workflows, built in code so the shipped files, the demo and the tests
+are the same graphs. `python scripts/toyworld.py workflows` rewrites example_workflows/toyworld_*.json.
+
+    a: base model, global caption only
+    b: base model + EliGen attention (entity prompts and masks), no LoRA
+    c: train an EliGen LoRA in-process on the synthetic dataset
+    d: base model + the trained LoRA + EliGen attention
+"""
+
+import json
+import os
+
+from .evaluate import SAMPLER, TEXT_LENGTH
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES_DIR = os.path.join(REPO, "example_workflows")
+LORA_NAME = "eligen_toy_flux.safetensors"
+DATASET_FOLDER = "eligen_toy_train"  # inside ComfyUI's input directory
+CONDITIONS = {
+    "a": "base model, global caption only",
+    "b": "base model + EliGen attention, no LoRA",
+    "d": "base model + EliGen LoRA + EliGen attention",
+}
+TRAIN = dict(steps=200, batch_size=32, learning_rate=3e-3, rank=8)
+
+
+def _link(node, output=0):
+    return [str(node), output]
+
+
+def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_name=LORA_NAME,
+                      prefix="eligen_toy", sampler=SAMPLER, weights="pretrained"):
+    """Held-out layouts -> stock text encode / sampler / decode -> SaveImage + placement metric."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {sorted(CONDITIONS)}, not {condition!r}")
+    name = f"{prefix}/{condition}"
+    graph = {
+        "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": weights, "seed": 0}},
+        "2": {"class_type": "EliGenToyLayouts", "inputs": {
+            "clip": _link(1, 1), "split": "heldout", "count": count, "seed": layout_seed, "start": 0,
+            "text_length": TEXT_LENGTH}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": _link(2, 0), "clip": _link(1, 1)}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": _link(1, 1)}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": _link(1, 0), "seed": _link(2, 2), "steps": sampler["steps"], "cfg": sampler["cfg"],
+            "sampler_name": sampler["sampler_name"], "scheduler": sampler["scheduler"],
+            "positive": _link(3), "negative": _link(4), "latent_image": _link(5), "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": _link(6), "vae": _link(1, 2)}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": _link(7), "filename_prefix": name}},
+        "9": {"class_type": "EliGenPlacementMetric", "inputs": {
+            "images": _link(7), "entities": _link(2, 1), "filename_prefix": name}},
+    }
+    model = _link(1, 0)
+    if condition == "d":
+        graph["10"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": lora_name, "strength_model": 1.0}}
+        model = _link(10)
+    if condition in ("b", "d"):
+        graph["11"] = {"class_type": "EliGenApply", "inputs": {
+            "model": model, "positive": _link(3), "entities": _link(2, 1), "negative": _link(4)}}
+        graph["6"]["inputs"].update(model=_link(11, 0), positive=_link(11, 1), negative=_link(11, 2))
+    return graph
+
+
+def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LORA_NAME, seed=0, **train):
+    """EliGenDataset (input folder) -> EliGenTrain -> the LoRA file in models/loras + loss graph."""
+    settings = dict(TRAIN, **train)
+    return {
+        "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": "pretrained", "seed": 0}},
+        "2": {"class_type": "EliGenDataset", "inputs": {"folder": dataset_folder, "max_pixels": 16384}},
+        "3": {"class_type": "EliGenTrain", "inputs": {
+            "model": _link(1, 0), "clip": _link(1, 1), "vae": _link(1, 2), "dataset": _link(2),
+            "steps": settings["steps"], "batch_size": settings["batch_size"],
+            "learning_rate": settings["learning_rate"], "rank": settings["rank"], "seed": seed,
+            "lora_name": lora_name}},
+    }
+
+
+def all_workflows(count=16, layout_seed=0):
+    graphs = {f"toyworld_{c}_{slug}": sampling_workflow(c, count, layout_seed)
+              for c, slug in (("a", "base"), ("b", "eligen_attention"), ("d", "eligen_lora"))}
+    graphs["toyworld_c_train"] = training_workflow()
+    return graphs
+
+
+def write_examples(folder=EXAMPLES_DIR, server_url=None):
+    """Write every toy workflow as <folder>/api/<name>.json (API format, for `comfy run`) and, given a
+    running ComfyUI with this package, its UI-format twin <folder>/<name>.json (scripts/make_ui_workflow.py)
+    with the note <folder>/notes/<name>.md when there is one."""
+    import subprocess
+    import sys
+
+    from .files import write_json
+
+    paths = []
+    for name, graph in sorted(all_workflows().items()):
+        api_path = write_json(os.path.join(folder, "api", f"{name}.json"), graph)
+        paths.append(api_path)
+        if server_url:
+            ui_path = os.path.join(folder, f"{name}.json")
+            argv = [sys.executable, os.path.join(REPO, "scripts", "make_ui_workflow.py"), api_path, ui_path,
+                    "--server", server_url]
+            note = os.path.join(folder, "notes", f"{name}.md")
+            if os.path.exists(note):
+                argv += ["--note", note]
+            subprocess.run(argv, check=True)
+            paths.append(ui_path)
+    return paths
+
+
+def main(argv=None):
+    """Rewrite the toy workflows: API graphs, and UI twins made against a temporary headless ComfyUI."""
+    from .demo import load_server_class
+
+    server_module = load_server_class()
+    with server_module.ComfyServer() as server:
+        server.check_nodes_loaded(server_module.expected_node_ids("comfyui_eligen"))
+        for path in write_examples(server_url=server.url):
+            print(f"wrote {os.path.relpath(path, REPO)}")
