@@ -14,6 +14,8 @@ Forward passes without ``eligen`` (plain prompts, the negative by default) run u
 
 import logging
 
+import torch
+
 import comfy.patcher_extension
 
 from .adapters import adapter_for
@@ -75,7 +77,8 @@ class EntityWrapper:
         token_masks = self.adapter.image_token_masks(entity.masks.to(x.device), x, ref_latents)
         if bool((token_masks == token_masks[:1]).all()):
             token_masks = token_masks[:1]  # one mask for the whole batch (broadcast in attention)
-        key = (entity.segment_lengths, token_masks.shape, str(x.device))
+        # Inference-mode tensors cannot enter autograd: validation sampling and training keep separate masks.
+        key = (entity.segment_lengths, token_masks.shape, str(x.device), torch.is_inference_mode_enabled())
         if self._cache is not None and self._cache[0][0] == key and self._cache[0][1].equal(token_masks):
             return self._cache[1]
         if not bool(token_masks.any(-1).all()):

@@ -75,7 +75,7 @@ class ComfyServer:
     comfyui_dir:  the ComfyUI folder (with main.py); default: $COMFYUI_DIR or the one setup.sh recorded.
     custom_nodes: {folder name: path} linked into the private custom_nodes/; default: this repo only.
     python:       interpreter that runs main.py (default: the one running the tests, i.e. the venv).
-    log_path:     where stdout and stderr go (default: server.log in the base directory).
+    log_path:     where stdout and stderr go (default: a new eligen-comfy-*.log in the temp folder).
     """
 
     def __init__(self, comfyui_dir=None, custom_nodes=None, python=None, log_path=None, extra_args=()):
@@ -84,7 +84,10 @@ class ComfyServer:
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
         self.base_dir = tempfile.mkdtemp(prefix="eligen-comfy-")
-        self.log_path = os.path.abspath(log_path or os.path.join(self.base_dir, "server.log"))
+        if log_path is None:  # outside base_dir, so the log outlives stop()
+            handle, log_path = tempfile.mkstemp(prefix="eligen-comfy-", suffix=".log")
+            os.close(handle)
+        self.log_path = os.path.abspath(log_path)
         self.port = None
         self.process = None
         self.start_seconds = None  # wall time from launch to the first answered request
@@ -174,12 +177,6 @@ class ComfyServer:
             except ProcessLookupError:
                 pass
         if not keep_files:
-            log_inside = os.path.dirname(self.log_path) == self.base_dir
-            if log_inside:  # keep the log readable after the folders are gone
-                keep = tempfile.NamedTemporaryFile(prefix="eligen-comfy-", suffix=".log", delete=False)
-                keep.close()
-                shutil.copyfile(self.log_path, keep.name)
-                self.log_path = keep.name
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self):
@@ -385,12 +382,13 @@ def load_package(name, folder, run_init):
         spec.loader.exec_module(module)
 
 def failure():
-    frames = [f for f in traceback.extract_tb(sys.exc_info()[2]) if os.path.realpath(f.filename).startswith(package)]
-    where = f" at {os.path.relpath(os.path.realpath(frames[-1].filename), package)}:{frames[-1].lineno}" if frames else ""
-    error = traceback.format_exception_only(*sys.exc_info()[:2])[-1].strip()
-    if isinstance(sys.exc_info()[1], SyntaxError):
-        error = error.splitlines()[-1]
-    return error + where
+    exc = sys.exc_info()[1]
+    places = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    if isinstance(exc, SyntaxError):  # raised while compiling: the file is on the exception
+        places.append((exc.filename or "", exc.lineno))
+    places = [(os.path.realpath(f), line) for f, line in places if os.path.realpath(f).startswith(package)]
+    where = f" at {os.path.relpath(places[-1][0], package)}:{places[-1][1]}" if places else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 name = "eligen_bench_diagnosis"
 try:

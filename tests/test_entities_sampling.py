@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import comfy.ldm.flux.layers
+import comfy.ldm.modules.attention
 import comfy.samplers
 import comfy.sample
 import comfy.sd
@@ -243,3 +244,25 @@ def test_training_forward_goes_through_the_same_patch(family):
     assert out.shape == x_t.shape
     assert not torch.allclose(out, plain, atol=1e-5)
     assert recorder.calls and all(c["mask"] is not None for c in recorder.calls[:len(recorder.calls) // 2])
+
+
+def test_training_after_sampling_in_inference_mode_still_backpropagates():
+    """ComfyUI samples under inference mode; a trainer's validation run must not leave it a cached mask
+    made of inference tensors (they cannot be saved for backward)."""
+    model = patch.patch_model(tiny_qwen_image())
+    positive, negative = prompts()
+    chosen = entities()
+    with torch.inference_mode():
+        sample_and_record(model, *conditioning.apply_entities(positive, chosen, negative), latent("qwen_image"))
+    adapter = adapter_for(model)
+    x_t = torch.randn(1, 16, 8, 12, requires_grad=True)
+    context = torch.randn(1, 3 + 5 + 6, TEXT_WIDTH)
+    condition = conditioning.EntityCondition.for_training([3, 5, 6], conditioning.stack_masks(chosen)[None])
+    def pytorch_attention(func, *args, **kwargs):  # SDPA saves its mask for backward (sub-quad does not)
+        return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}},
+               "optimized_attention_override": pytorch_attention}
+    out = adapter.training_forward(model.model, x_t, torch.tensor([0.5]), context, None, condition, options)
+    out.square().mean().backward()
+    assert x_t.grad is not None and torch.isfinite(x_t.grad).all() and x_t.grad.abs().sum() > 0

@@ -25,7 +25,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from . import data, figures, files, metric, models, workflows
+from . import data, evaluate, figures, files, metric, models, workflows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,8 @@ def newest(pattern):
 
 def run_condition(server, condition, path, clock, timeout):
     started = time.monotonic()
-    clock.log(f"({condition}) {workflows.CONDITIONS.get(condition, 'train the EliGen LoRA')}: comfy run {os.path.basename(path)}")
+    what = workflows.CONDITIONS.get(condition, "train the EliGen LoRA in ComfyUI (EliGenTrain)")
+    clock.log(f"({condition}) {what}: comfy run {os.path.basename(path)}")
     server.comfy_run(path, timeout=timeout)
     clock.stage(condition, time.monotonic() - started)
 
@@ -76,31 +77,12 @@ def collect_condition(server, condition, count):
     return result, [np.asarray(Image.open(name).convert("RGB")) for name in names], names
 
 
-def train_in_process(lora_path, args, clock):
-    """Stand-in for workflow (c) while this ComfyUI has no EliGenTrain node: the same trainer
-    (training/loop.py), called directly, saving the LoRA where the stock loader finds it."""
-    from ..core.lora_formats import save_lora
-    from .evaluate import train_lora
+def training_summary(lora_path):
+    """The trainer's record in the LoRA's safetensors metadata (eligen_training)."""
+    from ..core.lora_formats import load_lora_metadata
 
-    started = time.monotonic()
-    clock.log("(c) EliGenTrain node not available: training in-process with training/loop.py")
-    model, clip, vae = models.load_toy_models("flux", "pretrained")
-    settings = {k: v for k, v in workflows.TRAIN.items()}
-    settings["steps"] = args.train_steps
-    lora, losses, seconds = train_lora(model, clip, vae, seed=args.seed, data_seed=args.seed,
-                                       count=args.train_count, log=clock.log, **settings)
-    save_lora(lora_path, lora, {"eligen_training": json.dumps(dict(settings, seconds=round(seconds, 1),
-                                                                     losses=losses))})
-    clock.stage("c", time.monotonic() - started)
-
-
-def training_losses(lora_path):
-    """[(step, loss)] from the trained LoRA's safetensors metadata (eligen_training)."""
-    import safetensors
-
-    with safetensors.safe_open(lora_path, framework="pt") as f:
-        info = json.loads((f.metadata() or {}).get("eligen_training", "{}"))
-    return [tuple(item) for item in info.get("losses", [])], info
+    info = load_lora_metadata(lora_path).get("eligen_training", {})
+    return info if isinstance(info, dict) else json.loads(info)
 
 
 def write_report(out, figures_by_condition, layouts, clock, train_info):
@@ -129,8 +111,8 @@ def main(argv=None):
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--layouts", type=int, default=16, help="held-out layouts per condition")
     parser.add_argument("--layout-seed", type=int, default=0)
-    parser.add_argument("--train-count", type=int, default=512, help="synthetic training layouts")
-    parser.add_argument("--train-steps", type=int, default=workflows.TRAIN["steps"])
+    parser.add_argument("--train-count", type=int, default=evaluate.TRAIN_DEFAULTS["count"], help="synthetic training layouts")
+    parser.add_argument("--train-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per workflow")
     args = parser.parse_args(argv)
@@ -162,19 +144,16 @@ def main(argv=None):
             paths[condition] = os.path.join(out, "workflows", f"toyworld_{condition}.json")
             files.write_json(paths[condition], graph)
 
-        trainer_node = "EliGenTrain" in server.object_info()
         results, images = {}, {}
         for condition in ("a", "b", "c", "d"):
-            lora_path = os.path.join(server.models_dir, "loras", workflows.LORA_NAME)
-            if condition == "c" and not trainer_node:
-                train_in_process(lora_path, args, clock)
-            else:
-                run_condition(server, condition, paths[condition], clock, args.timeout)
+            run_condition(server, condition, paths[condition], clock, args.timeout)
             if condition == "c":
-                losses, train_info = training_losses(lora_path)
-                train_info["trained_by"] = "EliGenTrain node (comfy run)" if trainer_node else "in-process fallback"
+                lora_path = os.path.join(server.models_dir, "loras", workflows.LORA_NAME)
+                train_info = training_summary(lora_path)
                 shutil.copyfile(lora_path, os.path.join(out, workflows.LORA_NAME))
-                clock.log(f"trained {workflows.LORA_NAME}: loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
+                shutil.copyfile(newest(os.path.join(server.output_dir, "eligen_toy", "c_loss_*.png")),
+                                os.path.join(out, "loss.png"))
+                clock.log(f"trained {workflows.LORA_NAME}: final loss {train_info.get('final_loss', float('nan')):.4f}")
                 continue
             result, images[condition], names = collect_condition(server, condition, args.layouts)
             results[condition] = result["summary"]
@@ -192,9 +171,7 @@ def main(argv=None):
     sheet = figures.contact_sheet(rows, [layout.masks for layout in layouts],
                                   [f"held-out {i}" for i in range(len(layouts))])
     files.save_png(sheet, os.path.join(out, "contact_sheet.png"))
-    files.save_png(figures.loss_graph(losses), os.path.join(out, "loss.png"))
     clock.stage("total", time.monotonic() - clock.started)
-    train_info = {k: v for k, v in train_info.items() if k != "losses"}
     write_report(out, {c: results[c] for c in workflows.CONDITIONS}, layouts, clock, train_info)
     clock.log(f"done: {out}/report.md, contact_sheet.png, loss.png (total {clock.stages['total']:.0f} s)")
     return True

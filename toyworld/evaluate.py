@@ -62,7 +62,9 @@ def score_condition(model, clip, vae, layouts, use_entities, seed=0, sampler=SAM
 # ---------------------------------------------------------------------------------------------
 # Training (the project's trainer, called as the training node calls it)
 
-TRAIN_DEFAULTS = dict(steps=200, batch_size=32, learning_rate=3e-3, rank=8, count=512)
+# The toy recipe (feasibility run: rank 8 on every block linear but the modulation, 200 x 32 at lr 3e-3).
+TRAIN_DEFAULTS = dict(steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20, count=512)
+TRAIN_FIXED = dict(schedule="cosine", timestep_sampling="logit_normal", preset="no_modulation")
 
 
 def encoded_training_samples(model, clip, vae, folder):
@@ -74,10 +76,11 @@ def encoded_training_samples(model, clip, vae, folder):
                           entity_tokenizer_options=TEXT_LENGTHS[TEXT_LENGTH])
 
 
-def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, count=512,
-               data_seed=0, log=None):
-    """Write `count` training layouts, encode them and train an EliGen LoRA. Returns (lora state dict,
-    losses [(step, loss)], seconds)."""
+def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20,
+               count=512, data_seed=0, log=None):
+    """Write `count` training layouts, encode them and train an EliGen LoRA with training/loop.py (the
+    EliGenTrain node's trainer, same settings as workflow c). Returns (lora state dict, losses
+    [(step, loss)], seconds)."""
     from ..training.lora import LoraSettings
     from ..training.loop import TrainSettings, train
 
@@ -86,9 +89,10 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
         with torch.inference_mode():
             samples = encoded_training_samples(model, clip, vae, folder)
     empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    lora_settings = LoraSettings(rank=rank, alpha=float(rank), preset="no_modulation")
-    settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, schedule="cosine",
-                             warmup_steps=min(20, steps // 10), timestep_sampling="logit_normal", seed=seed)
+    lora_settings = LoraSettings(rank=rank, alpha=float(rank), preset=TRAIN_FIXED["preset"])
+    settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                             schedule=TRAIN_FIXED["schedule"], warmup_steps=warmup_steps,
+                             timestep_sampling=TRAIN_FIXED["timestep_sampling"], seed=seed)
     started = time.time()
     progress = None
     if log is not None:

@@ -1,4 +1,4 @@
-"""Demo figures drawn with PIL alone: a contact sheet with mask outlines, and a loss graph."""
+"""Demo figures drawn with PIL alone: a contact sheet of generated images with the masks outlined."""
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -62,31 +62,3 @@ def _wrap(text, width):
         else:
             line = f"{line} {word}".strip()
     return lines + ([line] if line else [])
-
-
-def loss_graph(losses, title="EliGen LoRA training loss", size=(640, 360), smooth=10):
-    """losses: [(step, loss)]. A line chart (raw in grey, moving average in blue) as a PIL image."""
-    steps = np.array([s for s, _ in losses], dtype=float)
-    values = np.array([v for _, v in losses], dtype=float)
-    kernel = max(1, min(smooth, len(values)))
-    averaged = np.convolve(values, np.ones(kernel) / kernel, mode="valid")
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 60, size[0] - 20, 30, size[1] - 40
-    low, high = float(values.min()), float(values.max())
-    if high - low < 1e-12:
-        high = low + 1.0
-    x_of = lambda s: left + (s - steps[0]) / max(1e-9, steps[-1] - steps[0]) * (right - left)
-    y_of = lambda v: bottom - (v - low) / (high - low) * (bottom - top)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 8), title, fill="black")
-    for fraction in (0.0, 0.5, 1.0):
-        value = low + fraction * (high - low)
-        draw.text((4, y_of(value) - 6), f"{value:.3f}", fill="black")
-        step = steps[0] + fraction * (steps[-1] - steps[0])
-        draw.text((x_of(step) - 10, bottom + 6), f"{step:.0f}", fill="black")
-    draw.text(((left + right) // 2 - 15, bottom + 22), "step", fill="black")
-    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, values)], fill=(180, 180, 180), width=1)
-    if len(averaged) > 1:
-        draw.line([(x_of(s), y_of(v)) for s, v in zip(steps[kernel - 1:], averaged)], fill=(30, 80, 200), width=2)
-    return image

@@ -10,18 +10,17 @@ are the same graphs. `python scripts/toyworld.py workflows` rewrites example_wor
 import json
 import os
 
-from .evaluate import SAMPLER, TEXT_LENGTH
+from .evaluate import SAMPLER, TEXT_LENGTH, TRAIN_DEFAULTS, TRAIN_FIXED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(REPO, "example_workflows")
-LORA_NAME = "eligen_toy_flux.safetensors"
+LORA_NAME = "eligen_toy_flux.safetensors"  # what workflow c saves in models/loras
 DATASET_FOLDER = "eligen_toy_train"  # inside ComfyUI's input directory
 CONDITIONS = {
     "a": "base model, global caption only",
     "b": "base model + EliGen attention, no LoRA",
     "d": "base model + EliGen LoRA + EliGen attention",
 }
-TRAIN = dict(steps=200, batch_size=32, learning_rate=3e-3, rank=8)
 
 
 def _link(node, output=0):
@@ -63,17 +62,27 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
     return graph
 
 
-def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LORA_NAME, seed=0, **train):
-    """EliGenDataset (input folder) -> EliGenTrain -> the LoRA file in models/loras + loss graph."""
-    settings = dict(TRAIN, **train)
+def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LORA_NAME, seed=0,
+                      prefix="eligen_toy", **train):
+    """EliGenDataset (input folder) -> EliGenTrain -> the LoRA in models/loras; the loss graph saved."""
+    settings = dict(TRAIN_DEFAULTS, **train)
     return {
         "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": "pretrained", "seed": 0}},
         "2": {"class_type": "EliGenDataset", "inputs": {"folder": dataset_folder, "max_pixels": 16384}},
-        "3": {"class_type": "EliGenTrain", "inputs": {
+        "3": {"class_type": "EliGenLoraConfig", "inputs": {
+            "rank": settings["rank"], "alpha": float(settings["rank"]), "dropout": 0.0, "init": "kaiming",
+            "preset": TRAIN_FIXED["preset"], "custom_pattern": "", "dtype": "float32"}},
+        "4": {"class_type": "EliGenTrain", "inputs": {
             "model": _link(1, 0), "clip": _link(1, 1), "vae": _link(1, 2), "dataset": _link(2),
-            "steps": settings["steps"], "batch_size": settings["batch_size"],
-            "learning_rate": settings["learning_rate"], "rank": settings["rank"], "seed": seed,
-            "lora_name": lora_name}},
+            "lora_config": _link(3), "lora_name": lora_name[: -len(".safetensors")],
+            "steps": settings["steps"], "learning_rate": settings["learning_rate"],
+            "batch_size": settings["batch_size"], "grad_accumulation": 1, "schedule": TRAIN_FIXED["schedule"],
+            "warmup_steps": settings["warmup_steps"], "weight_decay": 0.01, "max_grad_norm": 1.0,
+            "timestep_sampling": TRAIN_FIXED["timestep_sampling"], "entity_weight": 0.0, "precision": "fp32",
+            "gradient_checkpointing": False, "entity_dropout": 0.0, "caption_dropout": 0.0, "seed": seed,
+            "checkpoint_every": 0, "validation_every": 0, "validation_steps": 20, "resume": "",
+            "write_reference_format": False, "cache": "memory", "entity_text_length": TEXT_LENGTH}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": _link(4, 2), "filename_prefix": f"{prefix}/c_loss"}},
     }
 
 

@@ -206,6 +206,30 @@ def stack_condition(samples, device):
 # The model side
 
 
+def alias_inference_tensors(module):
+    """Nodes run under ``torch.inference_mode``, so the weights a loader node created are inference
+    tensors, which autograd refuses to save for backward. Swap each for a normal tensor sharing the same
+    memory (no copy); returns what ``restore_tensors`` needs to put the originals back."""
+    swapped = []
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(owner, kind).items():
+                if tensor is None or not tensor.is_inference():
+                    continue
+                alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+                    tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+                if kind == "_parameters":
+                    alias = torch.nn.Parameter(alias, requires_grad=False)
+                getattr(owner, kind)[name] = alias
+                swapped.append((owner, kind, name, tensor))
+    return swapped
+
+
+def restore_tensors(swapped):
+    for owner, kind, name, tensor in swapped:
+        getattr(owner, kind)[name] = tensor
+
+
 class TrainingModel:
     """The patched MODEL with LoRA layers injected, and the forward used by training and validation.
 
@@ -225,6 +249,7 @@ class TrainingModel:
 
     def __enter__(self):
         comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+        self._swapped = alias_inference_tensors(self.diffusion_model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
             self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
@@ -233,7 +258,10 @@ class TrainingModel:
         return self
 
     def __exit__(self, *exc):
-        lora.remove(self.diffusion_model)
+        try:
+            lora.remove(self.diffusion_model)
+        finally:
+            restore_tensors(self._swapped)
         return False
 
     def _transformer_options(self):
