@@ -7,7 +7,9 @@ sampling measured in the same run:
 - plain:        the model without EliGen, global prompt only;
 - patched_0:    the EliGen-patched model, global prompt only (the patch's idle cost);
 - real_N:       N entities, real-length entity text (--entity-tokens tokens each);
-- padded_N:     N entities, FLUX only, each padded to 512 T5 tokens (what the released adapter saw).
+- padded_N:     N entities, FLUX only, each padded to 512 T5 tokens (what the released adapter saw);
+- unmasked_*:   the largest case's joint sequence on the unpatched model (extra tokens, no mask), which
+                separates the cost of the longer sequence from the cost of masked attention.
 
 Models: by default tiny ones on the CPU (FLUX: hidden 128, 2 heads, 2+2 blocks; Qwen-Image: 2 heads x 64,
 3 blocks) at 192x192 px. `--device cuda --real-widths` builds FLUX.1's real block width (hidden 3072, 24
@@ -166,6 +168,11 @@ def bench_family(family, args):
             entities = entity_list(count, tokens, width, image_px, dtype)
             configs[f"{kind}_{count}"] = (patched,) + conditioning.apply_entities(positive, entities, negative)
             sequence[f"{kind}_{count}"] = sequence["plain"] + count * tokens
+    # The same joint sequence as the largest case, without EliGen's mask (unpatched model: the extra
+    # text tokens alone), separates the cost of more tokens from the cost of a masked attention kernel.
+    largest = f"{list(lengths)[-1]}_{COUNTS[-1]}"
+    configs["unmasked_" + largest] = (model,) + configs[largest][1:]
+    sequence["unmasked_" + largest] = sequence[largest]
     seconds = time_configs(configs, latent, args.steps, args.repeats)
     ratios = {name: value / seconds["plain"] for name, value in seconds.items()}
     padded_vs_real = {count: ratios[f"padded_{count}"] / ratios[f"real_{count}"]
@@ -174,9 +181,9 @@ def bench_family(family, args):
     print(f"\n{family}: {class_name} {'real widths' if args.real_widths else 'tiny'} on {args.device}, "
           f"{image_px}x{image_px} px ({(image_px // 16) ** 2} image tokens), global prompt {text_tokens} tokens, "
           f"{args.steps} steps, median of {args.repeats}")
-    print(f"{'config':<12}{'joint seq':>10}{'s/run':>10}{'x plain':>9}")
+    print(f"{'config':<18}{'joint seq':>10}{'s/run':>10}{'x plain':>9}")
     for name, value in seconds.items():
-        print(f"{name:<12}{sequence[name]:>10}{value:>10.3f}{ratios[name]:>9.2f}")
+        print(f"{name:<18}{sequence[name]:>10}{value:>10.3f}{ratios[name]:>9.2f}")
     for count, ratio in padded_vs_real.items():
         print(f"padded/real text with {count} entities: {ratio:.2f}x the time")
     return {"model": class_name, "real_widths": args.real_widths, "image_px": image_px,

@@ -140,5 +140,5 @@ if [ "$current_default" != "$COMFY" ]; then
   fi
 fi
 
-echo "$COMFY" > "$REPO/.comfyui-path"
+echo "$COMFY" > "$REPO/.comfyui-path.tmp.$$" && mv -f "$REPO/.comfyui-path.tmp.$$" "$REPO/.comfyui-path"
 say "ready in ${SECONDS} s: venv $VENV, ComfyUI $COMFY"

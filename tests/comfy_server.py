@@ -134,7 +134,7 @@ class ComfyServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout=120):
+    def start(self, timeout=180):
         """Launch main.py and wait until it answers HTTP; raise ServerError with the log tail if not."""
         if not os.path.isfile(os.path.join(self.comfyui_dir, "main.py")):
             raise ServerError(f"{self.comfyui_dir} is not a ComfyUI folder (no main.py)")
@@ -149,7 +149,7 @@ class ComfyServer:
             # a new session makes the server a process-group leader, so stop() can end all of it
             self.process = subprocess.Popen(
                 self.command(), cwd=self.comfyui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent,
             )
         deadline = started + timeout
         while time.monotonic() < deadline:
@@ -323,6 +323,16 @@ class ComfyServer:
             raise ServerError(f"comfy run exited {done.returncode} ({len(new)} new prompts):\n"
                               f"{done.stdout[-3000:]}{done.stderr[-3000:]}{detail}")
         return self.wait(new[0], timeout)
+
+
+def _end_with_parent():
+    """In the child before exec: on Linux, get SIGTERM when the test process dies (even by SIGKILL),
+    so a killed test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_comfyui_dir():

@@ -10,9 +10,12 @@ import sys
 
 import pytest
 
-from comfy_server import ComfyServer, ServerError, expected_node_ids, find_comfyui_dir
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+if TESTS not in sys.path:  # test modules import the bench as ``comfy_server`` under any import mode
+    sys.path.insert(0, TESTS)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from comfy_server import ComfyServer, ServerError, expected_node_ids, find_comfyui_dir  # noqa: E402
 
 
 def comfyui_dir():
@@ -63,6 +66,13 @@ def comfy_server(tmp_path_factory):
         pytest.fail(str(error), pytrace=False)
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses the server, so ``-m "not server"`` runs only the fast in-process tests."""
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -88,7 +88,7 @@ def test_import_check_reports_a_broken_node_module(tmp_path):
     path = copy / broken_module
     path.write_text('raise ImportError("deliberately broken by the bench test")\n' + path.read_text())
 
-    server = ComfyServer(custom_nodes={"comfyui_eligen": str(copy)})
+    server = ComfyServer(custom_nodes={"comfyui_eligen": str(copy)}, log_path=str(tmp_path / "server.log"))
     try:
         server.start()
         with pytest.raises(ServerError) as failure:
@@ -98,4 +98,7 @@ def test_import_check_reports_a_broken_node_module(tmp_path):
     message = str(failure.value)
     assert "IMPORT FAILED" in message
     assert f"{broken_module} fails to import: ImportError: deliberately broken by the bench test" in message
+    # only the broken file is blamed (other node modules fail only if they import it)
+    blamed = [line for line in message.splitlines() if "fails to import" in line]
+    assert blamed and all(line.endswith(f"at {broken_module}:1") for line in blamed), message
     assert sorted(expected)[0] in message  # the missing node id is named too

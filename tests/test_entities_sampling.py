@@ -266,3 +266,23 @@ def test_training_after_sampling_in_inference_mode_still_backpropagates():
     out = adapter.training_forward(model.model, x_t, torch.tensor([0.5]), context, None, condition, options)
     out.square().mean().backward()
     assert x_t.grad is not None and torch.isfinite(x_t.grad).all() and x_t.grad.abs().sum() > 0
+
+
+def test_reference_latents_get_the_mask_on_their_own_grid():
+    """FLUX Kontext / Qwen-Image edit append reference-image tokens; as in the reference, the entity mask
+    covers them too (tiled: the same mask brought to each reference latent's grid)."""
+    from comfyui_eligen.core.attention import mask_to_token_grid
+
+    model = patch.patch_model(tiny_flux())
+    positive, negative = prompts()
+    positive[0][1]["reference_latents"] = [torch.randn(1, 16, 4, 6)]
+    chosen = entities()
+    applied = conditioning.apply_entities(positive, chosen, negative)
+    _, calls = sample_and_record(model, *applied, latent("flux", hw=(8, 12)))
+    text, main_tokens, ref_tokens = 3 + 5 + 6, 4 * 6, 2 * 3
+    assert calls and all(c["sequence"] == text + main_tokens + ref_tokens for c in calls)
+    allowed = calls[0]["mask"][0, 0] == 0
+    masks = conditioning.stack_masks(chosen)
+    for k, row in enumerate((0, 3)):  # first text row of each entity
+        expected = torch.cat([mask_to_token_grid(masks[k], (8, 12)).flatten(), mask_to_token_grid(masks[k], (4, 6)).flatten()])
+        assert torch.equal(allowed[row, text:], expected)

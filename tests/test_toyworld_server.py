@@ -43,3 +43,26 @@ def test_example_workflow_a_runs_with_comfy_run(comfy_server):
     assert len(images) == graph["2"]["inputs"]["count"]
     ground_truth = data.layouts("heldout", 0, 1)[0].image
     assert np.asarray(Image.open(sorted(images)[0]).convert("RGB")).shape == ground_truth.shape
+
+
+def _make_ui_module():
+    import importlib.util
+
+    path = os.path.join(workflows.REPO, "scripts", "make_ui_workflow.py")
+    spec = importlib.util.spec_from_file_location("make_ui_workflow", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_toy_workflows_are_the_builder_graphs_and_ui_twins_agree(comfy_server):
+    mk = _make_ui_module()
+    object_info = comfy_server.object_info()
+    for name, graph in workflows.all_workflows().items():
+        with open(os.path.join(workflows.EXAMPLES_DIR, "api", f"{name}.json")) as f:
+            assert json.load(f) == graph, f"{name}: run `scripts/toyworld.py workflows` to rewrite it"
+        assert mk.check_api_graph(graph, object_info) == []
+        with open(os.path.join(workflows.EXAMPLES_DIR, f"{name}.json")) as f:
+            ui = json.load(f)
+        assert mk.ui_to_api(ui, object_info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+                                                 for k, v in graph.items()}

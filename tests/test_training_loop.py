@@ -85,8 +85,10 @@ def test_resume_is_exact(tmp_path, family, model):
 
 
 def test_training_leaves_the_shared_model_unmodified(tmp_path):
-    base = tiny_flux(seed=2)
+    with torch.inference_mode():  # as a loader node makes it: inference-tensor weights
+        base = tiny_flux(seed=2)
     diffusion_model = base.model.diffusion_model
+    tensors = [id(p) for p in diffusion_model.parameters()]
     flags = {n: p.requires_grad for n, p in diffusion_model.named_parameters()}
     weights = {k: v.clone() for k, v in diffusion_model.state_dict().items()}
     modules = [type(m) for m in diffusion_model.modules()]
@@ -98,6 +100,8 @@ def test_training_leaves_the_shared_model_unmodified(tmp_path):
     state = diffusion_model.state_dict()
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
     assert repr(base.model_options) == options_before and not base.wrappers
+    assert [id(p) for p in diffusion_model.parameters()] == tensors
+    assert all(p.is_inference() for p in diffusion_model.parameters())
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

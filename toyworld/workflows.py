@@ -57,7 +57,8 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
         model = _link(10)
     if condition in ("b", "d"):
         graph["11"] = {"class_type": "EliGenApply", "inputs": {
-            "model": model, "positive": _link(3), "entities": _link(2, 1), "negative": _link(4)}}
+            "model": model, "positive": _link(3), "entities": _link(2, 1), "negative": _link(4),
+            "entities_on_negative": False, "start_percent": 0.0, "end_percent": 1.0}}
         graph["6"]["inputs"].update(model=_link(11, 0), positive=_link(11, 1), negative=_link(11, 2))
     return graph
 

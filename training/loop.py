@@ -143,12 +143,18 @@ def step_generator(seed, step, purpose):
     return torch.Generator().manual_seed(mixed)
 
 
+def layout_key(sample):
+    """Samples with equal keys run in one forward: same latent shape and text segment lengths."""
+    return (tuple(sample.latent.shape), tuple(e.shape[1] for e in sample.entity_embeds), sample.context.shape[1])
+
+
 def epoch_batches(samples, batch_size, seed, epoch):
-    """Batches of sample indices for one epoch, each of one latent size, reproducible from (seed, epoch)."""
+    """Batches of sample indices for one epoch, reproducible from (seed, epoch). Each batch holds one
+    layout (``layout_key``) so it is one forward pass; a layout's remainder makes a smaller batch."""
     generator = step_generator(seed, epoch, purpose=1)
     groups = {}
     for index, sample in enumerate(samples):
-        groups.setdefault(tuple(sample.latent.shape), []).append(index)
+        groups.setdefault(layout_key(sample), []).append(index)
     batches = []
     for key in sorted(groups):
         members = [groups[key][i] for i in torch.randperm(len(groups[key]), generator=generator).tolist()]
@@ -182,11 +188,10 @@ def drop_entities(sample, settings, empty, generator):
 
 
 def group_by_layout(batch):
-    """Samples that can share one forward: same latent shape and same text segment lengths."""
+    """Samples that can share one forward (dropout can split a batch that started as one layout)."""
     groups = {}
     for sample in batch:
-        key = (tuple(sample.latent.shape), tuple(e.shape[1] for e in sample.entity_embeds), sample.context.shape[1])
-        groups.setdefault(key, []).append(sample)
+        groups.setdefault(layout_key(sample), []).append(sample)
     return list(groups.values())
 
 
