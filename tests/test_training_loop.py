@@ -170,3 +170,14 @@ def test_bad_resume_requests_are_named(tmp_path):
     with pytest.raises(ValueError, match="is for flux, this model is qwen_image"):
         train(tiny_qwen_image(), samples_for("qwen_image", 1), LORA, TrainSettings(steps=2),
               run_dir=str(tmp_path), resume="latest")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_lora_and_checkpoints_the_loss_scale(tmp_path, precision):
+    run = str(tmp_path / precision)
+    result = train(tiny_flux(seed=1), samples_for("flux", 2), LORA,
+                   TrainSettings(steps=3, precision=precision, learning_rate=1e-2), run_dir=run)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.lora.values())
+    assert any(result.lora[k].abs().max() > 0 for k in result.lora if k.endswith("lora_up.weight"))
+    scaler = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run)).info["grad_scaler"]
+    assert (scaler.get("scale", 0) > 1) == (precision == "fp16")  # fp16 scales the loss, bf16 does not

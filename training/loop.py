@@ -391,6 +391,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     optimizer = torch.optim.AdamW(model.parameters, lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    # fp16 autocast needs loss scaling (its gradients underflow); a disabled scaler is a no-op.
+    scaler = torch.amp.GradScaler(model.device.type, enabled=settings.precision == "fp16")
     stream = BatchStream(samples, settings.batch_size, settings.seed)
     result = TrainResult(lora={}, losses=[], step=0)
 
@@ -405,6 +407,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         lora.load_lora_tensors(model.diffusion_model, state.lora)
         state.restore_optimizer(optimizer)
         state.restore_scheduler(scheduler)
+        if state.info.get("grad_scaler"):
+            scaler.load_state_dict(state.info["grad_scaler"])
         result.step = state.step
         result.losses = [tuple(x) for x in state.info.get("losses", [])]
         result.checkpoint = path
@@ -414,7 +418,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
             return None
         result.checkpoint = checkpoints.save_checkpoint(
             run_dir, result.step, lora.named_lora_parameters(model.diffusion_model), optimizer, scheduler,
-            _run_info(settings, lora_settings, family, result.losses, info), keep_last=settings.keep_checkpoints,
+            _run_info(settings, lora_settings, family, result.losses, {**(info or {}), "grad_scaler": scaler.state_dict()}),
+            keep_last=settings.keep_checkpoints,
         )
         return result.checkpoint
 
@@ -422,7 +427,7 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     while result.step < settings.steps:
         step = result.step
         try:
-            loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, step, check_interrupt)
+            loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt)
         except TrainingStopped as error:
             save()
             where = f"; last good checkpoint: {result.checkpoint}" if result.checkpoint else ""
@@ -452,7 +457,7 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     return result
 
 
-def _one_step(model, stream, sampler, settings, empty, optimizer, step, check_interrupt):
+def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt):
     """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss."""
     generator = step_generator(settings.seed, step, purpose=0)
     optimizer.zero_grad(set_to_none=True)
@@ -469,16 +474,18 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, step, check_in
             loss = batch_loss(model, batch, sampler, settings, generator) / settings.grad_accumulation
             if not torch.isfinite(loss):
                 raise TrainingStopped(f"the loss became {loss.item()} at step {step + 1}")
-            loss.backward()
+            scaler.scale(loss).backward()
             total += loss.item()
+    scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters if p.grad is not None]
     if settings.max_grad_norm:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters, settings.max_grad_norm)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if not torch.isfinite(norm):
+    if not torch.isfinite(norm) and not scaler.is_enabled():
         raise TrainingStopped(f"the gradients became non-finite (norm {norm.item()}) at step {step + 1}")
-    optimizer.step()
+    scaler.step(optimizer)  # with fp16 loss scaling, an overflowing step is skipped and the scale lowered
+    scaler.update()
     return total
 
 
