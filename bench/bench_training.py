@@ -75,14 +75,14 @@ def build(opts):
                 "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
                 "depth": opts.double, "depth_single_blocks": opts.single, "axes_dim": [16, 56, 56],
                 "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-        text, pooled_width, prompt_tokens, entity_tokens, side = 4096, 768, 128, 16, 1024
+        text, pooled_width, prompt_tokens, entity_tokens, side = 4096, 768, 128, 16, opts.size or 1024
         dtype = torch.bfloat16
     else:
         unet = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64,
                 "context_in_dim": 64, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2,
                 "depth": 2, "depth_single_blocks": 2, "axes_dim": [16, 24, 24], "theta": 10000,
                 "patch_size": 2, "qkv_bias": True, "guidance_embed": False}
-        text, pooled_width, prompt_tokens, entity_tokens, side = 64, 64, 12, 3, opts.size
+        text, pooled_width, prompt_tokens, entity_tokens, side = 64, 64, 12, 3, opts.size or 128
         dtype = torch.float32
     config = comfy.supported_models.Flux(unet)
     config.set_inference_dtype(dtype, None)
@@ -162,9 +162,10 @@ def run_epoch(opts, cached):
         rng = np.random.default_rng(0)
         records = []
         for i in range(opts.images):
-            Image.fromarray(rng.integers(0, 255, (opts.size, opts.size, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
-            mask = np.zeros((opts.size, opts.size), np.uint8)
-            mask[: opts.size // 2] = 255
+            side = opts.size or 128
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
+            mask = np.zeros((side, side), np.uint8)
+            mask[: side // 2] = 255
             Image.fromarray(mask).save(f"{folder}/{i}_m.png")
             records.append({"image": f"{i}.png", "prompt": "a red circle", "eligen_entity_prompts": ["red circle"],
                             "eligen_entity_masks": [f"{i}_m.png"]})
@@ -227,7 +228,7 @@ def main():
     parser.add_argument("--real-widths", action="store_true", help="FLUX.1 block widths at 1024 px (use with cuda)")
     parser.add_argument("--double", type=int, default=2, help="double blocks with --real-widths")
     parser.add_argument("--single", type=int, default=4, help="single blocks with --real-widths")
-    parser.add_argument("--size", type=int, default=128, help="image side for the toy model")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 128 toy, 1024 real widths)")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
@@ -259,8 +260,8 @@ def main():
 
     summary = {
         "bench": "training", "device": opts.device, "real_widths": opts.real_widths,
-        "model": (f"FLUX.1 widths, {opts.double}+{opts.single} blocks, 1024px" if opts.real_widths
-                  else f"toy FLUX (hidden 128, 2+2 blocks), {opts.size}px"),
+        "model": (f"FLUX.1 widths, {opts.double}+{opts.single} blocks, {opts.size or 1024}px" if opts.real_widths
+                  else f"toy FLUX (hidden 128, 2+2 blocks), {opts.size or 128}px"),
         "images": opts.images, "batch": opts.batch, "steps": opts.steps, "rank": opts.rank,
         "results": results,
         # builtin without checkpointing fails on FLUX in 0.3.75 (in-place blocks), so the baseline is the

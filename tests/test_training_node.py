@@ -107,3 +107,24 @@ def test_node_input_errors_name_the_input(comfy_folders):
         run_training(clip.patcher, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x")
     with pytest.raises(ValueError, match="is not of the form step_"):
         run_training(model, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x", resume="../../secrets")
+
+
+def test_validation_sample_takes_the_given_prompt_and_entities():
+    from comfyui_eligen.core.conditioning import Entity
+    from comfyui_eligen.nodes.training import validation_sample
+    from comfyui_eligen.training.loop import Sample
+
+    first = Sample(torch.zeros(16, 8, 8), torch.ones(1, 4, 64), torch.ones(1, 64), [torch.ones(1, 2, 64)],
+                   torch.ones(1, 64, 64))
+    assert validation_sample(first) is first
+    mask = torch.zeros(32, 32)
+    mask[:16] = 1  # top half, at another resolution than the training images
+    entities = (Entity(torch.full((1, 3, 64), 2.0), mask, "red circle"),
+                Entity(torch.full((1, 5, 64), 3.0), 1 - mask, "blue square"))
+    positive = [[torch.full((1, 6, 64), 4.0), {"pooled_output": torch.full((1, 64), 5.0)}]]
+    sample = validation_sample(first, positive, entities)
+    assert sample.latent is first.latent and sample.context.shape == (1, 6, 64) and sample.pooled[0, 0] == 5.0
+    assert [e.shape[1] for e in sample.entity_embeds] == [3, 5]
+    assert sample.masks.shape == (2, 64, 64)
+    assert sample.masks[0, :32].eq(1).all() and sample.masks[0, 32:].eq(0).all()
+    assert torch.equal(sample.masks[1], 1 - sample.masks[0])
