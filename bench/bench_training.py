@@ -203,7 +203,6 @@ def child(opts):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         stamps = []
-        started = time.perf_counter()
         if opts.config.startswith("builtin"):
             run_builtin(opts, model, latents, contexts, pooled, opts.config.endswith("ckpt"), stamps)
         else:

@@ -9,7 +9,11 @@ from comfyui_eligen.toyworld import data, evaluate, models
 
 LAYOUTS = 10
 SAMPLER = dict(evaluate.SAMPLER, steps=10)
-TRAIN = dict(steps=80, batch_size=16, learning_rate=4e-3, rank=8, warmup_steps=8, count=160)
+TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256)
+# Measured (2 CPU cores): a 0.056 / 0%, b 0.063 / 0%, d 0.500 / 56% mean IoU / success; the same run with
+# the masks dropped during training (every entity sees the whole image) gave 0.060 / 0%.
+MARGIN_IOU = 0.2
+MARGIN_SUCCESS = 0.2
 
 
 def test_short_eligen_training_beats_the_base_on_held_out_layouts():
@@ -20,13 +24,11 @@ def test_short_eligen_training_beats_the_base_on_held_out_layouts():
     base, _ = evaluate.score_condition(model, clip, vae, layouts, False, seed=0, sampler=SAMPLER)
     attention_only, _ = evaluate.score_condition(model, clip, vae, layouts, True, seed=0, sampler=SAMPLER)
     lora, losses, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
-    trained, _ = evaluate.score_condition(evaluate.with_lora(model, lora), clip, vae, layouts, True, seed=0,
-                                          sampler=SAMPLER)
-
-    # training left the shared base model untouched
+    # training left the shared base model untouched (checked before sampling patches the LoRA in)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert losses[-1][1] < losses[0][1]
+    trained, _ = evaluate.score_condition(evaluate.with_lora(model, lora), clip, vae, layouts, True, seed=0,
+                                          sampler=SAMPLER)
 
     a, b, d = base["summary"], attention_only["summary"], trained["summary"]
     print(f"a {a}\nb {b}\nd {d}")

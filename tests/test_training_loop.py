@@ -181,3 +181,28 @@ def test_mixed_precision_keeps_fp32_lora_and_checkpoints_the_loss_scale(tmp_path
     assert any(result.lora[k].abs().max() > 0 for k in result.lora if k.endswith("lora_up.weight"))
     scaler = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run)).info["grad_scaler"]
     assert (scaler.get("scale", 0) > 1) == (precision == "fp16")  # fp16 scales the loss, bf16 does not
+
+
+def test_fp8_weights_train_in_their_compute_dtype():
+    """fp8 checkpoints (e.g. qwen_image_fp8_e4m3fn) store weights in fp8 and compute in bf16."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.QwenImage({
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": TEXT_WIDTH,
+        "axes_dims_rope": [8, 12, 12]})
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    with torch.inference_mode():
+        base = config.get_model({})
+        g = torch.Generator().manual_seed(0)
+        for param in base.diffusion_model.parameters():
+            param.copy_((torch.randn(param.shape, generator=g) * 0.1).to(param.dtype))
+    model = comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
+                                             comfy.model_management.unet_offload_device())
+    result = train(model, samples_for("qwen_image", 2), LORA,
+                   TrainSettings(steps=2, precision="bf16", learning_rate=1e-2))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.lora.values())
+    assert any(result.lora[k].abs().max() > 0 for k in result.lora if k.endswith("lora_up.weight"))
+    assert base.diffusion_model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn

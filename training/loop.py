@@ -286,6 +286,11 @@ class TrainingModel:
         )
 
     @property
+    def compute_dtype(self):
+        """The dtype the model computes in (as BaseModel.apply_model: fp8 weights run in their cast dtype)."""
+        return self.base_model.manual_cast_dtype or self.base_model.get_dtype()
+
+    @property
     def latent_format(self):
         return self.patched.get_model_object("latent_format")
 
@@ -306,7 +311,7 @@ def batch_loss(training_model, batch, sigma_sampler, settings, generator):
         if settings.entity_weight and condition is not None:
             region = entity_region_weight(condition_masks(group), x0.shape[-2:], settings.entity_weight).to(device)
         x_t = noisy_latent(x0, noise, sigma)
-        dtype = training_model.base_model.get_dtype()
+        dtype = training_model.compute_dtype
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             prediction = training_model.velocity(x_t.to(dtype), sigma, context.to(dtype),
                                                  None if pooled is None else pooled.to(dtype), condition)
@@ -333,7 +338,7 @@ def sample_latents(training_model, sample, steps, seed):
     device = training_model.device
     x = torch.randn((1,) + tuple(sample.latent.shape), generator=torch.Generator().manual_seed(seed)).to(device)
     context, pooled, condition = stack_condition([sample], device)
-    dtype = training_model.base_model.get_dtype()
+    dtype = training_model.compute_dtype
     for i in range(steps):
         sigma = sigmas[i:i + 1].to(device)
         v = training_model.velocity(x.to(dtype), sigma, context.to(dtype),
