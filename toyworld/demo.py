@@ -115,7 +115,11 @@ def main(argv=None):
     parser.add_argument("--train-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per workflow")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the ComfyUI server (default 1: the toy model's matrices are "
+                        "small, and on a busy 2-core machine 2 threads ran up to 50x slower)")
     args = parser.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server inherits it
     clock = Clock()
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "workflows"), exist_ok=True)
