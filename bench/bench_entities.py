@@ -22,7 +22,6 @@ Prints a table per family and one JSON line (the last line).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,27 +29,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import setup_comfy  # noqa: E402
 COUNTS = (0, 2, 4, 8)
 PADDED = 512
-
-
-def setup_comfy(device):
-    """ComfyUI on sys.path (COMFYUI_DIR or the folder scripts/setup.sh recorded), the repo as a package."""
-    path = os.environ.get("COMFYUI_DIR")
-    marker = os.path.join(REPO, ".comfyui-path")
-    if not path and os.path.exists(marker):
-        path = open(marker).read().strip()
-    if not path or not os.path.isfile(os.path.join(path, "main.py")):
-        sys.exit("ComfyUI not found: run scripts/setup.sh or set COMFYUI_DIR")
-    sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = device == "cpu"
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_eligen", os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_eligen"] = module
-    spec.loader.exec_module(module)
 
 
 def model_spec(family, real_widths, blocks):

@@ -26,7 +26,6 @@ Prints one JSON line.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -36,25 +35,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import setup_comfy  # noqa: E402
 CONFIGS = ["builtin", "builtin_ckpt", "ours_plain", "ours_entities", "ours_entities_ckpt"]
 EPOCH_CONFIGS = ["epoch_uncached", "epoch_cached"]
-
-
-def setup_comfy(device):
-    path = os.environ.get("COMFYUI_DIR")
-    if not path and os.path.exists(os.path.join(REPO, ".comfyui-path")):
-        path = open(os.path.join(REPO, ".comfyui-path")).read().strip()
-    if not path or not os.path.isfile(os.path.join(path, "main.py")):
-        sys.exit("ComfyUI not found: run scripts/setup.sh or set COMFYUI_DIR")
-    sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = device == "cpu"
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_eligen", os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_eligen"] = module
-    spec.loader.exec_module(module)
 
 
 # ---------------------------------------------------------------------------------------------------

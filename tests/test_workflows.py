@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "example_workflows")
-EXAMPLE_NAMES = ["eligen_flux1_dev", "eligen_qwen_image"]
+EXAMPLE_NAMES = ["eligen_flux1_dev", "eligen_qwen_image", "eligen_train_flux1_dev", "eligen_train_qwen_image"]
 
 
 def load_script():
@@ -132,7 +132,7 @@ def test_example_workflow_is_valid_and_its_twins_agree(object_info, name):
     assert mk.check_api_graph(api, object_info) == []
     types = {node["class_type"] for node in api.values()}
     assert {"EliGenEntity", "EliGenApply", "EliGenPreviewEntities", "KSampler", "SaveImage"} <= types
-    assert types & {"LoraLoaderModelOnly", "EliGenLoraLoader"}
+    assert types & {"LoraLoaderModelOnly", "EliGenLoraLoader", "EliGenTrain"}  # a released LoRA, or one trained in the graph
     # The UI workflow queues exactly the API twin (titles aside, model links only in the UI file).
     strip = {key: {"class_type": node["class_type"], "inputs": node["inputs"]} for key, node in api.items()}
     queued = {key: {"class_type": node["class_type"], "inputs": node["inputs"]}
