@@ -15,14 +15,6 @@ from comfyui_eligen.training.loss import TimestepSampler
 from tiny_models import TINY_MODELS, TEXT_WIDTH
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_samples(family, count=2, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

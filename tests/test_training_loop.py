@@ -13,14 +13,6 @@ from comfyui_eligen.training.loop import Sample, TrainingStopped, TrainSettings,
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def samples_for(family, count=3, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -17,14 +17,6 @@ from comfyui_eligen.training.dataset import dataset_from_images
 from comfyui_eligen.training.loop import TrainSettings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def comfy_folders(tmp_path, monkeypatch):

@@ -20,14 +20,6 @@ from comfyui_eligen.training import checkpoints, lora, loss
 FAMILIES = ("flux", "qwen_image")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread when the machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @functools.lru_cache(maxsize=None)
 def tiny(family, dtype=torch.float64, seed=0):
