@@ -34,15 +34,19 @@ def test_toy_sampling_workflow_runs_and_reports_placement(comfy_server, family, 
     assert result["summary"]["entities"] == sum(len(l.entities) for l in layouts)
 
 
-def test_example_workflow_a_runs_with_comfy_run(comfy_server):
-    path = os.path.join(workflows.EXAMPLES_DIR, "api", "toyworld_a_base.json")
-    graph = json.load(open(path))
-    assert graph == workflows.all_workflows()["toyworld_a_base"]  # the shipped file is the builder's graph
-    entry = comfy_server.comfy_run(path)
+def test_example_workflow_a_runs_with_comfy_run(comfy_server, tmp_path):
+    """The shipped API file, shortened (2 layouts, 4 steps) to keep the suite fast, through `comfy run`."""
+    with open(os.path.join(workflows.EXAMPLES_DIR, "api", "toyworld_a_base.json")) as f:
+        graph = json.load(f)
+    graph["2"]["inputs"]["count"] = 2
+    graph["6"]["inputs"]["steps"] = 4
+    path = tmp_path / "toyworld_a_short.json"
+    path.write_text(json.dumps(graph))
+    entry = comfy_server.comfy_run(str(path))
     images = comfy_server.output_files(entry)
-    assert len(images) == graph["2"]["inputs"]["count"]
-    ground_truth = data.layouts("heldout", 0, 1)[0].image
-    assert np.asarray(Image.open(sorted(images)[0]).convert("RGB")).shape == ground_truth.shape
+    assert len(images) == 2
+    assert all(np.asarray(Image.open(p).convert("RGB")).shape == (128, 128, 3) for p in images)
+    assert "mean IoU" in entry["outputs"]["9"]["text"][0]
 
 
 def _make_ui_module():

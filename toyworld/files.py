@@ -9,6 +9,12 @@ from contextlib import contextmanager
 import numpy as np
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path):
     """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
@@ -18,6 +24,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield temp
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
