@@ -2,6 +2,10 @@
 shipped weights file.
 
     .venv/bin/python scripts/toyworld.py build-weights            # flux, 1200 steps x batch 64
+        measured: 1686 s of training (28 min, 1 thread, on a 2-core machine shared with other jobs),
+        loss 1.057 -> 0.029; the shipped file's metadata ("toy_world") records the recipe and time
+    .venv/bin/python scripts/toyworld.py build-weights --family qwen_image --steps 600
+        measured: 252 s (1 thread, machine otherwise idle), loss 1.057 -> 0.043
     .venv/bin/python scripts/toyworld.py build-weights --steps 3 --batch 4 --pool 16 --out t.safetensors
 
 Deterministic: every random draw comes from generators seeded by --seed, the data are pure functions

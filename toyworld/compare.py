@@ -62,6 +62,7 @@ def markdown_table(table, seeds, layouts, entities):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--layouts", type=int, default=64, help="held-out layouts per seed")
     parser.add_argument("--layout-seed", type=int, default=0)
@@ -77,7 +78,7 @@ def main(argv=None):
     log = lambda message: print(f"[compare] {message}", flush=True)
 
     started = time.time()
-    model, clip, vae = models.load_toy_models("flux", "pretrained")
+    model, clip, vae = models.load_toy_models(args.family, "pretrained")
     layouts = data.layouts("heldout", args.layout_seed, args.layouts)
     entities = sum(len(layout.entities) for layout in layouts)
     train_settings = {name: getattr(args, name) for name in evaluate.TRAIN_DEFAULTS}
@@ -86,7 +87,7 @@ def main(argv=None):
     table = aggregate(runs)
     text = markdown_table(table, args.seeds, args.layouts, entities)
     print(text)
-    payload = {"seeds": args.seeds, "layouts": args.layouts, "entities": entities, "train": train_settings,
+    payload = {"family": args.family, "seeds": args.seeds, "layouts": args.layouts, "entities": entities, "train": train_settings,
                "sampler": sampler, "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
                "threads": torch.get_num_threads()}
     if args.out:

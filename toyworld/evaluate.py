@@ -6,11 +6,9 @@ LoRA; (d) base + trained EliGen LoRA + EliGen attention. The demo runs the same 
 ComfyUI workflows; this module is what the test suite and the multi-seed comparison use.
 """
 
-import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import comfy.sample
@@ -94,11 +92,10 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
                              schedule=TRAIN_FIXED["schedule"], warmup_steps=warmup_steps,
                              timestep_sampling=TRAIN_FIXED["timestep_sampling"], seed=seed)
     started = time.time()
-    progress = None
-    if log is not None:
-        def progress(step, total, loss, left, previews):
-            if step % 25 == 0 or step == total:
-                log(f"train step {step}/{total} loss {loss:.4f}, about {left:.0f} s left")
+    def progress(step, total, loss, left, previews):
+        if log is not None and (step % 25 == 0 or step == total):
+            log(f"train step {step}/{total} loss {loss:.4f}, about {left:.0f} s left")
+
     result = train(model, samples, lora_settings, settings, empty_condition=empty, on_progress=progress)
     return result.lora, result.losses, time.time() - started
 

@@ -325,7 +325,6 @@ def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.flo
     weights="pretrained" loads toyworld/weights/<family file> (or `weights_file`): diffusion model and
     text encoder; weights="random" initialises both deterministically from `seed` (every layer non-zero).
     """
-    spec = family_spec(family)
     base_model = build_diffusion_model(family, dtype)
     if weights == "random":
         init_weights(base_model.diffusion_model, seed)

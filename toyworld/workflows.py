@@ -7,7 +7,6 @@ are the same graphs. `python scripts/toyworld.py workflows` rewrites example_wor
     d: base model + the trained LoRA + EliGen attention
 """
 
-import json
 import os
 
 from .evaluate import SAMPLER, TEXT_LENGTH, TRAIN_DEFAULTS, TRAIN_FIXED
