@@ -26,8 +26,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import setup_comfy  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfy_env import setup_comfy  # noqa: E402
 
 
 def real_encoders(seed=0):

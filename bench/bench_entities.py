@@ -29,8 +29,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import setup_comfy  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfy_env import setup_comfy  # noqa: E402
 COUNTS = (0, 2, 4, 8)
 PADDED = 512
 

@@ -56,7 +56,7 @@ _started_servers = []  # for the summary line
 def comfy_server(tmp_path_factory):
     """A running ComfyUI with this package; fails loudly if any EliGen node did not load."""
     log_path = tmp_path_factory.getbasetemp() / "comfy_server.log"
-    server = ComfyServer(log_path=str(log_path))
+    server = ComfyServer(log_path=str(log_path), torch_threads=1)
     _started_servers.append(server)
     try:
         server.start()

@@ -119,7 +119,6 @@ def main(argv=None):
                         help="torch threads of the ComfyUI server (default 1: the toy model's matrices are "
                         "small, and on a busy 2-core machine 2 threads ran up to 50x slower)")
     args = parser.parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server inherits it
     clock = Clock()
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "workflows"), exist_ok=True)
@@ -128,7 +127,7 @@ def main(argv=None):
                          "run `.venv/bin/python scripts/toyworld.py build-weights` first")
 
     server_module = load_server_class()
-    server = server_module.ComfyServer(log_path=os.path.join(out, "comfyui.log"))
+    server = server_module.ComfyServer(log_path=os.path.join(out, "comfyui.log"), torch_threads=args.threads)
     clock.log("starting ComfyUI headless (log: comfyui.log)")
     server.start()
     try:

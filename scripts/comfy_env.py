@@ -1,4 +1,5 @@
-"""Shared set-up for the benchmark scripts: ComfyUI on sys.path and this repo importable as a package."""
+"""Shared set-up for scripts and benchmarks run outside a ComfyUI server: ComfyUI on sys.path and this
+repo importable as the package ``comfyui_eligen`` (its name inside ComfyUI)."""
 
 import importlib.util
 import os
