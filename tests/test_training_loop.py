@@ -76,6 +76,24 @@ def test_resume_is_exact(tmp_path, family, model):
     assert any(whole.lora[k].abs().max() > 0 for k in whole.lora if k.endswith("lora_up.weight"))
 
 
+def test_interrupt_raised_by_the_progress_hook_keeps_the_completed_step(tmp_path):
+    """ComfyUI's progress hook raises on Cancel / POST /interrupt too, between steps: that step is kept."""
+    base = tiny_flux(seed=1)
+
+    def progress_that_interrupts(step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt("interrupted from the progress bar")
+
+    run = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(base, samples_for("flux"), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS), run_dir=run,
+              on_progress=progress_that_interrupts)
+    assert os.path.basename(checkpoints.latest_checkpoint(run)) == "step_000003.safetensors"
+    resumed = train(base, samples_for("flux"), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS), run_dir=run,
+                    resume="latest")
+    assert [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5]
+
+
 def test_training_leaves_the_shared_model_unmodified(tmp_path):
     with torch.inference_mode():  # as a loader node makes it: inference-tensor weights
         base = tiny_flux(seed=2)

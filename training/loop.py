@@ -445,16 +445,21 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         result.step = step + 1
         result.losses.append((result.step, loss_value))
 
-        previews = None
-        if settings.validation_every and validation and result.step % settings.validation_every == 0:
-            previews = validate(model, validation, settings, decode, result.step)
-            result.validation.append((result.step, previews))
-        if settings.checkpoint_every and result.step % settings.checkpoint_every == 0:
-            save()
-        if on_progress is not None:
-            done = result.step - first_step
-            left = (time.monotonic() - started) / done * (settings.steps - result.step)
-            on_progress(result.step, settings.steps, loss_value, left, previews)
+        try:
+            previews = None
+            if settings.validation_every and validation and result.step % settings.validation_every == 0:
+                previews = validate(model, validation, settings, decode, result.step)
+                result.validation.append((result.step, previews))
+            if settings.checkpoint_every and result.step % settings.checkpoint_every == 0:
+                save()
+            if on_progress is not None:
+                done = result.step - first_step
+                left = (time.monotonic() - started) / done * (settings.steps - result.step)
+                # ComfyUI's progress hook also raises on Cancel / POST /interrupt
+                on_progress(result.step, settings.steps, loss_value, left, previews)
+        except BaseException:
+            save()  # the step completed: keep it
+            raise
 
     if run_dir is not None and (result.checkpoint is None or not result.checkpoint.endswith(f"{result.step:06d}.safetensors")):
         save()
