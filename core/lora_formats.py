@@ -18,9 +18,10 @@ import logging
 import math
 import os
 import re
-import tempfile
 
 import torch
+
+from .files import atomic_path
 
 COMFY_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
@@ -310,8 +311,6 @@ def save_lora(path, state_dict, metadata=None):
 
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"LoRA file name {os.path.basename(str(path))!r} must end with .safetensors")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     metadata = _metadata_strings(metadata)
     tensors = {}
     for key, tensor in state_dict.items():
@@ -319,15 +318,8 @@ def save_lora(path, state_dict, metadata=None):
             raise ValueError(f"LoRA key {key!r} holds a {type(tensor).__name__}, not a tensor")
         # A private contiguous CPU copy: safetensors refuses views and tensors that share memory.
         tensors[key] = tensor.detach().to("cpu").contiguous().clone()
-    fd, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp_path:
         save_file(tensors, temp_path, metadata=metadata)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.unlink(temp_path)
-        raise
     return path
 
 

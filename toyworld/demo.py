@@ -99,8 +99,7 @@ def write_report(out, figures_by_condition, layouts, clock, train_info):
                      f"{leak} | {100 * s['missing_rate']:.1f}% |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in clock.stages.items()), "",
               "![contact sheet](contact_sheet.png)", "", "![loss](loss.png)", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    files.write_text(os.path.join(out, "report.md"), "\n".join(lines))
     files.write_json(os.path.join(out, "report.json"), {
         "layouts": len(layouts), "entities": entities, "sampler": workflows.SAMPLER,
         "conditions": figures_by_condition, "stages_seconds": clock.stages, "training": train_info})

@@ -2,34 +2,10 @@
 
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
 
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path):
-    """Yields a temp path beside `path`; on success it replaces `path`, on failure it is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        yield temp
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+from ..core.files import atomic_path, write_text  # noqa: F401  (re-exported for the toy world)
 
 
 def save_png(image, path):

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core.files import atomic_path
 from .dataset import EliGenDataset, prepare_image, prepare_masks
 
 CACHE_VERSION = 1
@@ -240,17 +240,10 @@ class EncodingCache:
         self._remember(kind + "/" + key, entry)
         if self.directory is not None:
             path = self._path(kind, key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 # clone: safetensors refuses tensors that share storage
                 save_file({k: v.clone() for k, v in entry.items()}, tmp,
                           metadata={"eligen_cache_version": str(CACHE_VERSION), "kind": kind, "note": note[:200]})
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         return entry
 
     def clear_memory(self):

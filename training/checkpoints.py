@@ -12,31 +12,16 @@ after the checkpoint file itself is in place, so it always points at a good file
 import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors import safe_open
 
+from ..core.files import write_text
 from ..core.lora_formats import save_lora
 
 POINTER = "latest.json"
 METADATA_KEY = "eligen_checkpoint"
 FILE_PATTERN = re.compile(r"step_(\d+)\.safetensors")
-
-
-def atomic_write(path, write):
-    """Call ``write(temp_path)`` for a temp file in the target folder, then move it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
 
 
 def _flatten_optimizer(optimizer):
@@ -82,14 +67,9 @@ def save_checkpoint(run_dir, step, lora_tensors, optimizer, scheduler, info, kee
     path = os.path.join(run_dir, name)
     save_lora(path, tensors, {METADATA_KEY: json.dumps(meta)})  # atomic safetensors write
     pointer = {"checkpoint": name, "step": int(step)}
-    atomic_write(os.path.join(run_dir, POINTER), lambda temp: _write_json(temp, pointer))
+    write_text(os.path.join(run_dir, POINTER), json.dumps(pointer))
     _prune(run_dir, keep_last, keep=name)
     return path
-
-
-def _write_json(path, value):
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
 
 
 def _prune(run_dir, keep_last, keep):
