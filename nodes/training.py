@@ -150,6 +150,9 @@ class EliGenTrain(io.ComfyNode):
                                       tooltip="Global prompt of the validation image (default: the first record's)."),
                 Entities.Input("validation_entities", optional=True,
                                tooltip="Entities of the validation image (default: the first record's)."),
+                io.Float.Input("validation_guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Embedded guidance of the validation images for guidance-distilled models "
+                                       "(FLUX.1-dev; training itself uses 1 as the reference). Others ignore it."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -166,7 +169,8 @@ class EliGenTrain(io.ComfyNode):
                 grad_accumulation, schedule, warmup_steps, weight_decay, max_grad_norm, timestep_sampling,
                 entity_weight, precision, gradient_checkpointing, entity_dropout, caption_dropout, seed,
                 checkpoint_every, validation_every, validation_steps, resume, write_reference_format, cache,
-                entity_text_length, validation_positive=None, validation_entities=None) -> io.NodeOutput:
+                entity_text_length, validation_positive=None, validation_entities=None,
+                validation_guidance=3.5) -> io.NodeOutput:
         settings = TrainSettings(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
             schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
@@ -174,6 +178,7 @@ class EliGenTrain(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, entity_dropout=entity_dropout,
             caption_dropout=caption_dropout, seed=seed, checkpoint_every=checkpoint_every,
             validation_every=validation_every, validation_steps=validation_steps,
+            validation_guidance=validation_guidance,
         ).validate()
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,

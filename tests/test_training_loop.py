@@ -94,6 +94,19 @@ def test_interrupt_raised_by_the_progress_hook_keeps_the_completed_step(tmp_path
     assert [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5]
 
 
+def test_validation_guidance_reaches_guidance_distilled_models_only():
+    """Validation images of FLUX.1-dev use the inference guidance; Qwen-Image has no guidance input."""
+    from comfyui_eligen.training.loop import TrainingModel, sample_latents
+
+    for family, model, changes in (("flux", tiny_flux(seed=3, guidance_embed=True), True),
+                                   ("qwen_image", tiny_qwen_image(seed=3), False)):
+        sample = samples_for(family, count=1)[0]
+        with torch.inference_mode(False), TrainingModel(model, LORA) as training_model:
+            soft = sample_latents(training_model, sample, steps=2, seed=0, guidance=1.0)
+            strong = sample_latents(training_model, sample, steps=2, seed=0, guidance=3.5)
+        assert (not torch.equal(soft, strong)) == changes, family
+
+
 def test_training_leaves_the_shared_model_unmodified(tmp_path):
     with torch.inference_mode():  # as a loader node makes it: inference-tensor weights
         base = tiny_flux(seed=2)

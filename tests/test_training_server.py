@@ -128,15 +128,16 @@ def test_interrupt_keeps_a_checkpoint_that_resumes(server):
     with open(os.path.join(run_dir, "latest.json")) as handle:
         pointer = json.load(handle)
     stopped_at = pointer["step"]
-    assert stopped_at >= 3 and os.path.exists(os.path.join(run_dir, pointer["checkpoint"]))
+    assert stopped_at >= 3 and os.path.exists(os.path.join(run_dir, pointer["checkpoint"])), (pointer, os.listdir(run_dir))
 
     graph["10"] = train_node(name, steps=stopped_at + 2, resume="latest")
+    log_before = len(server.log_text())  # the server is shared: look only at what this run logs
     server.run_workflow(graph, timeout=300)
     from safetensors import safe_open
     with safe_open(os.path.join(server.models_dir, "loras", name + ".safetensors"), framework="pt") as handle:
         meta = json.loads(handle.metadata()["eligen_training"])
-    assert meta["steps_done"] == stopped_at + 2
-    log = server.log_text()
+    assert meta["steps_done"] == stopped_at + 2, (meta["steps_done"], stopped_at, server.log_tail())
+    log = server.log_text()[log_before:]
     # The resumed run started after the checkpoint: its first reported step is stopped_at + 1.
-    assert f"EliGen training: step {stopped_at + 1}/{stopped_at + 2}" in log
-    assert f"EliGen training: step 1/{stopped_at + 2}" not in log
+    assert f"EliGen training: step {stopped_at + 1}/{stopped_at + 2}" in log, (stopped_at, log[-3000:])
+    assert f"EliGen training: step 1/{stopped_at + 2}" not in log, (stopped_at, log[-3000:])

@@ -81,7 +81,8 @@ def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LO
             "timestep_sampling": TRAIN_FIXED["timestep_sampling"], "entity_weight": 0.0, "precision": "fp32",
             "gradient_checkpointing": False, "entity_dropout": 0.0, "caption_dropout": 0.0, "seed": seed,
             "checkpoint_every": 0, "validation_every": 0, "validation_steps": 20, "resume": "",
-            "write_reference_format": False, "cache": "memory", "entity_text_length": TEXT_LENGTH}},
+            "write_reference_format": False, "cache": "memory", "entity_text_length": TEXT_LENGTH,
+            "validation_guidance": 3.5}},
         "5": {"class_type": "SaveImage", "inputs": {"images": _link(4, 2), "filename_prefix": f"{prefix}/c_loss"}},
     }
 

@@ -50,6 +50,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     validation_every: int = 0           # 0 = no validation images
     validation_steps: int = 12          # Euler steps of the validation sampler
+    validation_guidance: float = 3.5    # embedded guidance of validation images (FLUX.1-dev; training uses 1)
 
     def validate(self):
         problems = []
@@ -61,7 +62,7 @@ class TrainSettings:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate must be a positive number (got {self.learning_rate})")
-        for name in ("weight_decay", "max_grad_norm", "entity_weight"):
+        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
@@ -280,9 +281,9 @@ class TrainingModel:
             self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
         )
 
-    def velocity(self, x_t, sigma, context, pooled, entity_condition):
+    def velocity(self, x_t, sigma, context, pooled, entity_condition, guidance=1.0):
         return self.adapter.training_forward(
-            self.base_model, x_t, sigma, context, pooled, entity_condition, dict(self._options)
+            self.base_model, x_t, sigma, context, pooled, entity_condition, dict(self._options), guidance
         )
 
     @property
@@ -330,7 +331,7 @@ def condition_masks(group):
 
 
 @torch.no_grad()
-def sample_latents(training_model, sample, steps, seed):
+def sample_latents(training_model, sample, steps, seed, guidance=1.0):
     """Euler flow sampling of one latent with the sample's prompt and entities (no CFG: FLUX-dev style
     guidance distillation or a LoRA trained without a negative)."""
     model_sampling = training_model.patched.get_model_object("model_sampling")
@@ -342,7 +343,7 @@ def sample_latents(training_model, sample, steps, seed):
     for i in range(steps):
         sigma = sigmas[i:i + 1].to(device)
         v = training_model.velocity(x.to(dtype), sigma, context.to(dtype),
-                                    None if pooled is None else pooled.to(dtype), condition).float()
+                                    None if pooled is None else pooled.to(dtype), condition, guidance).float()
         x = x + (sigmas[i + 1] - sigmas[i]).to(device) * v
     return x
 
@@ -503,7 +504,8 @@ def validate(model, validation, settings, decode, step):
     """Validation images [B, H, W, 3] (or latents when no decoder is given)."""
     outputs = []
     for index, sample in enumerate(validation):
-        latent = sample_latents(model, sample, settings.validation_steps, seed=settings.seed + index)
+        latent = sample_latents(model, sample, settings.validation_steps, seed=settings.seed + index,
+                                guidance=settings.validation_guidance)
         latent = model.latent_format.process_out(latent.cpu())
         outputs.append(decode(latent) if decode is not None else latent)
     if decode is None:

@@ -53,16 +53,18 @@ class Adapter:
         return transformer_options
 
     # -- training ---------------------------------------------------------------------------
-    def forward_kwargs(self, diffusion_model, pooled, batch):
-        """Family-specific keyword arguments of ``diffusion_model.forward`` besides x, t, context."""
+    def forward_kwargs(self, diffusion_model, pooled, batch, guidance=1.0):
+        """Family-specific keyword arguments of ``diffusion_model.forward`` besides x, t, context.
+        ``guidance``: the embedded guidance of guidance-distilled models (ignored by the others)."""
         return {}
 
-    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options):
+    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options,
+                         guidance=1.0):
         """Velocity prediction through ``diffusion_model.forward`` (so the EliGen wrapper and attention
         override in ``transformer_options["wrappers"]`` apply as in sampling). ``sigma`` is ``[B]``."""
         diffusion_model = base_model.diffusion_model
         timestep = base_model.model_sampling.timestep(sigma).float()
-        kwargs = self.forward_kwargs(diffusion_model, pooled, x_t.shape[0])
+        kwargs = self.forward_kwargs(diffusion_model, pooled, x_t.shape[0], guidance)
         if entity_condition is not None:
             kwargs["eligen"] = entity_condition
         return diffusion_model(x_t, timestep, context, transformer_options=transformer_options, **kwargs)

@@ -49,9 +49,10 @@ class FluxAdapter(Adapter):
         return (type(diffusion_model) is comfy.ldm.flux.model.Flux
                 and len(diffusion_model.params.axes_dim) == 3 and not diffusion_model.params.global_modulation)
 
-    def forward_kwargs(self, diffusion_model, pooled, batch):
+    def forward_kwargs(self, diffusion_model, pooled, batch, guidance=1.0):
         kwargs = {"y": pooled}
         if diffusion_model.params.guidance_embed:
-            # The reference trains FLUX.1-dev with embedded guidance 1.
-            kwargs["guidance"] = torch.ones(batch, device=pooled.device if pooled is not None else None)
+            # The reference trains FLUX.1-dev with embedded guidance 1 (inference uses ~3.5).
+            kwargs["guidance"] = torch.full((batch,), float(guidance),
+                                            device=pooled.device if pooled is not None else None)
         return kwargs

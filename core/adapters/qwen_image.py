@@ -40,14 +40,15 @@ class QwenImageAdapter(Adapter):
 
         return type(diffusion_model) is comfy.ldm.qwen_image.model.QwenImageTransformer2DModel
 
-    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options):
+    def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options,
+                         guidance=1.0):
         # The model takes [B, C, T, h, w] (Qwen-Image's VAE is 3-D); accept image latents [B, C, h, w] too.
         if x_t.ndim == 4:
             out = super().training_forward(base_model, x_t[:, :, None], sigma, context, pooled, entity_condition,
-                                           transformer_options)
+                                           transformer_options, guidance)
             return out[:, :, 0]
         return super().training_forward(base_model, x_t, sigma, context, pooled, entity_condition,
-                                         transformer_options)
+                                         transformer_options, guidance)
 
     def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
         text_rows = torch.cat([torch.arange(int(n)) for n in segment_lengths])
