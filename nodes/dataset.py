@@ -25,6 +25,14 @@ def resolve_folder(folder: str) -> str:
     return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
 
 
+def _dataset_outputs():
+    """Both dataset nodes output the checked dataset and a one-line summary of it."""
+    return [
+        ELIGEN_DATASET.Output(display_name="dataset"),
+        io.String.Output(display_name="summary", tooltip="Record, entity and size counts."),
+    ]
+
+
 class EliGenDatasetNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -42,10 +50,7 @@ class EliGenDatasetNode(io.ComfyNode):
                             "eligen_entity_prompts, eligen_entity_masks; paths relative to the folder."),
                 _max_pixels_input(),
             ],
-            outputs=[
-                ELIGEN_DATASET.Output(display_name="dataset"),
-                io.String.Output(display_name="summary", tooltip="Record, entity and size counts."),
-            ],
+            outputs=_dataset_outputs(),
         )
 
     @classmethod
@@ -86,10 +91,7 @@ class EliGenDatasetFromImagesNode(io.ComfyNode):
                             "then image 1's, and so on. The count must equal the number of entity prompts."),
                 _max_pixels_input(),
             ],
-            outputs=[
-                ELIGEN_DATASET.Output(display_name="dataset"),
-                io.String.Output(display_name="summary", tooltip="Record, entity and size counts."),
-            ],
+            outputs=_dataset_outputs(),
         )
 
     @classmethod
