@@ -22,7 +22,8 @@ from ..core import blocks
 from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
-from . import checkpoints, lora
+from ..core import host
+from . import checkpoints, lora, offload
 from .loss import TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent, velocity_target
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -51,6 +52,8 @@ class TrainSettings:
     validation_every: int = 0           # 0 = no validation images
     validation_steps: int = 12          # Euler steps of the validation sampler
     validation_guidance: float = 3.5    # embedded guidance of validation images (FLUX.1-dev; training uses 1)
+    max_vram_gb: float = 0.0            # device memory budget; blocks are swapped to CPU to fit (0 = no limit)
+    blocks_to_swap: int = -1            # -1: chosen from max_vram_gb; N: exactly N blocks (training/offload.py)
 
     def validate(self):
         problems = []
@@ -62,7 +65,9 @@ class TrainSettings:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate must be a positive number (got {self.learning_rate})")
-        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance"):
+        if self.blocks_to_swap < -1:
+            problems.append(f"blocks_to_swap must be -1 (automatic) or >= 0 (got {self.blocks_to_swap})")
+        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance", "max_vram_gb"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
@@ -242,7 +247,7 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, memory=None):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -252,22 +257,40 @@ class TrainingModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.device = self.patched.load_device
+        # block swap (training/offload.py) when a memory budget or a block count is asked for
+        self.offload = offload.SwapSession(self.patched, self.device, memory) if memory and memory.active else None
+        self._swapped = []
 
     def __enter__(self):
-        comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
-        self._swapped = alias_inference_tensors(self.diffusion_model)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
-            self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
-        self.parameters = lora.lora_parameters(self.diffusion_model)
-        self._options = self._transformer_options()
+        if self.offload is None:
+            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
+            comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+        else:
+            self.offload.load()
+        try:
+            self._swapped = alias_inference_tensors(self.diffusion_model)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
+                self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
+            self.parameters = lora.lora_parameters(self.diffusion_model)
+            if self.offload is not None:
+                self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters,
+                                   self.compute_dtype, self.gradient_checkpointing)
+            self._options = self._transformer_options()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
         try:
+            if self.offload is not None:
+                self.offload.close_swapper()
             lora.remove(self.diffusion_model)
         finally:
             restore_tensors(self._swapped)
+            if self.offload is not None:
+                self.offload.unload()
         return False
 
     def _transformer_options(self):
@@ -278,7 +301,8 @@ class TrainingModel:
         comfy.patcher_extension.merge_nested_dicts(wrappers, self.patched.wrappers, copy_dict1=False)
         options["wrappers"] = wrappers
         return blocks.training_transformer_options(
-            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
+            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing,
+            block_wrapper=self.offload.block_wrapper if self.offload is not None else None,
         )
 
     def velocity(self, x_t, sigma, context, pooled, entity_condition, guidance=1.0):
@@ -384,8 +408,10 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     else:
         empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
 
-    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
-                                                     settings.gradient_checkpointing, settings.seed) as model:
+    memory = offload.MemoryRequest(settings.max_vram_gb, settings.blocks_to_swap, samples, settings.batch_size,
+                                   PRECISIONS[settings.precision])
+    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings, settings.gradient_checkpointing,
+                                                     settings.seed, memory) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
                       empty_condition, on_progress, check_interrupt, info)
 
