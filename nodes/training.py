@@ -20,6 +20,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..core import conditioning as entity_conds
+from ..core import host
 from ..core.adapters import adapter_for
 from ..core.lora_formats import load_lora, save_lora, to_reference
 from ..training import lora as lora_lib
@@ -153,6 +154,11 @@ class EliGenTrain(io.ComfyNode):
                 io.Float.Input("validation_guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Embedded guidance of the validation images for guidance-distilled models "
                                        "(FLUX.1-dev; training itself uses 1 as the reference). Others ignore it."),
+                io.Float.Input("max_vram_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+                               tooltip="GPU memory budget in GB (0 = no limit). The trainer estimates what a step "
+                                       "needs and keeps just enough transformer blocks in CPU memory, streaming "
+                                       "each to the GPU when it runs (block swap); the log says how many and why. "
+                                       "E.g. 11 on a 12 GB card, 15 on 16 GB."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -170,7 +176,7 @@ class EliGenTrain(io.ComfyNode):
                 entity_weight, precision, gradient_checkpointing, entity_dropout, caption_dropout, seed,
                 checkpoint_every, validation_every, validation_steps, resume, write_reference_format, cache,
                 entity_text_length, validation_positive=None, validation_entities=None,
-                validation_guidance=3.5) -> io.NodeOutput:
+                validation_guidance=3.5, max_vram_gb=0.0) -> io.NodeOutput:
         settings = TrainSettings(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
             schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
@@ -178,7 +184,7 @@ class EliGenTrain(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, entity_dropout=entity_dropout,
             caption_dropout=caption_dropout, seed=seed, checkpoint_every=checkpoint_every,
             validation_every=validation_every, validation_steps=validation_steps,
-            validation_guidance=validation_guidance,
+            validation_guidance=validation_guidance, max_vram_gb=max_vram_gb,
         ).validate()
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,
@@ -220,6 +226,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
                              entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
     empty = encode_text(clip, "")
+    # Every sample is encoded: the text encoders and the VAE leave the GPU for the steps.
+    release_encoders(clip, vae)
     validation = []
     if settings.validation_every:
         validation = [validation_sample(samples[0], validation_positive, validation_entities)]
@@ -227,7 +235,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
     result = train(
         model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
-        validation=validation, decode=lambda latent: decode_images(vae, latent), empty_condition=empty,
+        validation=validation, decode=lambda latent: decode_and_release(vae, latent), empty_condition=empty,
         on_progress=progress_reporter(progress, node_id),
         check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
         info={"lora_name": name},
@@ -280,6 +288,22 @@ def decode_images(vae, latent):
     if images.ndim == 5:  # video-style VAEs return [B, T, H, W, 3]
         images = images.reshape(-1, *images.shape[-3:])
     return images
+
+
+def release_encoders(clip, vae):
+    """Unload the text encoder and the VAE from ComfyUI's loaded models (they go to their offload device)."""
+    for patcher in (getattr(clip, "patcher", None), getattr(vae, "patcher", None)):
+        if patcher is not None:
+            host.unload_model(patcher)
+
+
+def decode_and_release(vae, latent):
+    """Validation images: the VAE comes to the GPU for the decode only."""
+    try:
+        return decode_images(vae, latent)
+    finally:
+        if getattr(vae, "patcher", None) is not None:
+            host.unload_model(vae.patcher)
 
 
 def progress_reporter(progress, node_id):
