@@ -38,7 +38,7 @@ from comfy_env import setup_comfy  # noqa: E402
 CONFIGS = ["bf16", "fp8", "fp8_swap"]
 FAMILIES = ["flux", "qwen_image"]
 CAP_GB = {"flux": 12.0, "qwen_image": 16.0}
-GB = 1e9
+GB = 2 ** 30  # "12 GB" as on the card (and max_vram_gb): GiB
 
 # family -> (supported_models class name, full config, tiny config, text width, pooled width)
 SPECS = {
@@ -208,11 +208,45 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
         tries.append({"max_vram_gb": settings.max_vram_gb, "ok": True})
         seconds = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else None
         result = {"family": family, "config": config, "seconds_per_step": seconds, "build_seconds": round(built, 1),
-                  "peak_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
-                  "cap_gb": cap if swap and cuda else None, "plan": plan.lines[-1:] or None, "tries": tries}
+                  "peak_gib": torch.cuda.max_memory_allocated() / GB if cuda else None,
+                  "cap_gib": cap if swap and cuda else None, "plan": plan.lines[-1:] or None, "tries": tries}
         print("RESULT " + json.dumps(result))
         return
     print("RESULT " + json.dumps({"family": family, "config": config, "error": "out of memory", "tries": tries}))
+
+
+def plan_table(opts, budgets=(12, 16, 24)):
+    """What ``max_vram_gb`` chooses for each family and base dtype, from the trainer's own estimate: the
+    model is built on the meta device (shapes and dtypes only), the LoRA injected, nothing computed."""
+    import torch
+
+    import comfy.supported_models
+    from comfyui_eligen.core.adapters import adapter_for
+    from comfyui_eligen.training import lora, offload
+
+    table = {}
+    for family in (FAMILIES if opts.family == "both" else [opts.family]):
+        class_name, full, tiny, _, _ = SPECS[family]
+        for weights in ("bf16", "fp8"):
+            config = getattr(comfy.supported_models, class_name)(dict(tiny if opts.tiny else full))
+            if weights == "fp8":
+                config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+            else:
+                config.set_inference_dtype(torch.bfloat16, None)
+            base = config.get_model({}, device="meta")
+            adapter = adapter_for(base)
+            lora.inject(base.diffusion_model, lora.LoraSettings(rank=opts.rank, alpha=float(opts.rank)), adapter)
+            estimate = offload.estimate_memory(base.diffusion_model, adapter.training_blocks,
+                                               lora.lora_parameters(base.diffusion_model), samples(opts, family),
+                                               1, torch.bfloat16, checkpointing=True)
+            row = {"no_limit_gib": round(estimate.device_bytes([]) / GB, 2)}
+            for budget in budgets:
+                plan = offload.plan_block_swap(estimate, int(budget * GB))
+                row[f"{budget}GB"] = {"blocks_swapped": f"{plan.count}/{plan.total_blocks}", "fits": plan.fits,
+                                      "estimated_gib": round(estimate.device_bytes(plan.positions) / GB, 2),
+                                      "streamed_gib_per_pass": round(sum(estimate.block_bytes[i] for i in plan.positions) / GB, 2)}
+            table[f"{family} {weights}"] = row
+    return table
 
 
 def parser():
@@ -232,6 +266,8 @@ def parser():
     parser.add_argument("--tiny-swap", type=int, default=2, help="with --tiny: blocks swapped (no budget on CPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each child")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per child")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="no training: the trainer's block-swap choice for 12/16/24 GB budgets (meta tensors, CPU)")
     parser.add_argument("--family-config", help=argparse.SUPPRESS)  # internal: run one configuration
     return parser
 
@@ -245,6 +281,8 @@ def main():
     setup_comfy(opts.device)
     if opts.family_config:
         return child(opts)
+    if opts.plan_only:
+        return print(json.dumps(plan_table(opts)))
 
     families = FAMILIES if opts.family == "both" else [opts.family]
     results = {}
@@ -276,7 +314,7 @@ def main():
                          "steps": opts.steps},
                "results": results,
                "swap_step_time_vs_fp8": {f: ratio(f, "fp8_swap", "fp8", "seconds_per_step") for f in families},
-               "swap_peak_vs_fp8": {f: ratio(f, "fp8_swap", "fp8", "peak_gb") for f in families},
+               "swap_peak_vs_fp8": {f: ratio(f, "fp8_swap", "fp8", "peak_gib") for f in families},
                "fp8_step_time_vs_bf16": {f: ratio(f, "fp8", "bf16", "seconds_per_step") for f in families}}
     summary["aim_met"] = {f: (r is not None and r <= 1.3) for f, r in summary["swap_step_time_vs_fp8"].items()}
     print(json.dumps(summary))

@@ -42,3 +42,16 @@ def test_bench_memory_refuses_unknown_configs():
     done = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_memory.py"), "--device", "cpu",
                            "--configs", "fp8,fp4"], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "unknown configs ['fp4']" in done.stderr
+
+
+def test_plan_table_from_the_trainers_estimate():
+    """--plan-only: the trainer's own choice per budget, on meta tensors (no memory, no compute)."""
+    bench = bench_module()
+    opts = bench.parser().parse_args(["--device", "cpu", "--tiny", "--size", "32", "--prompt-tokens", "6",
+                                      "--entity-tokens", "3", "--plan-only"])
+    table = bench.plan_table(opts, budgets=(1e-4, 0.01, 1.0))
+    assert set(table) == {"flux bf16", "flux fp8", "qwen_image bf16", "qwen_image fp8"}
+    for row in table.values():
+        swapped = [int(row[key]["blocks_swapped"].split("/")[0]) for key in ("0.0001GB", "0.01GB", "1.0GB")]
+        assert swapped == sorted(swapped, reverse=True)  # a larger budget never swaps more
+        assert swapped[0] == 4 and not row["0.0001GB"]["fits"] and swapped[-1] == 0 and row["1.0GB"]["fits"]
