@@ -16,22 +16,27 @@ import logging
 
 import torch
 
-import comfy.patcher_extension
-
+from . import host
 from .adapters import adapter_for
 from .attention import OPTIONS_KEY, EntityAttention, entity_attention_mask, entity_attention_override
 from .conditioning import describe
 
 WRAPPER_KEY = "eligen"
-WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+def __getattr__(name):  # patch.WRAPPER_TYPE: ComfyUI's DIFFUSION_MODEL wrapper type, read through host
+    if name == "WRAPPER_TYPE":
+        return host.diffusion_model_wrapper_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch_model(model_patcher):
     """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing)."""
+    host.require_all()
     adapter = adapter_for(model_patcher)
     model = model_patcher.clone()
-    if not model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY):
-        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model))
+    if not host.diffusion_model_wrappers(model, WRAPPER_KEY):
+        host.add_diffusion_model_wrapper(model, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model))
     return model
 
 

@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension
 
+from ..core import host
 from . import dataset, entities, lora, preview, toyworld, training
 
 NODE_MODULES = (entities, preview, lora, dataset, training, toyworld)
@@ -9,4 +10,5 @@ NODE_MODULES = (entities, preview, lora, dataset, training, toyworld)
 
 class EliGenExtension(ComfyExtension):
     async def get_node_list(self):
+        host.startup_report()  # one log line when this ComfyUI lacks something EliGen needs
         return [node for module in NODE_MODULES for node in module.NODES]

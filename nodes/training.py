@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import comfy.model_management
-import comfy.sd
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..core import conditioning as entity_conds
+from ..core import host
 from ..core.adapters import adapter_for
 from ..core.lora_formats import load_lora, save_lora, to_reference
 from ..training import lora as lora_lib
@@ -224,12 +222,12 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     if settings.validation_every:
         validation = [validation_sample(samples[0], validation_positive, validation_entities)]
 
-    progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
+    progress = host.progress_bar(settings.steps, node_id=node_id)
     result = train(
         model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
         validation=validation, decode=lambda latent: decode_images(vae, latent), empty_condition=empty,
         on_progress=progress_reporter(progress, node_id),
-        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        check_interrupt=host.interrupt_check(),
         info={"lora_name": name},
     )
 
@@ -243,7 +241,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
                   to_reference(result.lora, adapter.lora_reference_format),
                   {**metadata, "eligen_format": adapter.lora_reference_format})
     # The same path as the stock LoraLoaderModelOnly: read the file back, patch a clone.
-    trained, _ = comfy.sd.load_lora_for_models(model.clone(), None, load_lora(path), 1.0, 0)
+    trained = host.apply_lora(model.clone(), load_lora(path), 1.0)
     images = [images for _, images in result.validation]
     return {
         "model": trained,

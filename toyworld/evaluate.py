@@ -11,10 +11,7 @@ import time
 
 import torch
 
-import comfy.sample
-import comfy.sd
-import nodes
-
+from ..core import host
 from ..core.conditioning import TEXT_LENGTHS, apply_entities, encode_entity_text
 from ..core.patch import patch_model
 from . import data, metric
@@ -24,7 +21,7 @@ TEXT_LENGTH = "real_length"
 
 
 def encode_prompt(clip, text):
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
+    return host.encode_prompt(clip, text)
 
 
 def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER):
@@ -35,12 +32,9 @@ def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER)
         positive, negative = apply_entities(positive, entities, negative)
         model = patch_model(model)
     height, width = layout.image.shape[:2]
-    latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]["samples"]
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(
-        model, noise, sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"],
-        positive, negative, latent, denoise=1.0, disable_pbar=True, seed=seed)
+    latent = host.empty_latent(model, width, height)
+    samples = host.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
+                                 sampler["scheduler"], positive, negative)
     return vae.decode(samples).reshape(-1, height, width, 3)
 
 
@@ -101,6 +95,5 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
 
 
 def with_lora(model, lora_sd, strength=1.0):
-    """The stock path: comfy.sd.load_lora_for_models on a clone (what LoraLoaderModelOnly does)."""
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
-    return patched
+    """The stock path (what LoraLoaderModelOnly does), on a clone."""
+    return host.apply_lora(model, lora_sd, strength)

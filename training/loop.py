@@ -14,11 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-import comfy.model_management
-import comfy.patcher_extension
-import comfy.samplers
-
-from ..core import blocks
+from ..core import blocks, host
 from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
@@ -212,28 +208,8 @@ def stack_condition(samples, device):
 # The model side
 
 
-def alias_inference_tensors(module):
-    """Nodes run under ``torch.inference_mode``, so the weights a loader node created are inference
-    tensors, which autograd refuses to save for backward. Swap each for a normal tensor sharing the same
-    memory (no copy); returns what ``restore_tensors`` needs to put the originals back."""
-    swapped = []
-    for owner in module.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, tensor in getattr(owner, kind).items():
-                if tensor is None or not tensor.is_inference():
-                    continue
-                alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-                    tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
-                if kind == "_parameters":
-                    alias = torch.nn.Parameter(alias, requires_grad=False)
-                getattr(owner, kind)[name] = alias
-                swapped.append((owner, kind, name, tensor))
-    return swapped
-
-
-def restore_tensors(swapped):
-    for owner, kind, name, tensor in swapped:
-        getattr(owner, kind)[name] = tensor
+alias_inference_tensors = host.alias_inference_tensors  # writes module tensor slots: a host contact point
+restore_tensors = host.restore_tensors
 
 
 class TrainingModel:
@@ -254,7 +230,7 @@ class TrainingModel:
         self.device = self.patched.load_device
 
     def __enter__(self):
-        comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+        host.load_for_training(self.patched)
         self._swapped = alias_inference_tensors(self.diffusion_model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
@@ -273,10 +249,7 @@ class TrainingModel:
     def _transformer_options(self):
         # What sampling would give the diffusion model (patches, attention override, wrappers), plus
         # the out-of-place training blocks.
-        options = dict(self.patched.model_options.get("transformer_options", {}))
-        wrappers = comfy.patcher_extension.copy_nested_dicts(options.get("wrappers", {}))
-        comfy.patcher_extension.merge_nested_dicts(wrappers, self.patched.wrappers, copy_dict1=False)
-        options["wrappers"] = wrappers
+        options = host.sampling_transformer_options(self.patched)
         return blocks.training_transformer_options(
             self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
         )
@@ -335,7 +308,7 @@ def sample_latents(training_model, sample, steps, seed, guidance=1.0):
     """Euler flow sampling of one latent with the sample's prompt and entities (no CFG: FLUX-dev style
     guidance distillation or a LoRA trained without a negative)."""
     model_sampling = training_model.patched.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).float()
+    sigmas = host.simple_sigmas(model_sampling, steps).float()
     device = training_model.device
     x = torch.randn((1,) + tuple(sample.latent.shape), generator=torch.Generator().manual_seed(seed)).to(device)
     context, pooled, condition = stack_condition([sample], device)
