@@ -10,7 +10,7 @@ import comfy.ldm.modules.attention
 import comfy.samplers
 import comfy.sample
 import comfy.sd
-from comfyui_eligen.core import conditioning, patch
+from comfyui_eligen.core import conditioning, host, patch
 from comfyui_eligen.core.adapters import adapter_for
 from test_entities_attention import Recorder, sample_and_record
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
@@ -127,10 +127,13 @@ def test_qwen_image_text_positions_restart_for_every_segment():
     ids = torch.cat([text_ids[:, None].repeat(1, 3), torch.zeros(4 * 6, 3)])[None]
     expected = comfy.ldm.flux.layers.EmbedND(diffusion_model.pe_embedder.dim, 10000,
                                              diffusion_model.pe_embedder.axes_dim)(ids)
-    assert pe.shape[2] == 14 + 24
-    torch.testing.assert_close(pe[0, 0, :14], expected[0, 0, :14].to(pe.dtype))
+    # pe is [B, 1, S, ...] (0.3.75) or [B, S, 1, ...] (0.3.64): compare along its sequence axis
+    pe = pe.movedim(host.rope_sequence_axis(pe), 1)[:, :, 0]
+    expected = expected[:, 0]
+    assert pe.shape[1] == 14 + 24
+    torch.testing.assert_close(pe[0, :14], expected[0, :14].to(pe.dtype))
     # every segment starts at the same position (ComfyUI alone would continue the numbering)
-    assert torch.equal(pe[0, 0, 0], pe[0, 0, 3]) and torch.equal(pe[0, 0, 0], pe[0, 0, 8])
+    assert torch.equal(pe[0, 0], pe[0, 3]) and torch.equal(pe[0, 0], pe[0, 8])
 
 
 def _tiny_lora(model, seed=3):
