@@ -31,8 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_server_class():
-    """tests/comfy_server.py's ComfyServer (standard library only; it is the project's server runner)."""
-    path = os.path.join(REPO, "tests", "comfy_server.py")
+    """scripts/comfy_server.py's ComfyServer (standard library only; the server runner the demo and the
+    tests share)."""
+    path = os.path.join(REPO, "scripts", "comfy_server.py")
     spec = importlib.util.spec_from_file_location("eligen_comfy_server", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
