@@ -51,9 +51,11 @@ def tested_range_text():
 
 def missing(contact, detail):
     """The MissingCapability for ``contact`` (the contact point's name) with what was found instead."""
-    return MissingCapability(
+    error = MissingCapability(
         f"EliGen cannot use ComfyUI {comfyui_version()}: {contact}: {detail} (EliGen is tested with ComfyUI "
         f"{tested_range_text()})")
+    error.contact, error.detail = contact, detail
+    return error
 
 
 def _module(name, contact):
@@ -576,13 +578,13 @@ CONTACTS = {
 
 
 def missing_capabilities():
-    """``[MissingCapability message]`` for every contact point whose check fails (empty: all present)."""
+    """``[MissingCapability]`` for every contact point whose check fails (empty: all present)."""
     problems = []
     for check in CONTACTS.values():
         try:
             check()
         except MissingCapability as error:
-            problems.append(str(error))
+            problems.append(error)
     return problems
 
 
@@ -592,7 +594,7 @@ def startup_report(log=logging.getLogger("comfyui_eligen")):
     problems = missing_capabilities()
     version = comfyui_version()
     if problems:
-        names = "; ".join(p.split(": ", 1)[1].rsplit(" (EliGen is tested", 1)[0] for p in problems)
+        names = "; ".join(getattr(p, "contact", str(p)) for p in problems)
         log.error("EliGen: ComfyUI %s is not supported (tested: %s); missing: %s. EliGen nodes will fail "
                   "with this message.", version, tested_range_text(), names)
         return problems
@@ -611,6 +613,9 @@ def startup_report(log=logging.getLogger("comfyui_eligen")):
 def require_all():
     """Raise the first start-up problem (for nodes: each affected node fails with the start-up message)."""
     problems = missing_capabilities()
+    if len(problems) == 1:
+        raise problems[0]
     if problems:
-        raise MissingCapability(problems[0] if len(problems) == 1 else
-                                problems[0] + f" (and {len(problems) - 1} more: see the start-up log)")
+        first = problems[0]
+        others = ", ".join(p.contact for p in problems[1:])
+        raise MissingCapability(f"{first} (also missing: {others})")
