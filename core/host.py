@@ -507,6 +507,17 @@ def vae_class():
     return cls
 
 
+def init_pixel_space_vae(vae, dtype):
+    """Run ``comfy.sd.VAE.__init__`` on ``vae`` (an instance of a subclass) through its pixel-space entry
+    point, which sets device, dtypes, output device and patcher the stock way (contact point: sd.VAE
+    pixel_space_vae; ComfyUI 0.3.52 has no such entry point)."""
+    contact = "sd.VAE pixel-space entry point (pixel_space_vae)"
+    vae_class().__init__(vae, sd={"pixel_space_vae": torch.tensor(1.0)}, dtype=dtype)
+    for name in ("device", "output_device", "vae_dtype"):
+        if not hasattr(vae, name):
+            raise missing(contact, f"the VAE built from a pixel_space_vae state dict has no {name}")
+
+
 def encode_prompt(clip, text):
     """CONDITIONING of a prompt, the way the stock CLIP Text Encode node makes it (contact point: the
     V1 node class nodes.CLIPTextEncode)."""

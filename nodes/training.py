@@ -22,8 +22,8 @@ from ..core.adapters import adapter_for
 from ..core.lora_formats import load_lora, save_lora, to_reference
 from ..training import lora as lora_lib
 from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
-from ..training.loop import PRECISIONS, SCHEDULES, Sample, TrainSettings, loss_graph, train
-from ..training.loss import TIMESTEP_SAMPLERS
+from ..training.loop import Sample, TrainSettings, loss_graph, train
+from .settings_inputs import setting_inputs, settings_from_inputs
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -95,43 +95,7 @@ class EliGenTrain(io.ComfyNode):
                 io.String.Input("lora_name", default="eligen_lora",
                                 tooltip="File name in models/loras (.safetensors is added) and the name of the "
                                         "checkpoint folder output/eligen_training/<name>."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5,
-                               tooltip="AdamW learning rate (reference: 1e-4)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Images per micro-batch (one training size per batch)."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
-                             tooltip="Micro-batches per optimizer step."),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
-                               tooltip="Learning-rate schedule after warm-up."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear warm-up steps."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
-                               tooltip="AdamW weight decay (reference: 0.01)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Gradient clipping norm; 0 turns it off."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLERS), default="reference",
-                               tooltip="reference: the reference's 1000 shifted timesteps with its Gaussian loss "
-                                       "weighting; logit_normal: sigmoid of a normal; uniform."),
-                io.Float.Input("entity_weight", default=0.0, min=0.0, max=10.0, step=0.1,
-                               tooltip="Extra loss weight inside the entity masks (0 = plain MSE, as the reference)."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
-                               tooltip="Autocast for the forward pass; the LoRA weights keep their own dtype. "
-                                       "On CPU only fp32 or bf16 make sense."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
-                io.Float.Input("entity_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
-                               tooltip="Probability of dropping each entity of a sample in a step."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
-                               tooltip="Probability of replacing the global caption with the empty prompt."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seeds everything random in training: the same seed repeats a run exactly."),
-                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
-                             tooltip="Write a checkpoint every N steps (0: only at the end, on Cancel or on a "
-                                     "non-finite loss). The last 3 are kept."),
-                io.Int.Input("validation_every", default=0, min=0, max=1_000_000,
-                             tooltip="Sample validation images every N steps (0: off), previewed on the node."),
-                io.Int.Input("validation_steps", default=20, min=1, max=200,
-                             tooltip="Euler steps of each validation image."),
+                *setting_inputs(TrainSettings),
                 io.String.Input("resume", default="",
                                 tooltip="Empty: a new run. 'latest': continue the last checkpoint of this lora_name. "
                                         "Or a checkpoint file name such as step_000250.safetensors."),
@@ -148,9 +112,7 @@ class EliGenTrain(io.ComfyNode):
                                       tooltip="Global prompt of the validation image (default: the first record's)."),
                 Entities.Input("validation_entities", optional=True,
                                tooltip="Entities of the validation image (default: the first record's)."),
-                io.Float.Input("validation_guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
-                               tooltip="Embedded guidance of the validation images for guidance-distilled models "
-                                       "(FLUX.1-dev; training itself uses 1 as the reference). Others ignore it."),
+                *setting_inputs(TrainSettings, optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -163,21 +125,10 @@ class EliGenTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, lora_config, lora_name, steps, learning_rate, batch_size,
-                grad_accumulation, schedule, warmup_steps, weight_decay, max_grad_norm, timestep_sampling,
-                entity_weight, precision, gradient_checkpointing, entity_dropout, caption_dropout, seed,
-                checkpoint_every, validation_every, validation_steps, resume, write_reference_format, cache,
+    def execute(cls, model, clip, vae, dataset, lora_config, lora_name, resume, write_reference_format, cache,
                 entity_text_length, validation_positive=None, validation_entities=None,
-                validation_guidance=3.5) -> io.NodeOutput:
-        settings = TrainSettings(
-            steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
-            schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            timestep_sampling=timestep_sampling, entity_weight=entity_weight, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, entity_dropout=entity_dropout,
-            caption_dropout=caption_dropout, seed=seed, checkpoint_every=checkpoint_every,
-            validation_every=validation_every, validation_steps=validation_steps,
-            validation_guidance=validation_guidance,
-        ).validate()
+                **settings) -> io.NodeOutput:
+        settings = settings_from_inputs(TrainSettings, settings).validate()
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,
                               entity_text_length=entity_text_length, validation_positive=validation_positive,

@@ -272,7 +272,7 @@ class ToyVAE(host.vae_class()):
 
     def __init__(self, family="flux"):
         # The pixel-space entry point sets device, dtype, output device and patcher the stock way.
-        super().__init__(sd={"pixel_space_vae": torch.tensor(1.0)}, dtype=torch.float32)
+        host.init_pixel_space_vae(self, dtype=torch.float32)
         latent_format = host.supported_model_config(family_spec(family)["model_class"]).latent_format()
         self.first_stage_model = ToyPoolAutoencoder(latent_format).eval()
         self.patcher = host.wrap_in_patcher(self.first_stage_model, "vae", load_device=self.device)

@@ -19,34 +19,58 @@ from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
 from . import checkpoints, lora
-from .loss import TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent, velocity_target
+from .loss import (TIMESTEP_SAMPLERS, TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent,
+                   velocity_target)
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def setting(default, help, **ui):
+    """A ``TrainSettings`` field: its default, its help text (the EliGen Train node's tooltip) and how the
+    node shows it (``min``, ``max``, ``step``, ``choices``; ``node=False`` keeps it off the node,
+    ``optional=True`` makes it an optional input)."""
+    return field(default=default, metadata={"help": help, **ui})
+
+
 @dataclass
 class TrainSettings:
-    steps: int = 100
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    schedule: str = "constant"          # constant | cosine | linear (decay to 0 after warm-up)
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0          # 0 turns clipping off
-    timestep_sampling: str = "reference"  # reference | logit_normal | uniform
-    entity_weight: float = 0.0          # extra loss weight inside the entity masks (0 = plain MSE)
-    precision: str = "fp32"             # autocast: fp32 (off) | bf16 | fp16; LoRA weights stay in their dtype
-    gradient_checkpointing: bool = False
-    entity_dropout: float = 0.0         # probability to drop each entity of a sample
-    caption_dropout: float = 0.0        # probability to replace the global caption by the empty one
-    seed: int = 0
-    checkpoint_every: int = 0           # 0 = only at the end / on interrupt / on a bad loss
-    keep_checkpoints: int = 3
-    validation_every: int = 0           # 0 = no validation images
-    validation_steps: int = 12          # Euler steps of the validation sampler
-    validation_guidance: float = 3.5    # embedded guidance of validation images (FLUX.1-dev; training uses 1)
+    """Every training option, its default and its help text: the single source of the EliGen Train node's
+    inputs and tooltips (nodes/settings_inputs.py). Adding an option = adding one field here."""
+
+    steps: int = setting(1000, "Optimizer steps.", min=1, max=1_000_000)
+    learning_rate: float = setting(1e-4, "AdamW learning rate (reference: 1e-4).", min=1e-8, max=1.0, step=1e-5)
+    batch_size: int = setting(1, "Images per micro-batch (one training size per batch).", min=1, max=64)
+    grad_accumulation: int = setting(1, "Micro-batches per optimizer step.", min=1, max=256)
+    schedule: str = setting("constant", "Learning-rate schedule after warm-up (linear and cosine decay to 0).",
+                            choices=SCHEDULES)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", min=0, max=100_000)
+    weight_decay: float = setting(0.01, "AdamW weight decay (reference: 0.01).", min=0.0, max=1.0, step=0.001)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0 turns it off.", min=0.0, max=100.0, step=0.1)
+    timestep_sampling: str = setting(
+        "reference", "reference: the reference's 1000 shifted timesteps with its Gaussian loss weighting; "
+                     "logit_normal: sigmoid of a normal; uniform.", choices=TIMESTEP_SAMPLERS)
+    entity_weight: float = setting(0.0, "Extra loss weight inside the entity masks (0 = plain MSE, as the reference).",
+                                   min=0.0, max=10.0, step=0.1)
+    precision: str = setting("bf16", "Autocast for the forward pass; the LoRA weights keep their own dtype. On CPU "
+                                     "only fp32 or bf16 make sense.", choices=tuple(PRECISIONS))
+    gradient_checkpointing: bool = setting(True, "Recompute each block in the backward pass: much less memory, "
+                                                 "~30% slower.")
+    entity_dropout: float = setting(0.0, "Probability of dropping each entity of a sample in a step.",
+                                    min=0.0, max=0.95, step=0.05)
+    caption_dropout: float = setting(0.0, "Probability of replacing the global caption with the empty prompt.",
+                                     min=0.0, max=0.95, step=0.05)
+    seed: int = setting(0, "Seeds everything random in training: the same seed repeats a run exactly.",
+                        min=0, max=2**31 - 1)
+    checkpoint_every: int = setting(250, "Write a checkpoint every N steps (0: only at the end, on Cancel or on a "
+                                         "non-finite loss). The last keep_checkpoints (3) are kept.", min=0, max=1_000_000)
+    keep_checkpoints: int = setting(3, "How many step checkpoints to keep.", min=0, max=1000, node=False)
+    validation_every: int = setting(0, "Sample validation images every N steps (0: off), previewed on the node.",
+                                    min=0, max=1_000_000)
+    validation_steps: int = setting(20, "Euler steps of each validation image.", min=1, max=200)
+    validation_guidance: float = setting(
+        3.5, "Embedded guidance of the validation images for guidance-distilled models (FLUX.1-dev; training "
+             "itself uses 1 as the reference). Others ignore it.", min=0.0, max=100.0, step=0.1, optional=True)
 
     def validate(self):
         problems = []
