@@ -19,19 +19,28 @@ import torch
 import comfy.patcher_extension
 
 from .adapters import adapter_for
-from .attention import OPTIONS_KEY, EntityAttention, entity_attention_mask, entity_attention_override
+from .attention import GROUPED, METHODS, OPTIONS_KEY, EntityAttention, entity_attention_override
 from .conditioning import describe
 
 WRAPPER_KEY = "eligen"
 WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
-def patch_model(model_patcher):
-    """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing)."""
+def patch_model(model_patcher, attention=GROUPED):
+    """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing).
+
+    attention: ``"grouped"`` (exact, no S x S mask, the default) or ``"dense"`` (the additive mask in one
+    attention call: the reference form, kept as a fallback and for tests); see core/attention.py."""
+    if attention not in METHODS:
+        raise ValueError(f"attention must be one of {', '.join(METHODS)}, not {attention!r}")
     adapter = adapter_for(model_patcher)
     model = model_patcher.clone()
-    if not model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY):
-        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model))
+    wrappers = model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY)
+    if not wrappers:
+        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
+    elif wrappers[0].method != attention:
+        raise ValueError(f"the model is already patched for EliGen with attention={wrappers[0].method!r}; "
+                         f"patch the unpatched model to use attention={attention!r}")
     return model
 
 
@@ -65,9 +74,10 @@ def check_mask_aspect(entity, adapter, latent_hw):
 class EntityWrapper:
     """The DIFFUSION_MODEL wrapper (a class so ComfyUI can deep-copy model options holding it)."""
 
-    def __init__(self, adapter, base_model):
+    def __init__(self, adapter, base_model, method=GROUPED):
         self.adapter = adapter
         self.base_model = base_model
+        self.method = method
         self._cache = None  # (key, EntityAttention): the mask is the same at every step of a run
 
     def __deepcopy__(self, memo):
@@ -84,7 +94,7 @@ class EntityWrapper:
         if not bool(token_masks.any(-1).all()):
             logging.warning("EliGen: an entity mask covers no image token at latent size %s; that "
                             "entity's text reaches no part of the image", tuple(x.shape[-2:]))
-        attention = EntityAttention(entity_attention_mask(entity.segment_lengths, token_masks))
+        attention = EntityAttention(entity.segment_lengths, token_masks, self.method)
         self._cache = ((key, token_masks), attention)
         return attention
 
