@@ -62,10 +62,41 @@ def additive_mask(bool_mask, dtype):
     return torch.zeros(bool_mask.shape, dtype=dtype, device=bool_mask.device).masked_fill(~bool_mask, blocked)
 
 
-# Methods of applying the rule (``patch_model(..., attention=...)``).
-GROUPED = "grouped"  # exact, unmasked calls of the attention function on gathered pieces (the default)
-DENSE = "dense"      # one call with the additive S x S mask (the reference form; the fallback)
-METHODS = (GROUPED, DENSE)
+# Methods of applying the rule (``patch_model(..., attention=...)``). All give the dense result.
+AUTO = "auto"            # augmented, or grouped where augmented could be wrong (the default)
+AUGMENTED = "augmented"  # one unmasked call; the rule rides in 2N+1 extra head dimensions
+GROUPED = "grouped"      # unmasked calls on gathered pieces: exact with any kernel or other override
+DENSE = "dense"          # one call with the additive S x S mask (the reference form)
+METHODS = (AUTO, AUGMENTED, GROUPED, DENSE)
+# What a blocked pair adds to q.k in the augmented method. A power of two (exact in fp16/bf16, below
+# fp16's max); divided by the kernel's sqrt(head dim <= 256) it is <= -2048: exp() gives exactly 0.
+BLOCKED_PRODUCT = 2.0 ** 15
+
+
+def rule_features(segment_lengths, token_masks):
+    """Query and key features ``[B or 1, S, 2N+1]`` whose dot product is 0 for an allowed pair and -1 for
+    a blocked one: the "may attend" rule as a rank-(2N+1) bias, with no S x S tensor.
+
+    Dimensions 0..N (one per text segment): a text key carries its segment's one-hot; a text query
+    carries -1 on every other segment; an image query carries -1 on the entities whose mask misses it.
+    Dimensions N+1..2N (one per entity): an image key carries 1 for every entity whose mask misses it;
+    an entity's text query carries -1 on its own entity. Every other pair meets zeros."""
+    lengths = [int(n) for n in segment_lengths]
+    batch, entities, image_tokens = token_masks.shape
+    device = token_masks.device
+    text = sum(lengths)
+    segment_of = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    one_hot = F.one_hot(segment_of, entities + 1).float()  # [L, N+1]
+    outside = (~token_masks.bool()).transpose(1, 2).float()  # [B, T, N]
+    width = 2 * entities + 1
+    query = torch.zeros(batch, text + image_tokens, width, device=device)
+    key = torch.zeros(batch, text + image_tokens, width, device=device)
+    query[:, :text, :entities + 1] = one_hot - 1
+    query[:, text:, :entities] = -outside
+    key[:, :text, :entities + 1] = one_hot
+    query[:, :text, entities + 1:] = -one_hot[:, :entities]
+    key[:, text:, entities + 1:] = outside
+    return query, key
 
 
 class EntityAttention:
@@ -73,7 +104,7 @@ class EntityAttention:
     segment lengths, the image-token masks ``[B or 1, N, T_img]`` and how to apply them. The grouped
     plan and the dense mask are each built once, on first use, and reused by every block."""
 
-    def __init__(self, segment_lengths, token_masks, method=GROUPED):
+    def __init__(self, segment_lengths, token_masks, method=AUTO):
         if method not in METHODS:
             raise ValueError(f"entity attention method must be one of {', '.join(METHODS)}, not {method!r}")
         self.segment_lengths = tuple(int(n) for n in segment_lengths)
@@ -98,6 +129,14 @@ class EntityAttention:
         key = (dtype, str(device))
         if key not in self._additive:
             self._additive[key] = additive_mask(self.allowed.to(device), dtype)[:, None]  # [B, 1, S, S]
+        return self._additive[key]
+
+    def features(self, dtype, device):
+        """``rule_features`` scaled for the augmented method, cached per dtype and device."""
+        key = ("features", dtype, str(device))
+        if key not in self._additive:
+            query, key_features = rule_features(self.segment_lengths, self.token_masks.to(device))
+            self._additive[key] = ((query * BLOCKED_PRODUCT).to(dtype)[:, None], key_features.to(dtype)[:, None])
         return self._additive[key]
 
     def plan(self, device):
@@ -212,24 +251,53 @@ def _with_entity_mask(entity, named):
     return dict(named, mask=mask)
 
 
-def _grouped_attention(entity, call, named):
-    """The entity rule as unmasked calls of ``call`` on gathered pieces (see ``_RowPlan``); the output has
-    the layout the caller asked for."""
+def _split_heads(named):
+    """(q, k, v as ``[B, H, S, D]``, heads, skip_output_reshape, the other arguments) of an unmasked call."""
     named = dict(named)
     q, k, v, heads = [named.pop(name) for name in ("q", "k", "v", "heads")]
     named.pop("mask", None)
-    skip_reshape = named.pop("skip_reshape", False)
     skip_output_reshape = named.pop("skip_output_reshape", False)
-    if not skip_reshape:  # [B, S, H*D] -> [B, H, S, D]
+    if not named.pop("skip_reshape", False):  # [B, S, H*D] -> [B, H, S, D]
         q, k, v = (t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    return q, k, v, heads, skip_output_reshape, named
+
+
+def _merge_heads(out, skip_output_reshape):
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def _grouped_attention(entity, call, named):
+    """The entity rule as unmasked calls of ``call`` on gathered pieces (see ``_RowPlan``); the output has
+    the layout the caller asked for."""
+    q, k, v, heads, skip_output_reshape, named = _split_heads(named)
 
     def attention(query, key, value):
         return call(query, key, value, heads, skip_reshape=True, skip_output_reshape=True, **named)
 
-    out = entity.plan(q.device).attend(attention, q, k, v)
-    if not skip_output_reshape:
-        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-    return out
+    return _merge_heads(entity.plan(q.device).attend(attention, q, k, v), skip_output_reshape)
+
+
+def _augmented_attention(entity, call, named):
+    """The entity rule as one unmasked call of ``call`` with q, k, v widened by ``rule_features``; q is
+    rescaled so that the kernel's 1/sqrt(new head dim) gives the original logits."""
+    q, k, v, heads, skip_output_reshape, named = _split_heads(named)
+    batch, _, sequence, dim = q.shape
+    query_features, key_features = entity.features(q.dtype, q.device)
+    extra = query_features.shape[-1]
+    wide = dim + extra + (-(dim + extra)) % 8  # kernels want head dims in multiples of 8
+    pad = wide - dim - extra
+    shape = (batch, heads, sequence)
+
+    def widen(t, features):
+        parts = [t] + ([features.expand(*shape, extra)] if features is not None else [])
+        width = pad + (extra if features is None else 0)
+        if width:
+            parts.append(t.new_zeros(*shape, width))
+        return torch.cat(parts, dim=-1)
+
+    out = call(widen(q * (wide / dim) ** 0.5, query_features), widen(k, key_features), widen(v, None), heads,
+               skip_reshape=True, skip_output_reshape=True, **named)[..., :dim]
+    return _merge_heads(out, skip_output_reshape)
 
 
 def entity_attention_override(previous=None):
@@ -237,7 +305,9 @@ def entity_attention_override(previous=None):
     carries an ``EntityAttention`` and the call is the joint text+image attention. Every attention it
     runs goes through ``previous`` (an override installed before) or the attention function ComfyUI
     chose, so other overrides and the chosen kernel keep working. The grouped method falls back to the
-    dense mask when the call already carries a mask of its own (another node's), which it then adds."""
+    dense mask when the call already carries a mask of its own (another node's), which it then adds;
+    so does the augmented method. ``auto`` picks augmented unless ``previous`` exists or ComfyUI's
+    chosen kernel quantizes q and k; then grouped."""
     if getattr(previous, "eligen_override", False):
         return previous
 
@@ -251,8 +321,15 @@ def entity_attention_override(previous=None):
         if entity is not None:
             named = host.attention_call_arguments(args, kwargs)
             if host.attention_sequence_length(named) == entity.sequence_length:
-                if entity.method == GROUPED and named.get("mask") is None:
+                method = entity.method
+                if method == AUTO:
+                    # The extra dimensions need a kernel that computes q.k as given: not a quantizing
+                    # one (SageAttention), and not an unknown one that another override may pick.
+                    method = GROUPED if previous is not None or host.is_quantized_attention(func) else AUGMENTED
+                if method == GROUPED and named.get("mask") is None:
                     return _grouped_attention(entity, call(func), named)
+                if method == AUGMENTED and named.get("mask") is None:
+                    return _augmented_attention(entity, call(func), named)
                 named = _with_entity_mask(entity, named)
                 tensors = [named.pop(name) for name in ("q", "k", "v", "heads")]
                 return call(func)(*tensors, **named)

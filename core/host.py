@@ -47,3 +47,14 @@ def attention_sequence_length(named):
     """The query sequence length of an attention call (``attention_call_arguments`` form)."""
     q = named["q"]
     return q.shape[2] if named.get("skip_reshape", False) else q.shape[1]
+
+
+def is_quantized_attention(func):
+    """Whether ``func`` (the attention function an override receives) is ComfyUI's SageAttention one,
+    which quantizes q and k (comfy.ldm.modules.attention.attention_sage, wrapped by ``wrap_attn``)."""
+    import comfy.ldm.modules.attention as attention
+
+    sage = getattr(attention, "attention_sage", None)
+    if sage is None:
+        return False
+    return func is sage or func is getattr(sage, "__wrapped__", None)

@@ -19,18 +19,20 @@ import torch
 import comfy.patcher_extension
 
 from .adapters import adapter_for
-from .attention import GROUPED, METHODS, OPTIONS_KEY, EntityAttention, entity_attention_override
+from .attention import AUTO, METHODS, OPTIONS_KEY, EntityAttention, entity_attention_override
 from .conditioning import describe
 
 WRAPPER_KEY = "eligen"
 WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
-def patch_model(model_patcher, attention=GROUPED):
+def patch_model(model_patcher, attention=AUTO):
     """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing).
 
-    attention: ``"grouped"`` (exact, no S x S mask, the default) or ``"dense"`` (the additive mask in one
-    attention call: the reference form, kept as a fallback and for tests); see core/attention.py."""
+    attention: how the entity rule reaches attention, all with the same result (core/attention.py):
+    ``"auto"`` (the default: ``"augmented"`` where it is safe, else ``"grouped"``), ``"augmented"`` (one
+    unmasked call, the rule in extra head dimensions), ``"grouped"`` (unmasked calls on gathered pieces),
+    ``"dense"`` (one call with the additive S x S mask: the reference form, a fallback and for tests)."""
     if attention not in METHODS:
         raise ValueError(f"attention must be one of {', '.join(METHODS)}, not {attention!r}")
     adapter = adapter_for(model_patcher)
@@ -74,7 +76,7 @@ def check_mask_aspect(entity, adapter, latent_hw):
 class EntityWrapper:
     """The DIFFUSION_MODEL wrapper (a class so ComfyUI can deep-copy model options holding it)."""
 
-    def __init__(self, adapter, base_model, method=GROUPED):
+    def __init__(self, adapter, base_model, method=AUTO):
         self.adapter = adapter
         self.base_model = base_model
         self.method = method

@@ -1,4 +1,5 @@
-"""The grouped entity attention (the default) against the dense masked attention (the reference form).
+"""The entity attention methods without an S x S mask (auto, the default; augmented; grouped) against the
+dense masked attention (the reference form).
 
 float64 throughout where the comparison must be exact (max abs difference below 1e-10): the bare
 override on ComfyUI's own attention functions, then whole forward passes of tiny FLUX.1 and Qwen-Image
@@ -21,6 +22,7 @@ from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
 
 FAMILIES = {"flux": tiny_flux, "qwen_image": tiny_qwen_image}
 EXACT = 1e-10
+FAST = [m for m in attention.METHODS if m != attention.DENSE]
 
 
 def token_masks(generator, batch, entities, tokens, empty=(), full=()):
@@ -49,7 +51,7 @@ def masked_softmax_attention(q, k, v, allowed):
 # The bare override on ComfyUI's attention functions
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
-def test_grouped_equals_dense_on_comfy_attention_functions(count):
+def test_methods_equal_dense_on_comfy_attention_functions(count):
     generator = torch.Generator().manual_seed(count)
     heads, dim = 2, 8
     lengths = [int(n) for n in torch.randint(1, 6, (count,), generator=generator)] + [4]
@@ -58,17 +60,16 @@ def test_grouped_equals_dense_on_comfy_attention_functions(count):
     masks[1, -1] = ~masks[1, -1]  # the two batch rows differ
     sequence = sum(lengths) + tokens
     q, k, v = (torch.randn(2, heads, sequence, dim, generator=generator, dtype=torch.float64) for _ in range(3))
-    grouped = attention.EntityAttention(lengths, masks, attention.GROUPED)
     dense = attention.EntityAttention(lengths, masks, attention.DENSE)
     expected = masked_softmax_attention(q, k, v, dense.allowed)
     for func in (comfy_attention.attention_pytorch, comfy_attention.attention_basic,
                  comfy_attention.attention_sub_quad, comfy_attention.attention_split):
-        for skip_reshape in (True, False):
+        for skip_reshape, method in [(s, m) for s in (True, False) for m in FAST]:
             args = (q, k, v) if skip_reshape else tuple(t.transpose(1, 2).reshape(2, sequence, heads * dim) for t in (q, k, v))
-            ours = run_override(grouped, func, *args, heads, skip_reshape)
+            ours = run_override(attention.EntityAttention(lengths, masks, method), func, *args, heads, skip_reshape)
             reference = run_override(dense, func, *args, heads, skip_reshape)
             assert ours.shape == reference.shape
-            assert (ours - reference).abs().max().item() < EXACT, (func.__name__, skip_reshape)
+            assert (ours - reference).abs().max().item() < EXACT, (func.__name__, skip_reshape, method)
             ours = ours.view(2, sequence, heads, dim).transpose(1, 2)  # [B, S, H*D] in both layouts
             assert (ours - expected).abs().max().item() < EXACT
 
@@ -79,7 +80,7 @@ def test_grouped_calls_never_carry_a_mask_and_stay_below_the_joint_length():
     generator = torch.Generator().manual_seed(0)
     lengths, tokens = [3, 4, 5], 30
     masks = token_masks(generator, 1, 2, tokens)
-    entity = attention.EntityAttention(lengths, masks)
+    entity = attention.EntityAttention(lengths, masks, attention.AUTO)  # another override: auto groups
     sequence = sum(lengths) + tokens
     q, k, v = (torch.randn(1, 2, sequence, 8, generator=generator, dtype=torch.float64) for _ in range(3))
     recorder = Recorder()
@@ -103,6 +104,31 @@ def test_another_mask_on_the_call_falls_back_to_the_dense_sum():
     expected = comfy_attention.attention_pytorch(q, k, v, 2, mask=other + attention.additive_mask(
         attention.entity_attention_mask(lengths, masks), torch.float64), skip_reshape=True)
     assert torch.equal(outputs[0], outputs[1]) and (outputs[0] - expected).abs().max().item() < EXACT
+
+
+def test_augmented_keeps_blocked_pairs_at_zero_weight_in_half_precision():
+    """fp16/bf16 (GPU dtypes, run here on the CPU): the extra dimensions stay finite and blocked pairs get
+    no weight, so the result is the dense one up to the dtype's rounding."""
+    generator = torch.Generator().manual_seed(5)
+    lengths, tokens = [3, 4, 5, 6], 48
+    masks = token_masks(generator, 1, 3, tokens)
+    sequence = sum(lengths) + tokens
+    q, k, v = (4 * torch.randn(1, 2, sequence, 64, generator=generator) for _ in range(3))
+    dense = masked_softmax_attention(q.double(), k.double(), v.double(), attention.entity_attention_mask(lengths, masks))
+    for dtype in (torch.float16, torch.bfloat16):
+        entity = attention.EntityAttention(lengths, masks, attention.AUGMENTED)
+        out = run_override(entity, comfy_attention.attention_pytorch, q.to(dtype), k.to(dtype), v.to(dtype), 2, True)
+        out = out.view(1, sequence, 2, 64).transpose(1, 2).double()
+        assert torch.isfinite(out).all()
+        assert (out - dense).abs().max().item() < 0.05 * dense.abs().max().item(), dtype
+
+
+def test_auto_groups_under_a_quantizing_kernel():
+    from comfyui_eligen.core import host
+
+    assert host.is_quantized_attention(comfy_attention.attention_sage)
+    assert host.is_quantized_attention(comfy_attention.attention_sage.__wrapped__)
+    assert not host.is_quantized_attention(comfy_attention.attention_pytorch.__wrapped__)
 
 
 def test_unknown_method_is_an_error_naming_it():
@@ -141,7 +167,7 @@ FORWARD_CASES = [
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
-def test_model_forward_grouped_equals_dense(case):
+def test_model_forward_equals_dense(case):
     name, family, latent_hw, lengths, global_length, batch, rows_differ, reference_hw = case
     generator = torch.Generator().manual_seed(len(name))
     base = FAMILIES[family](dtype=torch.float64)
@@ -170,8 +196,8 @@ def test_model_forward_grouped_equals_dense(case):
         model = patch.patch_model(base, attention=method)
         outputs[method] = forward(model, x, sigma, context, pooled, condition, references)
     plain = forward(base, x, sigma, context, pooled, None, references)
-    difference = (outputs[attention.GROUPED] - outputs[attention.DENSE]).abs().max().item()
-    assert difference < EXACT
+    for method in FAST:
+        assert (outputs[method] - outputs[attention.DENSE]).abs().max().item() < EXACT, method
     assert (outputs[attention.DENSE] - plain).abs().max().item() > 1e-4  # the rule matters in this case
 
 
@@ -198,7 +224,7 @@ SAMPLING_CASES = [
 
 
 @pytest.mark.parametrize("case", SAMPLING_CASES, ids=[c[0] for c in SAMPLING_CASES])
-def test_sampling_grouped_gives_the_dense_images(case):
+def test_sampling_gives_the_dense_images(case):
     name, family, count, latent_hw, batch, cfg, on_negative, reference_hw = case
     base = FAMILIES[family]()
     positive, negative = prompts()
@@ -209,11 +235,12 @@ def test_sampling_grouped_gives_the_dense_images(case):
     h, w = latent_hw
     applied = conditioning.apply_entities(positive, entities(count, (8 * h, 8 * w), lengths=(3, 5, 2)), negative, on_negative=on_negative)
     shape = (batch, 16) + ((1,) if family == "qwen_image" else ()) + latent_hw
-    grouped = sample(patch.patch_model(base), *applied, shape, cfg)
     dense = sample(patch.patch_model(base, attention="dense"), *applied, shape, cfg)
     plain = sample(base, positive, negative, shape, cfg)
-    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(grouped, plain, atol=1e-3)
+    assert not torch.allclose(dense, plain, atol=1e-3)
+    for method in FAST:
+        torch.testing.assert_close(sample(patch.patch_model(base, attention=method), *applied, shape, cfg), dense,
+                                   rtol=1e-5, atol=1e-5, msg=method)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -223,9 +250,11 @@ def test_an_override_added_after_eligen_still_runs_on_every_piece(family):
     applied = conditioning.apply_entities(positive, entities(3, (64, 96), lengths=(3, 5, 2)), negative)
     shape = (1, 16) + ((1,) if family == "qwen_image" else ()) + (8, 12)
     recorder = Recorder()
-    grouped = sample(patch.patch_model(base), *applied, shape, 2.0, later_override=recorder)
+    grouped = sample(patch.patch_model(base), *applied, shape, 2.0, later_override=recorder)  # auto: grouped
     dense = sample(patch.patch_model(base, attention="dense"), *applied, shape, 2.0)
     torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-5)
+    augmented = sample(patch.patch_model(base, attention="augmented"), *applied, shape, 2.0, later_override=Recorder())
+    torch.testing.assert_close(augmented, dense, rtol=1e-5, atol=1e-5)
     joint = 3 + 5 + 2 + 6 + 4 * 6
     assert recorder.calls and all(call["mask"] is None for call in recorder.calls)
     pieces = [call for call in recorder.calls if call["sequence"] < joint and call["sequence"] != 4 + 4 * 6]
