@@ -110,7 +110,7 @@ def candidate_times(device, heads, dim, image_tokens, lengths, token_masks, dtyp
     cuda = str(device).startswith("cuda")
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     calls = {"plain": lambda: func(q, k, v, heads, skip_reshape=True, skip_output_reshape=True)}
-    for method in (attention.AUGMENTED, attention.GROUPED, attention.DENSE):
+    for method in (attention.AUTO, attention.AUGMENTED, attention.GROUPED, attention.DENSE):
         entity = attention.EntityAttention(lengths, token_masks, method)
         options = {attention.OPTIONS_KEY: entity, "optimized_attention_override": attention.entity_attention_override()}
         calls[method] = (lambda options=options: func(q, k, v, heads, skip_reshape=True, skip_output_reshape=True,

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_env import setup_comfy  # noqa: E402
 COUNTS = (0, 2, 4, 8)
 PADDED = 512
-METHODS = ("augmented", "grouped", "dense")  # "auto" is augmented here (no other override installed)
+METHODS = ("auto", "augmented", "grouped", "dense")  # auto (the default) picks augmented or grouped
 
 
 def model_spec(family, real_widths, blocks):

@@ -63,7 +63,7 @@ def additive_mask(bool_mask, dtype):
 
 
 # Methods of applying the rule (``patch_model(..., attention=...)``). All give the dense result.
-AUTO = "auto"            # augmented, or grouped where augmented could be wrong (the default)
+AUTO = "auto"            # the cheaper of augmented and grouped; grouped where augmented could be wrong
 AUGMENTED = "augmented"  # one unmasked call; the rule rides in 2N+1 extra head dimensions
 GROUPED = "grouped"      # unmasked calls on gathered pieces: exact with any kernel or other override
 DENSE = "dense"          # one call with the additive S x S mask (the reference form)
@@ -71,6 +71,17 @@ METHODS = (AUTO, AUGMENTED, GROUPED, DENSE)
 # What a blocked pair adds to q.k in the augmented method. A power of two (exact in fp16/bf16, below
 # fp16's max); divided by the kernel's sqrt(head dim <= 256) it is <= -2048: exp() gives exactly 0.
 BLOCKED_PRODUCT = 2.0 ** 15
+# auto's estimate of one grouped attention call's overhead (launch, gathering its keys), in query-key
+# pairs: CALL_COST_PAIRS + CALL_COST_PER_KEY * S. Set from the CPU figures in docs/readme/i10.md;
+# bench/bench_entities.py measures every method, so the GPU figures can correct it.
+CALL_COST_PAIRS = 2 ** 16
+CALL_COST_PER_KEY = 128
+
+
+def augmented_width(head_dim, entities):
+    """The head dim of the augmented call: D + 2N + 1, padded to a multiple of 8 (kernels want that)."""
+    width = head_dim + 2 * entities + 1
+    return width + (-width) % 8
 
 
 def rule_features(segment_lengths, token_masks):
@@ -139,6 +150,19 @@ class EntityAttention:
             self._additive[key] = ((query * BLOCKED_PRODUCT).to(dtype)[:, None], key_features.to(dtype)[:, None])
         return self._additive[key]
 
+    def auto_method(self, device, head_dim):
+        """augmented or grouped, whichever the work estimate says is cheaper: augmented computes all S x S
+        pairs at head dim D' (``augmented_width``); grouped computes only the pairs the rule allows, with
+        a cost per call. Padded entity text (many text tokens, each seeing few image tokens) favours
+        grouped; short entity prompts favour augmented's single call."""
+        key = ("auto", str(device), head_dim)
+        if key not in self._additive:
+            plan = self.plan(device)
+            width = augmented_width(head_dim, len(self.segment_lengths) - 1)
+            augmented = len(plan.rows) * self.sequence_length ** 2 * width / head_dim
+            self._additive[key] = GROUPED if plan.cost < augmented else AUGMENTED
+        return self._additive[key]
+
     def plan(self, device):
         key = str(device)
         if key not in self._plans:
@@ -173,6 +197,13 @@ class _RowPlan:
         for code, indices in zip(values.tolist(), torch.split(order, sizes)):
             self.groups.append(([i for i in range(entities) if code >> i & 1], indices))
         self.inverse_order = torch.argsort(order)  # concatenated group outputs -> image-token order
+        # Query-key pairs this row computes (what the rule allows) and how many attention calls it takes.
+        inside = masks.sum(1).tolist()
+        lengths = [int(n) for n in segment_lengths]
+        global_length = lengths[-1]
+        self.pairs = (sum(n * (n + t) for n, t in zip(lengths, inside)) + global_length * (global_length + image_tokens)
+                      + image_tokens * (image_tokens + global_length) + sum(n * t for n, t in zip(lengths, inside)))
+        self.calls = entities + 1 + len(self.groups)
 
     def text_keys(self, tensor, members):
         """Keys (or values) of the entities in ``members``, then G and every image token."""
@@ -216,6 +247,10 @@ class GroupedPlan:
                 rows.append(([b], _RowPlan(token_masks[b], segment_lengths), token_masks[b]))
         self.rows = [(indices, plan) for indices, plan, _ in rows]
         self.broadcast = token_masks.shape[0] == 1
+        sequence = self.text_length + token_masks.shape[-1]
+        self.sequence_length = sequence
+        self.cost = sum(plan.pairs + plan.calls * (CALL_COST_PAIRS + CALL_COST_PER_KEY * sequence)
+                        for _, plan in self.rows)
 
     def attend(self, attention, q, k, v):
         if self.broadcast or len(self.rows) == 1 and len(self.rows[0][0]) == q.shape[0]:
@@ -284,7 +319,7 @@ def _augmented_attention(entity, call, named):
     batch, _, sequence, dim = q.shape
     query_features, key_features = entity.features(q.dtype, q.device)
     extra = query_features.shape[-1]
-    wide = dim + extra + (-(dim + extra)) % 8  # kernels want head dims in multiples of 8
+    wide = augmented_width(dim, (extra - 1) // 2)
     pad = wide - dim - extra
     shape = (batch, heads, sequence)
 
@@ -306,8 +341,8 @@ def entity_attention_override(previous=None):
     runs goes through ``previous`` (an override installed before) or the attention function ComfyUI
     chose, so other overrides and the chosen kernel keep working. The grouped method falls back to the
     dense mask when the call already carries a mask of its own (another node's), which it then adds;
-    so does the augmented method. ``auto`` picks augmented unless ``previous`` exists or ComfyUI's
-    chosen kernel quantizes q and k; then grouped."""
+    so does the augmented method. ``auto`` picks grouped when ``previous`` exists or ComfyUI's chosen
+    kernel quantizes q and k, else the cheaper of the two (``EntityAttention.auto_method``)."""
     if getattr(previous, "eligen_override", False):
         return previous
 
@@ -325,7 +360,11 @@ def entity_attention_override(previous=None):
                 if method == AUTO:
                     # The extra dimensions need a kernel that computes q.k as given: not a quantizing
                     # one (SageAttention), and not an unknown one that another override may pick.
-                    method = GROUPED if previous is not None or host.is_quantized_attention(func) else AUGMENTED
+                    if previous is not None or host.is_quantized_attention(func):
+                        method = GROUPED
+                    else:
+                        q = named["q"]
+                        method = entity.auto_method(q.device, q.shape[-1] if named.get("skip_reshape") else q.shape[-1] // named["heads"])
                 if method == GROUPED and named.get("mask") is None:
                     return _grouped_attention(entity, call(func), named)
                 if method == AUGMENTED and named.get("mask") is None:

@@ -131,6 +131,19 @@ def test_auto_groups_under_a_quantizing_kernel():
     assert not host.is_quantized_attention(comfy_attention.attention_pytorch.__wrapped__)
 
 
+def test_auto_picks_grouped_for_padded_text_and_augmented_for_short_prompts():
+    """Padded entity text: most query-key pairs are blocked, grouped computes only the allowed ones; short
+    prompts: augmented's one call beats grouped's many."""
+    masks = torch.zeros(1, 8, 12, 12, dtype=torch.bool)
+    for k in range(8):
+        masks[0, k, k % 6:k % 6 + 4, k // 2:k // 2 + 4] = True
+    masks = masks.flatten(2)
+    padded = attention.EntityAttention([512] * 8 + [32], masks)
+    short = attention.EntityAttention([8] * 8 + [32], masks)
+    assert padded.auto_method("cpu", 64) == attention.GROUPED
+    assert short.auto_method("cpu", 64) == attention.AUGMENTED
+
+
 def test_unknown_method_is_an_error_naming_it():
     with pytest.raises(ValueError, match="'sparse'"):
         attention.EntityAttention([2, 3], torch.ones(1, 1, 4, dtype=torch.bool), "sparse")
