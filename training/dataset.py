@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..core.mask_rule import resize_nearest
+
 METADATA_NAMES = ("metadata.json", "metadata.jsonl")
 DEFAULT_MAX_PIXELS = 1024 * 1024
 SIDE_MULTIPLE = 16  # the reference floors both sides to a multiple of 16
@@ -146,12 +148,10 @@ def resize_image(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, target: tuple[int, int]) -> np.ndarray:
-    """bool [H, W] -> bool [th, tw]: the image's resize and crop, with nearest so the mask stays sharp."""
-    (sw, sh), box = _cover_and_crop_box(mask.shape[0], mask.shape[1], target)
-    pil = Image.fromarray(mask.astype(np.uint8) * 255)
-    if (sw, sh) != pil.size:
-        pil = pil.resize((sw, sh), Image.NEAREST)
-    return np.asarray(pil.crop(box)) > 127
+    """bool [H, W] -> bool [th, tw]: the image's resize and crop, with the mask rule's PIL-exact nearest
+    (core/mask_rule.py, also used for sampling) so the mask stays sharp."""
+    (sw, sh), (left, top, right, bottom) = _cover_and_crop_box(mask.shape[0], mask.shape[1], target)
+    return np.ascontiguousarray(resize_nearest(np.asarray(mask, dtype=bool), (sh, sw))[top:bottom, left:right])
 
 
 def prepare_image(record: Record, bucket: tuple[int, int]) -> torch.Tensor:
