@@ -52,7 +52,12 @@ def entity_mask(mask, name):
         mask = mask[0]
     if mask.ndim != 2:
         raise ValueError(f"{name}: a mask must be [H, W] or [1, H, W], not {list(mask.shape)}")
-    mask = mask.detach().float().clamp(0.0, 1.0).cpu()
+    mask = mask.detach().float().cpu()
+    if not bool(torch.isfinite(mask).all()):
+        bad = int((~torch.isfinite(mask)).sum())
+        raise ValueError(f"{name}: the mask holds {bad} NaN or inf value(s) of {mask.numel()}; a mask must be "
+                         f"numbers in [0, 1] (white = the entity)")
+    mask = mask.clamp(0.0, 1.0)
     if not bool((mask > 0.5).any()):
         raise ValueError(
             f"{name}: the mask is empty (no pixel above half intensity); paint the "
@@ -67,8 +72,14 @@ def entity_embeds(conditioning, name):
             f"{name}: the conditioning holds {len(conditioning)} entries; use one text "
             f"encoding per entity (not a combined or concatenated conditioning)")
     embeds = conditioning[0][0]
-    if embeds.ndim != 3 or embeds.shape[0] != 1:
-        raise ValueError(f"{name}: expected text embeddings [1, L, D], got {list(embeds.shape)}")
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"{name}: expected text embeddings [1, L, D], got "
+                         f"{list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+    if embeds.shape[1] == 0:
+        raise ValueError(f"{name}: the text embeddings hold 0 tokens; the entity's prompt would reach nothing "
+                         f"(encode a non-empty prompt)")
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name}: the text embeddings hold NaN or inf values; re-encode the entity's prompt")
     return embeds.detach()
 
 
