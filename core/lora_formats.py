@@ -195,9 +195,53 @@ def shape_problems(comfy_state_dict, model_state_dict):
     return problems
 
 
+def tensor_problems(state_dict):
+    """What makes a LoRA state dict unusable before any key is mapped, one message per key: keys that are
+    not text, values that are not tensors, NaN or inf values, an alpha that is not one number, LoRA
+    matrices that are not 2-D (or 4-D conv) or lack their partner, and partners whose ranks differ."""
+    if not isinstance(state_dict, dict):
+        return [f"expected a dict of tensors, got {type(state_dict).__name__}"]
+    problems, modules = [], {}
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not text")
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"key {key!r} holds a {type(tensor).__name__}, not a tensor")
+            continue
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"key {key!r} holds NaN or inf values")
+            continue
+        split = split_lora_key(key)
+        if split is None:
+            continue
+        module, role = split
+        if role == "alpha" and tensor.numel() != 1:
+            problems.append(f"key {key!r}: an alpha must be one number, got shape {tuple(tensor.shape)}")
+        elif role in ("up", "down"):
+            if tensor.ndim not in (2, 4) or 0 in tensor.shape:
+                problems.append(f"key {key!r}: a LoRA matrix must be 2-D (or 4-D), got shape {tuple(tensor.shape)}")
+            else:
+                modules.setdefault(module, {})[role] = (key, tensor)
+    for module, parts in modules.items():
+        if len(parts) == 1:
+            (role, (key, _)), = parts.items()
+            problems.append(f"key {key!r} has no {'lora_down (A)' if role == 'up' else 'lora_up (B)'} partner")
+        elif parts["up"][1].shape[1] != parts["down"][1].shape[0]:
+            problems.append(f"keys {parts['up'][0]!r} {tuple(parts['up'][1].shape)} and {parts['down'][0]!r} "
+                            f"{tuple(parts['down'][1].shape)} have different ranks")
+    return problems
+
+
 def to_comfy_for_model(state_dict, model, source="LoRA"):
-    """``to_comfy`` for a ModelPatcher/BaseModel. Raises a ValueError naming the keys that match no module
-    of the model, or whose shapes do not fit it."""
+    """``to_comfy`` for a ModelPatcher/BaseModel. Raises a ValueError naming the keys that are unusable
+    (``tensor_problems``), match no module of the model, or whose shapes do not fit it."""
+    problems = tensor_problems(state_dict)
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems[:8]) + more)
+    if not state_dict:
+        raise ValueError(f"{source}: the LoRA file holds no tensors")
     base_model = getattr(model, "model", model)
     converted, unmatched = to_comfy(state_dict, model_key_map(base_model))
     if unmatched:

@@ -20,10 +20,13 @@ from ..core import conditioning as entity_conds
 from ..core import host
 from ..core.adapters import adapter_for
 from ..core.lora_formats import load_lora, save_lora, to_reference
+from ..core.mask_rule import resize_nearest
 from ..training import lora as lora_lib
 from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
 from ..training.loop import Sample, TrainSettings, loss_graph, train
 from .settings_inputs import setting_inputs, settings_from_inputs
+from ..training.faults import check_validation_inputs
+from ..training.outputs import plain_lora_name, start_run
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -141,13 +144,8 @@ class EliGenTrain(io.ComfyNode):
 
 
 def checked_lora_name(name):
-    """A bare file name for models/loras (".safetensors" optional); refuses paths and empty names."""
-    name = (name or "").strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-        raise ValueError(f"lora_name {name!r} must be a plain file name (no folders, no special characters)")
-    return name
+    """A bare file name for models/loras (".safetensors" optional); see training/outputs.py."""
+    return plain_lora_name(name)
 
 
 def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
@@ -162,7 +160,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
         raise ValueError(f"entity_text_length {entity_text_length!r} is not one of {', '.join(entity_conds.TEXT_LENGTHS)}")
     resume = (resume or "").strip()
     runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
-    run_dir = os.path.join(runs, name)
+    run_dir = start_run(name, folder_paths.get_folder_paths("loras")[0], runs, resume)
 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()
@@ -213,13 +211,13 @@ def validation_sample(first, positive=None, entities=None):
         context = positive[0][0]
         pooled = positive[0][1].get("pooled_output", pooled)
     embeds, masks = first.entity_embeds, first.masks
+    check_validation_inputs(first, positive, entities, first.context.shape[-1])
     if entities is not None:
         size = tuple(first.masks.shape[-2:]) if first.masks.numel() else None
         if size is None:
             size = tuple(int(s) * 8 for s in first.latent.shape[-2:])
         embeds = [e.embeds for e in entities]
-        masks = torch.stack([torch.nn.functional.interpolate(e.mask[None, None].float(), size=size,
-                                                             mode="nearest-exact")[0, 0] for e in entities]) \
+        masks = torch.stack([resize_nearest(e.mask.float(), size) for e in entities]) \
             if entities else torch.zeros(0, *size)
     return Sample(first.latent, context, pooled, list(embeds), masks)
 

@@ -244,7 +244,7 @@ def test_training_forward_goes_through_the_same_patch(family):
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn((2, 16, 8, 12), generator=generator)
     context = torch.randn(2, 3 + 5 + 6, TEXT_WIDTH, generator=generator)
-    masks = conditioning.stack_masks(entities())[None].repeat(2, 1, 1, 1)
+    masks = conditioning.stack_masks(entities())[0][None].repeat(2, 1, 1, 1)
     condition = conditioning.EntityCondition.for_training([3, 5, 6], masks)
     recorder = Recorder()
     options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}},
@@ -269,7 +269,7 @@ def test_training_after_sampling_in_inference_mode_still_backpropagates():
     adapter = adapter_for(model)
     x_t = torch.randn(1, 16, 8, 12, requires_grad=True)
     context = torch.randn(1, 3 + 5 + 6, TEXT_WIDTH)
-    condition = conditioning.EntityCondition.for_training([3, 5, 6], conditioning.stack_masks(chosen)[None])
+    condition = conditioning.EntityCondition.for_training([3, 5, 6], conditioning.stack_masks(chosen)[0][None])
     def pytorch_attention(func, *args, **kwargs):  # SDPA saves its mask for backward (sub-quad does not)
         return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
@@ -294,7 +294,7 @@ def test_reference_latents_get_the_mask_on_their_own_grid():
     text, main_tokens, ref_tokens = 3 + 5 + 6, 4 * 6, 2 * 3
     assert calls and all(c["sequence"] == text + main_tokens + ref_tokens for c in calls)
     allowed = calls[0]["mask"][0, 0] == 0
-    masks = conditioning.stack_masks(chosen)
+    masks, _ = conditioning.stack_masks(chosen)
     for k, row in enumerate((0, 3)):  # first text row of each entity
         expected = torch.cat([mask_to_token_grid(masks[k], (8, 12)).flatten(), mask_to_token_grid(masks[k], (4, 6)).flatten()])
         assert torch.equal(allowed[row, text:], expected)

@@ -181,6 +181,21 @@ def make_key(**parts) -> str:
 # The store
 
 
+# What every entry of a kind must hold (a file without it is damaged: a miss, written again).
+REQUIRED_KEYS = {"latent": ("latent",), "text": ("cond",)}
+
+
+def entry_problem(kind, entry):
+    """None for a usable cache entry, else what is wrong with it (a missing key, NaN or inf values)."""
+    missing = [key for key in REQUIRED_KEYS.get(kind, ()) if key not in entry]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)} tensor"
+    for name, tensor in entry.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} holds NaN or inf values"
+    return None
+
+
 class EncodingCache:
     """Memory dict plus an optional folder of safetensors files, one per entry.
 
@@ -229,9 +244,12 @@ class EncodingCache:
                 except Exception as e:  # a damaged file is a miss; it is rewritten after encoding
                     logging.warning(f"EliGen cache: ignoring unreadable entry {path} ({e})")
                 else:
-                    self.hits["disk"] += 1
-                    self._remember(slot, entry)
-                    return entry
+                    problem = entry_problem(kind, entry)
+                    if problem is None:
+                        self.hits["disk"] += 1
+                        self._remember(slot, entry)
+                        return entry
+                    logging.warning(f"EliGen cache: ignoring damaged entry {path} ({problem}); encoding it again")
         self.misses += 1
         return None
 

@@ -19,6 +19,7 @@ from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
 from . import checkpoints, lora
+from .faults import check_finite_samples
 from .loss import (TIMESTEP_SAMPLERS, TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent,
                    velocity_target)
 
@@ -372,6 +373,8 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
         raise ValueError("the dataset has no samples to train on")
     if resume and run_dir is None:
         raise ValueError("resume needs a checkpoint folder (run_dir)")
+    check_finite_samples(samples)
+    check_finite_samples(validation or [], "validation")
     samples = [as_sample(s) for s in samples]
     validation = [as_sample(s) for s in (validation or [])]
     if empty_condition is None:
@@ -407,9 +410,11 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         state = checkpoints.Checkpoint(path)
         if state.info.get("family") != family:
             raise ValueError(f"resume: checkpoint {path} is for {state.info.get('family')}, this model is {family}")
+        state.check_lora_settings(lora_settings)
         lora.load_lora_tensors(model.diffusion_model, state.lora)
         state.restore_optimizer(optimizer)
         state.restore_scheduler(scheduler)
+        use_learning_rate(optimizer, scheduler, settings)  # this run's rate, not the checkpoint's
         if state.info.get("grad_scaler"):
             scaler.load_state_dict(state.info["grad_scaler"])
         result.step = state.step
@@ -432,8 +437,10 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         try:
             loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt)
         except TrainingStopped as error:
-            save()
-            where = f"; last good checkpoint: {result.checkpoint}" if result.checkpoint else ""
+            # The weights of `step` gave the non-finite value: keep the checkpoint before them.
+            result.checkpoint = checkpoints.keep_last_finite(run_dir, step)
+            where = (f"; last checkpoint with a finite loss: {result.checkpoint}" if result.checkpoint else
+                     "; no checkpoint before it was kept (set checkpoint_every to keep some)")
             result.stopped = str(error)
             raise TrainingStopped(f"{error}; training stopped after {step} completed steps{where}") from None
         except BaseException:
@@ -463,6 +470,17 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         save()
     result.lora = lora.lora_state_dict(model.diffusion_model)
     return result
+
+
+def use_learning_rate(optimizer, scheduler, settings):
+    """Set the learning rate of ``settings`` (with the schedule at its current step) on a restored
+    optimizer and scheduler, which otherwise keep the rate of the run that wrote the checkpoint."""
+    scheduler.base_lrs = [settings.learning_rate] * len(optimizer.param_groups)
+    factor = lr_lambda(settings)(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = settings.learning_rate
+        group["lr"] = settings.learning_rate * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt):

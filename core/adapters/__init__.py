@@ -53,11 +53,12 @@ class Adapter:
     def latent_to_tokens(self, h, w):
         return math.ceil(h / self.patch_size), math.ceil(w / self.patch_size)
 
-    def image_token_masks(self, masks, x, ref_latents=None):
+    def image_token_masks(self, masks, x, ref_latents=None, mask_sizes=None):
         """Entity masks ``[B, N, H, W]`` -> bool ``[B, N, T_img]`` in the model's image-token order:
-        the latent's grid, then one grid per reference latent (the reference tiles the mask over them)."""
+        the latent's grid, then one grid per reference latent (the reference tiles the mask over them).
+        ``mask_sizes``: each mask's own size when they are stored padded (see EntityCondition)."""
         sizes = [tuple(x.shape[-2:])] + [tuple(ref.shape[-2:]) for ref in (ref_latents or [])]
-        grids = [mask_to_token_grid(masks, size, self.patch_size).flatten(-2) for size in sizes]
+        grids = [mask_to_token_grid(masks, size, self.patch_size, mask_sizes).flatten(-2) for size in sizes]
         return torch.cat(grids, dim=-1)
 
     # -- text positions ---------------------------------------------------------------------
