@@ -9,9 +9,10 @@ The rule (same for FLUX.1 and Qwen-Image; the joint sequence is ``[E1 .. EN, G, 
 """
 
 import torch
-from .mask_rule import latent_to_token_grid, masks_to_latent
+import torch.nn.functional as F
 
 from . import host
+from .mask_rule import latent_to_token_grid, masks_to_latent
 
 # transformer_options key under which the model patch hands the mask to the attention override.
 OPTIONS_KEY = "eligen_attention"
