@@ -134,9 +134,10 @@ QWEN_IMAGE_TRAINING_BLOCKS = {
 }
 
 
-def _training_replacement(own_forward, existing, checkpointing):
+def _training_replacement(own_forward, existing, checkpointing, wrap=None):
     """One ``patches_replace`` entry: existing replacement (if any) around the out-of-place block,
-    optionally under non-reentrant checkpointing."""
+    optionally under non-reentrant checkpointing. ``wrap`` (block swap) surrounds the block's work and
+    forces checkpointing, so a recomputation in backward goes through it again."""
 
     def run(args, extra):
         if existing is not None:
@@ -144,24 +145,33 @@ def _training_replacement(own_forward, existing, checkpointing):
                 return existing(a, {"original_block": own_forward})
         else:
             call = own_forward
+        if wrap is not None:
+            call = wrap(call)
         # The model mutates transformer_options (block_index) while it runs; recomputation in
         # backward must see the values of this block, so freeze a copy now.
         args = dict(args, transformer_options=dict(args["transformer_options"]))
-        if checkpointing and torch.is_grad_enabled():
+        if (checkpointing or wrap is not None) and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(call, args, use_reentrant=False)
         return call(args)
 
     return run
 
 
-def training_transformer_options(diffusion_model, training_blocks, transformer_options, checkpointing):
+def training_transformer_options(diffusion_model, training_blocks, transformer_options, checkpointing,
+                                 block_wrapper=None):
     """A copy of ``transformer_options`` whose ``patches_replace["dit"]`` runs every block of
     ``diffusion_model`` out of place (and checkpointed when asked), wrapping replacements already there.
+    ``block_wrapper(position)`` (position = execution order over ``training_blocks``) may return a
+    function wrapper for that block (training/offload.py); such blocks are always checkpointed.
     The input dict is not modified."""
     options = transformer_options
+    position = 0
     for kind, (attribute, make_forward) in training_blocks.items():
         block_list = getattr(diffusion_model, attribute)
+        wraps = [block_wrapper(position + i) if block_wrapper is not None else None for i in range(len(block_list))]
         options = host.with_block_replacements(
             options, kind, len(block_list),
-            lambda index, existing: _training_replacement(make_forward(block_list[index]), existing, checkpointing))
+            lambda index, existing: _training_replacement(make_forward(block_list[index]), existing, checkpointing,
+                                                          wraps[index]))
+        position += len(block_list)
     return options

@@ -167,6 +167,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
                              entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
     empty = encode_text(clip, "")
+    # Every sample is encoded: the text encoders and the VAE leave the GPU for the steps.
+    release_encoders(clip, vae)
     validation = []
     if settings.validation_every:
         validation = [validation_sample(samples[0], validation_positive, validation_entities)]
@@ -174,7 +176,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     progress = host.progress_bar(settings.steps, node_id=node_id)
     result = train(
         model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
-        validation=validation, decode=lambda latent: decode_images(vae, latent), empty_condition=empty,
+        validation=validation, decode=lambda latent: decode_and_release(vae, latent), empty_condition=empty,
         on_progress=progress_reporter(progress, node_id),
         check_interrupt=host.interrupt_check(),
         info={"lora_name": name},
@@ -227,6 +229,22 @@ def decode_images(vae, latent):
     if images.ndim == 5:  # video-style VAEs return [B, T, H, W, 3]
         images = images.reshape(-1, *images.shape[-3:])
     return images
+
+
+def release_encoders(clip, vae):
+    """Unload the text encoder and the VAE from ComfyUI's loaded models (they go to their offload device)."""
+    for patcher in (getattr(clip, "patcher", None), getattr(vae, "patcher", None)):
+        if patcher is not None:
+            host.unload_model(patcher)
+
+
+def decode_and_release(vae, latent):
+    """Validation images: the VAE comes to the GPU for the decode only."""
+    try:
+        return decode_images(vae, latent)
+    finally:
+        if getattr(vae, "patcher", None) is not None:
+            host.unload_model(vae.patcher)
 
 
 def progress_reporter(progress, node_id):

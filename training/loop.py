@@ -18,7 +18,7 @@ from ..core import blocks, host
 from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
-from . import checkpoints, lora
+from . import checkpoints, lora, offload
 from .faults import check_finite_samples
 from .loss import (TIMESTEP_SAMPLERS, TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent,
                    velocity_target)
@@ -72,6 +72,12 @@ class TrainSettings:
     validation_guidance: float = setting(
         3.5, "Embedded guidance of the validation images for guidance-distilled models (FLUX.1-dev; training "
              "itself uses 1 as the reference). Others ignore it.", min=0.0, max=100.0, step=0.1, optional=True)
+    max_vram_gb: float = setting(
+        0.0, "GPU memory budget in GB (0 = no limit). The trainer estimates what a step needs and keeps just enough "
+             "transformer blocks in CPU memory, streaming each to the GPU when it runs (block swap); the log says "
+             "how many and why. E.g. 11 on a 12 GB card, 15 on 16 GB.", min=0.0, max=1024.0, step=0.5, optional=True)
+    blocks_to_swap: int = setting(-1, "-1: chosen from max_vram_gb; N: swap exactly N blocks (training/offload.py).",
+                                  min=-1, max=1000, node=False)
 
     def validate(self):
         problems = []
@@ -83,7 +89,9 @@ class TrainSettings:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate must be a positive number (got {self.learning_rate})")
-        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance"):
+        if self.blocks_to_swap < -1:
+            problems.append(f"blocks_to_swap must be -1 (automatic) or >= 0 (got {self.blocks_to_swap})")
+        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance", "max_vram_gb"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
@@ -243,7 +251,7 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, memory=None):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -253,22 +261,40 @@ class TrainingModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.device = self.patched.load_device
+        # block swap (training/offload.py) when a memory budget or a block count is asked for
+        self.offload = offload.SwapSession(self.patched, self.device, memory) if memory and memory.active else None
+        self._swapped = []
 
     def __enter__(self):
-        host.load_for_training(self.patched)
-        self._swapped = alias_inference_tensors(self.diffusion_model)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
-            self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
-        self.parameters = lora.lora_parameters(self.diffusion_model)
-        self._options = self._transformer_options()
+        if self.offload is None:
+            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
+            host.load_for_training(self.patched)
+        else:
+            self.offload.load()
+        try:
+            self._swapped = alias_inference_tensors(self.diffusion_model)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
+                self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
+            self.parameters = lora.lora_parameters(self.diffusion_model)
+            if self.offload is not None:
+                self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters,
+                                   self.compute_dtype, self.gradient_checkpointing)
+            self._options = self._transformer_options()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
         try:
+            if self.offload is not None:
+                self.offload.close_swapper()
             lora.remove(self.diffusion_model)
         finally:
             restore_tensors(self._swapped)
+            if self.offload is not None:
+                self.offload.unload()
         return False
 
     def _transformer_options(self):
@@ -276,7 +302,8 @@ class TrainingModel:
         # the out-of-place training blocks.
         options = host.sampling_transformer_options(self.patched)
         return blocks.training_transformer_options(
-            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
+            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing,
+            block_wrapper=self.offload.block_wrapper if self.offload is not None else None,
         )
 
     def velocity(self, x_t, sigma, context, pooled, entity_condition, guidance=1.0):
@@ -384,8 +411,10 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     else:
         empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
 
-    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
-                                                     settings.gradient_checkpointing, settings.seed) as model:
+    memory = offload.MemoryRequest(settings.max_vram_gb, settings.blocks_to_swap, samples, settings.batch_size,
+                                   PRECISIONS[settings.precision])
+    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings, settings.gradient_checkpointing,
+                                                     settings.seed, memory) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
                       empty_condition, on_progress, check_interrupt, info)
 
