@@ -76,8 +76,8 @@ class TrainSettings:
         0.0, "GPU memory budget in GB (0 = no limit). The trainer estimates what a step needs and keeps just enough "
              "transformer blocks in CPU memory, streaming each to the GPU when it runs (block swap); the log says "
              "how many and why. E.g. 11 on a 12 GB card, 15 on 16 GB.", min=0.0, max=1024.0, step=0.5, optional=True)
-    blocks_to_swap: int = setting(-1, "-1: chosen from max_vram_gb; N: swap exactly N blocks (training/offload.py).",
-                                  min=-1, max=1000, node=False)
+    blocks_to_swap: int = setting(-1, "Transformer blocks kept in CPU memory and streamed to the GPU: -1 chooses "
+                                      "from max_vram_gb; N swaps exactly N blocks.", min=-1, max=1000, optional=True)
 
     def validate(self):
         problems = []
