@@ -26,6 +26,7 @@ from ..training import lora as lora_lib
 from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
 from ..training.loop import PRECISIONS, SCHEDULES, Sample, TrainSettings, loss_graph, train
 from ..training.loss import TIMESTEP_SAMPLERS
+from ..training.run_file import export_run
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -160,7 +161,7 @@ class EliGenTrain(io.ComfyNode):
                 io.Image.Output(display_name="loss_graph"),
                 io.Image.Output(display_name="validation_images"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
@@ -183,7 +184,8 @@ class EliGenTrain(io.ComfyNode):
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,
                               entity_text_length=entity_text_length, validation_positive=validation_positive,
-                              validation_entities=validation_entities, node_id=cls.hidden.unique_id)
+                              validation_entities=validation_entities, node_id=cls.hidden.unique_id,
+                              graph=cls.hidden.prompt)
         return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
 
 
@@ -203,7 +205,7 @@ def checked_lora_name(name):
 
 def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
                  write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
-                 validation_positive=None, validation_entities=None, node_id=None):
+                 validation_positive=None, validation_entities=None, node_id=None, graph=None):
     name = checked_lora_name(lora_name)
     adapter = adapter_for(model)
     lora_settings.validate(adapter)
@@ -214,6 +216,11 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     resume = (resume or "").strip()
     runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
     run_dir = os.path.join(runs, name)
+    if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
+        export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
+                   lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
+                   write_reference_format=write_reference_format,
+                   graph_validation=validation_positive is not None or validation_entities is not None)
 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()
