@@ -31,6 +31,7 @@ class Group:
     local_rank: int
     backend: str
     device: torch.device
+    fsdp: bool = False  # shard the frozen base weights over the ranks (shard_frozen_base)
 
     @property
     def is_writer(self):
@@ -61,6 +62,28 @@ class Group:
                 p.grad = flat[offset:offset + size].view_as(p).to(p.dtype) if seen else None
                 offset += size
         return float(present[-1])
+
+    def shard_frozen_base(self, module, trainable):
+        """FSDP2 (``fully_shard``) on every module that owns frozen weights, so each rank keeps 1/world of
+        the base and gathers a layer's weights only while that layer runs (forward, backward, recompute).
+        Sharding the leaves, not the blocks, because the training blocks (core/blocks.py) call a block's
+        sub-modules directly, never the block's own forward. The LoRA tensors (``trainable``) stay whole
+        on every rank (``ignored_params``) and are averaged by ``reduce_step`` as without FSDP."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        keep = {id(p) for p in trainable}
+        sharded = 0
+        for owner in list(module.modules()):
+            own = [p for p in owner.parameters(recurse=False) if id(p) not in keep]
+            if own:
+                fully_shard(owner, mesh=mesh, reshard_after_forward=True,
+                            ignored_params={p for p in owner.parameters(recurse=False) if id(p) in keep})
+                sharded += 1
+        for p in trainable:  # the LoRA was made beside the weights (still on the CPU when sharding on GPUs)
+            p.data = p.data.to(self.device)
+        return sharded
 
     def close(self):
         if dist.is_initialized():

@@ -24,7 +24,7 @@ from . import distributed as dist_lib
 from .cache import EncodingCache, encode_dataset, encode_text
 from .dataset import load_dataset
 from .loop import loss_graph, train
-from .run_file import COMPONENTS, LOADERS, load_run, settings_of
+from .run_file import COMPONENTS, LOADERS, load_run, settings_of, validate_run
 
 CACHE_FOLDER = "cache"  # beside the run folders, as the node's output/eligen_training/cache
 
@@ -78,9 +78,10 @@ def progress_printer(group):
 
 
 def run(run, options, group=None):
-    """Train a checked run. Returns the TrainResult (on every rank) and the LoRA path (rank 0, else None)."""
+    """Train a run (a dict as in a run file). Returns the TrainResult (on every rank) and the LoRA path (rank 0, else None)."""
     from ..nodes.training import decode_images  # the node's own helper (imports the node API)
 
+    run = validate_run(run)
     lora_settings, settings = settings_of(run)
     overrides = {k: v for k, v in (("batch_size", options.batch_size), ("steps", options.steps)) if v is not None}
     if overrides:

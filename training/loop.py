@@ -251,7 +251,7 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, distributed=None):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -261,14 +261,19 @@ class TrainingModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.device = self.patched.load_device
+        # FSDP (headless under torchrun only): the base is sharded, so the MODEL is not reusable afterwards.
+        self.fsdp = distributed if distributed is not None and distributed.fsdp else None
 
     def __enter__(self):
-        comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
+        if self.fsdp is None or self.device.type == "cpu":  # on GPUs FSDP moves only each rank's shard there
+            comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
         self._swapped = alias_inference_tensors(self.diffusion_model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
             self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
         self.parameters = lora.lora_parameters(self.diffusion_model)
+        if self.fsdp is not None:
+            self.fsdp.shard_frozen_base(self.diffusion_model, self.parameters)
         self._options = self._transformer_options()
         return self
 
@@ -403,8 +408,8 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     else:
         empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
 
-    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
-                                                     settings.gradient_checkpointing, settings.seed) as model:
+    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings, settings.gradient_checkpointing,
+                                                     settings.seed, distributed) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
                       empty_condition, on_progress, check_interrupt, info, distributed)
 
