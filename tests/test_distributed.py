@@ -53,28 +53,32 @@ def losses(run_dir):
 
 
 def test_two_processes_equal_one_with_the_whole_batch(tmp_path, dataset):
+    """Per-rank batch 1 on 2 ranks = batch 2 on one process; plain data parallel and with the frozen base
+    sharded by FSDP (fully_shard, gloo on CPU)."""
     jobs, references = [], {}
     for family in ("flux", "qwen_image"):
         run = toy_run(dataset, family)
         path = write_run(str(tmp_path / f"{family}.json"), run)
         references[family] = headless.run(run, headless.Options(run_dir=str(tmp_path / family / "one")))
-        jobs.append({"run": path, "run_dir": str(tmp_path / family / "two"), "batch_size": 1})
+        for mode in ("two", "fsdp"):
+            jobs.append({"run": path, "run_dir": str(tmp_path / family / mode), "batch_size": 1, "fsdp": mode == "fsdp"})
     started = time.monotonic()
     done = subprocess.run(TORCHRUN + [os.path.join(TESTS, "torchrun_worker.py"), json.dumps(jobs)],
                           env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"torchrun, 2 processes, both families: {time.monotonic() - started:.1f} s")
-    for family, (one, one_path) in references.items():
-        two = load_file(os.path.join(tmp_path, family, "two", "dp.safetensors"))
+    print(f"torchrun, 2 processes, both families, with and without FSDP: {time.monotonic() - started:.1f} s")
+    for family, mode in [(f, m) for f in references for m in ("two", "fsdp")]:
+        one, one_path = references[family]
+        two = load_file(os.path.join(tmp_path, family, mode, "dp.safetensors"))
         reference = load_file(one_path)
         assert two.keys() == reference.keys()
         difference = max((two[k] - reference[k]).abs().max().item() for k in reference)
-        assert difference <= 1e-6, (family, difference)
-        curve = losses(str(tmp_path / family / "two"))
+        assert difference <= 1e-6, (family, mode, difference)
+        curve = losses(str(tmp_path / family / mode))
         assert [s for s, _ in curve] == [1, 2, 3]
         assert [l for _, l in curve] == pytest.approx([l for _, l in one.losses], rel=1e-6, abs=1e-9)
         # only rank 0 wrote: one checkpoint series, one LoRA, one loss graph
-        assert sorted(os.listdir(tmp_path / family / "two")) == [
+        assert sorted(os.listdir(tmp_path / family / mode)) == [
             "dp.safetensors", "latest.json", "loss.png", "step_000001.safetensors", "step_000002.safetensors",
             "step_000003.safetensors"]
     # The shared disk cache holds each latent and prompt once, written by one of the ranks.

@@ -18,7 +18,7 @@ from comfyui_eligen.training.run_file import load_run  # noqa: E402
 group = distributed.init_from_environment("cpu")
 try:
     for job in json.loads(sys.argv[1]):
-        group.fsdp = job.get("fsdp", False)
+        group.fsdp = job["fsdp"]
         headless.run(load_run(job["run"]), headless.Options(run_dir=job["run_dir"], batch_size=job["batch_size"]),
                      group)
 finally:

@@ -72,6 +72,11 @@ class Group:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        import warnings
+
+        # FSDP warns that a Linear returns a view (an in-place op on it would skip the gather); the training
+        # blocks (core/blocks.py) are out of place, so it does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = init_device_mesh(self.device.type, (self.world,))
         keep = {id(p) for p in trainable}
         sharded = 0
@@ -84,6 +89,21 @@ class Group:
         for p in trainable:  # the LoRA was made beside the weights (still on the CPU when sharding on GPUs)
             p.data = p.data.to(self.device)
         return sharded
+
+    @staticmethod
+    def lockstep_backward(model, batch, generators, per_rank, filler, loss_of, scaler):
+        """Forward and backward of each sample of this rank's ``batch`` on its own, then zero-weighted ones
+        of ``filler`` until ``per_rank`` passes ran, so every rank issues the same FSDP collectives.
+        ``loss_of(samples, generators)`` is the loop's loss. Returns the summed loss of the real samples."""
+        total = 0.0
+        for index in range(per_rank):
+            if index < len(batch):
+                loss = loss_of([batch[index]], [generators[index]])
+                total += loss.item()
+            else:
+                loss = loss_of([filler], [torch.Generator().manual_seed(0)]) * 0.0
+            scaler.scale(loss).backward()
+        return total
 
     def close(self):
         if dist.is_initialized():

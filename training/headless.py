@@ -152,12 +152,18 @@ def main(argv=None, device="cpu"):
     parser.add_argument("--cache-dir", help="shared disk cache (default: <run-dir>/../cache)")
     parser.add_argument("--models-dir", help="also look for model files in this folder (ComfyUI's layout)")
     parser.add_argument("--device", default=device, choices=["cpu", "cuda"])
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the frozen base weights over the processes (FSDP fully_shard)")
     args = parser.parse_args(argv)
 
     if args.models_dir:
         host.add_models_dir(args.models_dir)
     group = dist_lib.init_from_environment(args.device)
     rank = 0 if group is None else group.rank
+    if args.fsdp and group is None:
+        parser.error("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
+    if group is not None:
+        group.fsdp = args.fsdp
     try:
         spec = load_run(args.run_file)
         run_dir = os.path.abspath(args.run_dir or os.path.dirname(os.path.abspath(args.run_file)))

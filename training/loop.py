@@ -512,6 +512,13 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
             slots = range(rank * settings.batch_size, min(len(whole), (rank + 1) * settings.batch_size))
             generators = [sample_generator(settings.seed, step, micro * stream.batch_size + j) for j in slots]
             batch = [drop_entities(whole[j], settings, empty, g) for j, g in zip(slots, generators)]
+            if model.fsdp is not None:
+                # Sharded weights are gathered by collectives in every forward and backward: each rank runs
+                # exactly batch_size of them, one sample each, padded with zero-weighted ones.
+                total += model.fsdp.lockstep_backward(model, batch, generators, settings.batch_size, whole[0],
+                                                      lambda b, g: batch_loss(model, b, sampler, settings, g, len(whole))
+                                                      / settings.grad_accumulation, scaler)
+                continue
             if not batch:
                 continue  # a short last batch of a layout: this rank has nothing in it
             loss = batch_loss(model, batch, sampler, settings, generators, len(whole)) / settings.grad_accumulation
