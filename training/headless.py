@@ -71,7 +71,7 @@ def progress_printer(group):
     started = time.monotonic()
 
     def report(step, total, loss, seconds_left, previews):
-        ranks = "" if group is None else f" (mean of {group.world} ranks)"
+        ranks = "" if group is None else f" ({group.world} ranks)"
         print(f"step {step}/{total} loss {loss:.6f}{ranks} ~{seconds_left / 60:.1f} min left "
               f"[{time.monotonic() - started:.1f} s]", flush=True)
     return report
