@@ -138,3 +138,33 @@ def test_a_killed_rank_ends_the_job_and_one_process_resumes(tmp_path, dataset):
     for key, value in whole.lora.items():
         torch.testing.assert_close(resumed.lora[key], value, rtol=0, atol=1e-6)
     print(text[-1500:])
+
+
+def test_each_cache_entry_is_encoded_by_exactly_one_rank(tmp_path, dataset):
+    """The first pass of encode_shared on ranks 0 and 1 of 2 (run here one after the other: each encodes
+    only what it owns) covers every entry once; the second pass then reads everything from disk."""
+    from comfyui_eligen.core.conditioning import TEXT_LENGTHS
+    from comfyui_eligen.toyworld.models import load_toy_models
+    from comfyui_eligen.training.cache import EncodingCache, encode_dataset
+    from comfyui_eligen.training.dataset import load_dataset
+    from comfyui_eligen.training.distributed import OwnedEntriesCache
+
+    with torch.inference_mode():
+        model, clip, vae = load_toy_models("flux", "random", 0)
+        data = load_dataset(dataset, 4096)
+        options = dict(latent_format=model, entity_tokenizer_options=TEXT_LENGTHS["real_length"])
+        folder = str(tmp_path / "cache")
+        firsts = [OwnedEntriesCache(folder, rank, 2) for rank in (0, 1)]
+        for first in firsts:
+            encode_dataset(data, vae, clip, cache=first, **options)
+        second = EncodingCache(folder)
+        samples = encode_dataset(data, vae, clip, cache=second, **options)
+        alone = encode_dataset(data, vae, clip, cache=EncodingCache(None), **options)
+    latents = len(os.listdir(os.path.join(folder, "latent")))
+    texts = len(os.listdir(os.path.join(folder, "text")))
+    assert sum(f.encoder_calls["vae_images"] for f in firsts) == latents == len(data)
+    assert sum(f.encoder_calls["text"] for f in firsts) == texts
+    assert all(f.encoder_calls["vae_images"] + f.encoder_calls["text"] > 0 for f in firsts)  # both ranks worked
+    assert second.encoder_calls == {"vae": 0, "vae_images": 0, "text": 0}
+    for shared, own in zip(samples, alone):
+        assert torch.equal(shared.latent, own.latent) and torch.equal(shared.context, own.context)
