@@ -27,6 +27,7 @@ from ..training.loop import Sample, TrainSettings, loss_graph, train
 from .settings_inputs import setting_inputs, settings_from_inputs
 from ..training.faults import check_validation_inputs
 from ..training.outputs import plain_lora_name, start_run
+from ..training.run_file import export_run
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -123,7 +124,7 @@ class EliGenTrain(io.ComfyNode):
                 io.Image.Output(display_name="loss_graph"),
                 io.Image.Output(display_name="validation_images"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
@@ -135,7 +136,8 @@ class EliGenTrain(io.ComfyNode):
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,
                               entity_text_length=entity_text_length, validation_positive=validation_positive,
-                              validation_entities=validation_entities, node_id=cls.hidden.unique_id)
+                              validation_entities=validation_entities, node_id=cls.hidden.unique_id,
+                              graph=cls.hidden.prompt)
         return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
 
 
@@ -150,7 +152,7 @@ def checked_lora_name(name):
 
 def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
                  write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
-                 validation_positive=None, validation_entities=None, node_id=None):
+                 validation_positive=None, validation_entities=None, node_id=None, graph=None):
     name = checked_lora_name(lora_name)
     adapter = adapter_for(model)
     lora_settings.validate(adapter)
@@ -161,6 +163,11 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     resume = (resume or "").strip()
     runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
     run_dir = start_run(name, folder_paths.get_folder_paths("loras")[0], runs, resume)
+    if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
+        export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
+                   lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
+                   write_reference_format=write_reference_format,
+                   graph_validation=validation_positive is not None or validation_entities is not None)
 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()

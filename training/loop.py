@@ -4,10 +4,13 @@ Usable without a server (the toy-world demo calls it directly); the training nod
 bar, the interrupt check and file locations through arguments.
 
 One step = ``grad_accumulation`` micro-batches of ``batch_size`` samples, then one AdamW update.
-Everything random in step k (batch order, noise, timesteps, dropout of entities, captions and LoRA)
-is drawn from generators seeded by (seed, k) alone, so a resumed run repeats an uninterrupted one.
+Everything random in step k is drawn from generators seeded by (seed, k) alone (batch order, LoRA
+dropout) or by (seed, k, slot of the sample in the step) (noise, timestep, entity and caption
+dropout), so a resumed run repeats an uninterrupted one, and under torchrun (``distributed``, see
+training/distributed.py) the result does not depend on how the samples of a step are spread over ranks.
 """
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -173,6 +176,12 @@ def step_generator(seed, step, purpose):
     return torch.Generator().manual_seed(mixed)
 
 
+def sample_generator(seed, step, slot):
+    """The generator of the sample in position ``slot`` of step ``step`` (a function of those alone)."""
+    digest = hashlib.sha256(f"eligen-sample:{seed}:{step}:{slot}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def layout_key(sample):
     """Samples with equal keys run in one forward: same latent shape and text segment lengths."""
     return (tuple(sample.latent.shape), tuple(e.shape[1] for e in sample.entity_embeds), sample.context.shape[1])
@@ -251,7 +260,8 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, memory=None):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, memory=None,
+                 distributed=None):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -264,13 +274,16 @@ class TrainingModel:
         # block swap (training/offload.py) when a memory budget or a block count is asked for
         self.offload = offload.SwapSession(self.patched, self.device, memory) if memory and memory.active else None
         self._swapped = []
+        # FSDP (headless under torchrun only): the base is sharded, so the MODEL is not reusable afterwards.
+        self.fsdp = distributed if distributed is not None and distributed.fsdp else None
 
     def __enter__(self):
-        if self.offload is None:
-            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
-            host.load_for_training(self.patched)
-        else:
+        if self.offload is not None:
             self.offload.load()
+        else:
+            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
+            if self.fsdp is None or self.device.type == "cpu":  # on GPUs FSDP moves only each rank's shard there
+                host.load_for_training(self.patched)
         try:
             self._swapped = alias_inference_tensors(self.diffusion_model)
             with torch.random.fork_rng(devices=[]):
@@ -280,6 +293,8 @@ class TrainingModel:
             if self.offload is not None:
                 self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters,
                                    self.compute_dtype, self.gradient_checkpointing)
+            if self.fsdp is not None:
+                self.fsdp.shard_frozen_base(self.diffusion_model, self.parameters)
             self._options = self._transformer_options()
         except BaseException:
             self.__exit__()
@@ -321,17 +336,25 @@ class TrainingModel:
         return self.patched.get_model_object("latent_format")
 
 
-def batch_loss(training_model, batch, sigma_sampler, settings, generator):
-    """Weighted flow-matching loss of one micro-batch (mean over its samples)."""
+def batch_loss(training_model, batch, sigma_sampler, settings, generator, denominator=None):
+    """Weighted flow-matching loss of one micro-batch: the sum over its samples / ``denominator`` (default:
+    their count, i.e. the mean). ``generator``: one per sample (noise, then timestep), or one for all."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(batch)
     total, count = 0.0, 0
     device = training_model.device
     autocast = PRECISIONS[settings.precision]
+    by_sample = {id(s): g for s, g in zip(batch, generators)}
     for group in group_by_layout(batch):
         x0 = torch.stack([s.latent for s in group]).to(device)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        sigma, weight = sigma_sampler(len(group), generator)
-        sigma, weight = sigma.to(device), weight.to(device)
+        noise, sigma, weight = [], [], []
+        for s in group:
+            noise.append(torch.randn((1,) + tuple(s.latent.shape), generator=by_sample[id(s)]))
+            sigma_s, weight_s = sigma_sampler(1, by_sample[id(s)])
+            sigma.append(sigma_s)
+            weight.append(weight_s)
+        noise = torch.cat(noise).to(x0)
+        sigma, weight = torch.cat(sigma).to(device), torch.cat(weight).to(device)
         context, pooled, condition = stack_condition(group, device)
         region = None
         if settings.entity_weight and condition is not None:
@@ -344,7 +367,7 @@ def batch_loss(training_model, batch, sigma_sampler, settings, generator):
         loss = flow_matching_loss(prediction, velocity_target(x0, noise), weight, region)
         total = total + loss * len(group)
         count += len(group)
-    return total / count
+    return total / (denominator or count)
 
 
 def condition_masks(group):
@@ -383,7 +406,7 @@ def _run_info(settings, lora_settings, family, losses, extra):
 
 
 def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=None, validation=None,
-          decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None):
+          decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None, distributed=None):
     """Train an EliGen LoRA on ``model_patcher`` (left unmodified) and return a ``TrainResult``.
 
     samples:         EncodedSample-like objects (latent, context, pooled, entity_embeds, masks).
@@ -394,6 +417,8 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     empty_condition: (context, pooled) of the empty prompt, for caption dropout (zeros if None).
     on_progress:     callback(step, total, loss, seconds_left, preview_images or None).
     check_interrupt: called every micro-batch; raising stops training after a checkpoint is written.
+    distributed:     a training.distributed.Group under torchrun (None: one process). Each rank trains its
+                     part of every step; ``settings.batch_size`` is per rank; only rank 0 writes.
     """
     settings.validate()
     if not samples:
@@ -414,13 +439,13 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     memory = offload.MemoryRequest(settings.max_vram_gb, settings.blocks_to_swap, samples, settings.batch_size,
                                    PRECISIONS[settings.precision])
     with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings, settings.gradient_checkpointing,
-                                                     settings.seed, memory) as model:
+                                                     settings.seed, memory, distributed) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
-                      empty_condition, on_progress, check_interrupt, info)
+                      empty_condition, on_progress, check_interrupt, info, distributed)
 
 
 def _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode, empty,
-           on_progress, check_interrupt, info):
+           on_progress, check_interrupt, info, distributed=None):
     family = model.adapter.family
     sampler = TimestepSampler(settings.timestep_sampling, family=family)
     optimizer = torch.optim.AdamW(model.parameters, lr=settings.learning_rate,
@@ -428,7 +453,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     # fp16 autocast needs loss scaling (its gradients underflow); a disabled scaler is a no-op.
     scaler = torch.amp.GradScaler(model.device.type, enabled=settings.precision == "fp16")
-    stream = BatchStream(samples, settings.batch_size, settings.seed)
+    world = 1 if distributed is None else distributed.world
+    stream = BatchStream(samples, settings.batch_size * world, settings.seed)  # the global micro-batches
     result = TrainResult(lora={}, losses=[], step=0)
 
     if resume:
@@ -451,7 +477,7 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         result.checkpoint = path
 
     def save():
-        if run_dir is None:
+        if run_dir is None or (distributed is not None and distributed.rank != 0):
             return None
         result.checkpoint = checkpoints.save_checkpoint(
             run_dir, result.step, lora.named_lora_parameters(model.diffusion_model), optimizer, scheduler,
@@ -464,7 +490,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     while result.step < settings.steps:
         step = result.step
         try:
-            loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt)
+            loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt,
+                                   distributed)
         except TrainingStopped as error:
             # The weights of `step` gave the non-finite value: keep the checkpoint before them.
             result.checkpoint = checkpoints.keep_last_finite(run_dir, step)
@@ -512,9 +539,11 @@ def use_learning_rate(optimizer, scheduler, settings):
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt):
-    """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss."""
+def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None):
+    """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss
+    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way)."""
     generator = step_generator(settings.seed, step, purpose=0)
+    rank = 0 if distributed is None else distributed.rank
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     devices = [] if model.device.type != "cuda" else [model.device]
@@ -524,13 +553,28 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
         for micro in range(settings.grad_accumulation):
             if check_interrupt is not None:
                 check_interrupt()
-            batch = stream.batch(step * settings.grad_accumulation + micro)
-            batch = [drop_entities(s, settings, empty, generator) for s in batch]
-            loss = batch_loss(model, batch, sampler, settings, generator) / settings.grad_accumulation
-            if not torch.isfinite(loss):
+            whole = stream.batch(step * settings.grad_accumulation + micro)  # all ranks' samples
+            slots = range(rank * settings.batch_size, min(len(whole), (rank + 1) * settings.batch_size))
+            generators = [sample_generator(settings.seed, step, micro * stream.batch_size + j) for j in slots]
+            batch = [drop_entities(whole[j], settings, empty, g) for j, g in zip(slots, generators)]
+            if model.fsdp is not None:
+                # Sharded weights are gathered by collectives in every forward and backward: each rank runs
+                # exactly batch_size of them, one sample each, padded with zero-weighted ones.
+                total += model.fsdp.lockstep_backward(model, batch, generators, settings.batch_size, whole[0],
+                                                      lambda b, g: batch_loss(model, b, sampler, settings, g, len(whole))
+                                                      / settings.grad_accumulation, scaler)
+                continue
+            if not batch:
+                continue  # a short last batch of a layout: this rank has nothing in it
+            loss = batch_loss(model, batch, sampler, settings, generators, len(whole)) / settings.grad_accumulation
+            if distributed is None and not torch.isfinite(loss):
                 raise TrainingStopped(f"the loss became {loss.item()} at step {step + 1}")
             scaler.scale(loss).backward()
             total += loss.item()
+    if distributed is not None:
+        total = distributed.reduce_step(model.parameters, total)
+        if not math.isfinite(total):
+            raise TrainingStopped(f"the loss became {total} at step {step + 1}")
     scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters if p.grad is not None]
     if settings.max_grad_norm:
