@@ -26,6 +26,7 @@ from ..training import lora as lora_lib
 from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
 from ..training.loop import PRECISIONS, SCHEDULES, Sample, TrainSettings, loss_graph, train
 from ..training.loss import TIMESTEP_SAMPLERS
+from ..training.progress import encoding_progress
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -218,7 +219,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()
     samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
-                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
+                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length],
+                             progress=encoding_progress(node_id))
     empty = encode_text(clip, "")
     validation = []
     if settings.validation_every:

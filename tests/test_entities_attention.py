@@ -11,6 +11,7 @@ recorder sees exactly what the attention function receives. It is compared with
 """
 
 import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -82,11 +83,14 @@ def diffsynth_reference(cache_dir):
     dit = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "FluxDiT")
     methods = [ast.get_source_segment(source, node, padded=True) for node in dit.body
                if isinstance(node, ast.FunctionDef) and node.name in ("construct_mask", "patchify")]
-    from einops import rearrange
-
-    namespace = {"torch": torch, "rearrange": rearrange}
-    exec(compile("class Reference:\n" + "\n".join(methods), "diffsynth/models/flux_dit.py", "exec"), namespace)
-    return namespace["Reference"]()
+    # Only these two methods, written as a small module of their own and imported from the cache folder.
+    path = os.path.join(cache_dir, "diffsynth_flux_mask_reference.py")
+    with open(path, "w") as f:
+        f.write("import torch\nfrom einops import rearrange\n\n\nclass Reference:\n" + "\n".join(methods))
+    spec = importlib.util.spec_from_file_location("diffsynth_flux_mask_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Reference()
 
 
 @pytest.fixture(scope="module")
