@@ -862,3 +862,17 @@ def select_cuda_device(index):
     if device.type == "cuda" and device.index not in (None, index):
         raise MissingCapability(f"torch device selection: ComfyUI loads to {device}, not cuda:{index}")
     return device
+
+
+# --- progress text (issue 13) ---
+
+def send_progress_text(text, node_id):
+    """A text line under the node in the browser (contact point: server.PromptServer.send_progress_text);
+    does nothing without a running server (plain use)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if node_id is not None and instance is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, node_id)

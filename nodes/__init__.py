@@ -3,9 +3,9 @@
 from comfy_api.latest import ComfyExtension
 
 from ..core import host
-from . import dataset, entities, lora, preview, toyworld, training
+from . import dataset, entities, layouts, lora, preview, toyworld, training
 
-NODE_MODULES = (entities, preview, lora, dataset, training, toyworld)
+NODE_MODULES = (entities, layouts, preview, lora, dataset, training, toyworld)
 
 
 class EliGenExtension(ComfyExtension):

@@ -28,6 +28,7 @@ from .settings_inputs import setting_inputs, settings_from_inputs
 from ..training.faults import check_validation_inputs
 from ..training.outputs import plain_lora_name, start_run
 from ..training.run_file import export_run
+from ..training.progress import encoding_progress
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -172,7 +173,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()
     samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
-                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
+                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length],
+                             progress=encoding_progress(node_id))
     empty = encode_text(clip, "")
     # Every sample is encoded: the text encoders and the VAE leave the GPU for the steps.
     release_encoders(clip, vae)
@@ -264,12 +266,7 @@ def progress_reporter(progress, node_id):
         progress.update_absolute(step, total, preview)
         text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
         logging.info("EliGen training: %s", text)
-        try:
-            from server import PromptServer
-            if node_id is not None and PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(text, node_id)
-        except Exception:  # no server (plain use): the log line is enough
-            pass
+        host.send_progress_text(text, node_id)  # no server (plain use): the log line is enough
     return report
 
 
