@@ -1,9 +1,13 @@
 """Placement of (a) base, (b) base + EliGen attention, (d) base + EliGen LoRA + attention on held-out
-layouts, over several seeds (each seed: its own LoRA training run and sampling noise).
+layouts, per layout group, over several seeds (each seed: its own LoRA training run and sampling noise).
 
     .venv/bin/python scripts/toyworld.py compare --seeds 0 1 2 --layouts 64 --out compare.json
+    .venv/bin/python scripts/toyworld.py compare --groups all --layouts 32 --seeds 0 1
 
-Prints one line per seed and condition, then the mean and spread, and writes everything as JSON.
+Next to the conditions every group reports the token-fill bound and the ground-truth ceiling
+(metric.py), and every figure gets a layout-level 95% bootstrap interval (layouts resampled, entities
+pooled over seeds) as well as the spread over seeds. Prints one line per seed, group and condition,
+then a table per group, and writes everything as JSON.
 """
 
 import argparse
@@ -17,54 +21,122 @@ from . import data, evaluate, files, metric, models
 from .workflows import CONDITIONS
 
 FIGURES = ("mean_iou", "success_rate", "mean_leak", "missing_rate")
+SHEET_COLUMNS = 6  # layouts per group on the contact sheet
+BOOTSTRAP = dict(samples=2000, seed=0)
 
 
-def run_seed(seed, layouts, model, clip, vae, train_settings, sampler, log):
+def compact(per_image):
+    """Per-image entity results without the prompts (what the JSON keeps for re-analysis)."""
+    return [[{k: r[k] for k in ("iou", "leak", "success", "missing")} for r in results] for results in per_image]
+
+
+def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, sheet_images=None):
+    """Train one LoRA, then score every group in the three conditions. sheet_images: a dict that receives
+    the first (d) images of each group, or None."""
     started = time.time()
     lora, losses, train_seconds = evaluate.train_lora(model, clip, vae, seed=seed, data_seed=seed,
                                                       log=log, **train_settings)
     trained = evaluate.with_lora(model, lora)
-    results = {}
-    for condition, (model_used, use_entities) in {"a": (model, False), "b": (model, True),
-                                                  "d": (trained, True)}.items():
-        result, _ = evaluate.score_condition(model_used, clip, vae, layouts, use_entities, seed, sampler)
-        results[condition] = result["summary"]
-        log(f"seed {seed} ({condition}) {CONDITIONS[condition]}: {metric.format_summary(result['summary'])}")
+    groups = {}
+    for group, layouts in layout_sets.items():
+        groups[group] = {}
+        for condition, (model_used, use_entities) in {"a": (model, False), "b": (model, True),
+                                                      "d": (trained, True)}.items():
+            result, images = evaluate.score_condition(model_used, clip, vae, layouts, use_entities, seed, sampler)
+            groups[group][condition] = {"summary": result["summary"], "images": compact(result["images"])}
+            if condition == "d" and sheet_images is not None:
+                sheet_images[group] = [image[0].numpy() for image in images[:SHEET_COLUMNS]]
+            log(f"seed {seed} [{group}] ({condition}) {CONDITIONS[condition]}: "
+                f"{metric.format_summary(result['summary'])}")
     return {"seed": seed, "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1),
-            "final_loss": float(np.mean([v for _, v in losses[-20:]])), "conditions": results}
+            "final_loss": float(np.mean([v for _, v in losses[-20:]])), "groups": groups}
 
 
-def aggregate(runs):
+def aggregate(runs, references):
+    """{group: {row: figures}}; rows: the references, then the conditions (mean and std over seeds, and
+    layout-level bootstrap intervals)."""
     table = {}
-    for condition in CONDITIONS:
-        table[condition] = {}
-        for figure in FIGURES:
-            values = [run["conditions"][condition][figure] for run in runs]
-            values = [v for v in values if v is not None and not np.isnan(v)]
-            table[condition][figure] = {"mean": float(np.mean(values)) if values else float("nan"),
-                                        "std": float(np.std(values)) if values else float("nan")}
+    for group, group_references in references.items():
+        rows = {}
+        for name, result in group_references.items():
+            rows[name] = {figure: {"mean": result["summary"][figure], "std": 0.0} for figure in FIGURES}
+            rows[name]["interval"] = metric.bootstrap_intervals([result["images"]], **BOOTSTRAP)
+        for condition in CONDITIONS:
+            row = {}
+            for figure in FIGURES:
+                values = [run["groups"][group][condition]["summary"][figure] for run in runs]
+                values = [v for v in values if v is not None and not np.isnan(v)]
+                row[figure] = {"mean": float(np.mean(values)) if values else float("nan"),
+                               "std": float(np.std(values)) if values else float("nan")}
+            row["interval"] = metric.bootstrap_intervals(
+                [run["groups"][group][condition]["images"] for run in runs], **BOOTSTRAP)
+            rows[condition] = row
+        bound = rows["fill"]["mean_iou"]["mean"]
+        rows["d"]["share_of_fill_iou"] = rows["d"]["mean_iou"]["mean"] / bound if bound else float("nan")
+        table[group] = rows
     return table
 
 
-def markdown_table(table, seeds, layouts, entities):
-    lines = [f"Held-out layouts: {layouts} ({entities} entities), seeds {', '.join(map(str, seeds))} "
-             f"(mean +- std over seeds).", "",
-             "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
-             "|---|---|---|---|---|"]
-    for condition, text in CONDITIONS.items():
-        row = table[condition]
-        lines.append(
-            f"| ({condition}) {text} | {row['mean_iou']['mean']:.3f} +- {row['mean_iou']['std']:.3f} | "
-            f"{100 * row['success_rate']['mean']:.1f}% +- {100 * row['success_rate']['std']:.1f} | "
-            f"{row['mean_leak']['mean']:.2f} | {100 * row['missing_rate']['mean']:.1f}% |")
+def _row_text(label, row, spread):
+    low, high = row["interval"]["mean_iou"]
+    s_low, s_high = row["interval"]["success_rate"]
+    iou = f"{row['mean_iou']['mean']:.3f}" + (f" ± {row['mean_iou']['std']:.3f}" if spread else "")
+    success = f"{100 * row['success_rate']['mean']:.1f}%" + (f" ± {100 * row['success_rate']['std']:.1f}" if spread else "")
+    leak = row["mean_leak"]["mean"]
+    return (f"| {label} | {iou} [{low:.3f}, {high:.3f}] | {success} [{100 * s_low:.1f}, {100 * s_high:.1f}] | "
+            f"{'-' if np.isnan(leak) else f'{leak:.2f}'} | {100 * row['missing_rate']['mean']:.1f}% |")
+
+
+def markdown_table(table, seeds, counts):
+    """One table per group. counts: {group: (layouts, entities)}."""
+    lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± std over seeds, [95% interval over layouts] "
+             f"(bootstrap, {BOOTSTRAP['samples']} draws, seed {BOOTSTRAP['seed']}).", ""]
+    for group, rows in table.items():
+        layouts, entities = counts[group]
+        lines += [f"**{group}** ({data.GROUPS[group]}): {layouts} layouts, {entities} entities; "
+                  f"(d) reaches {100 * rows['d']['share_of_fill_iou']:.0f}% of the token-fill IoU.", "",
+                  "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
+                  "|---|---|---|---|---|"]
+        for name, text in evaluate.REFERENCES.items():
+            lines.append(_row_text(text, rows[name], spread=False))
+        for condition, text in CONDITIONS.items():
+            lines.append(_row_text(f"({condition}) {text}", rows[condition], spread=len(seeds) > 1))
+        lines.append("")
     return "\n".join(lines)
+
+
+def group_sheet(layout_sets, fill_images, d_images):
+    """uint8 image: per group three rows (exact layout, token-fill bound, (d)), masks outlined."""
+    from .figures import contact_sheet
+
+    parts = []
+    for group, layouts in layout_sets.items():
+        shown = layouts[:SHEET_COLUMNS]
+        rows = [(f"{group}: layout", [layout.image for layout in shown]),
+                (f"{group}: token fill", fill_images[group][:SHEET_COLUMNS]),
+                (f"{group}: (d) LoRA + attention", d_images[group])]
+        parts.append(np.asarray(contact_sheet(rows, [layout.masks for layout in shown])))
+    width = max(part.shape[1] for part in parts)
+    parts = [np.pad(part, ((0, 0), (0, width - part.shape[1]), (0, 0)), constant_values=255) for part in parts]
+    return np.concatenate(parts, axis=0)
+
+
+def parse_groups(names):
+    if names == ["all"]:
+        return list(data.GROUPS)
+    unknown = [n for n in names if n not in data.GROUPS]
+    if unknown:
+        raise SystemExit(f"unknown layout group(s) {unknown}; choose from {list(data.GROUPS)} or 'all'")
+    return names
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--layouts", type=int, default=64, help="held-out layouts per seed")
+    parser.add_argument("--groups", nargs="+", default=["easy"],
+                        help=f"held-out layout groups ({', '.join(data.GROUPS)}) or 'all'")
+    parser.add_argument("--layouts", type=int, default=64, help="held-out layouts per group and seed")
     parser.add_argument("--layout-seed", type=int, default=0)
     for name, value in evaluate.TRAIN_DEFAULTS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
@@ -72,6 +144,9 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=evaluate.SAMPLER["cfg"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--markdown", help="write the tables as Markdown here")
+    parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
+                        "first seed) as PNG here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,19 +154,36 @@ def main(argv=None):
 
     started = time.time()
     model, clip, vae = models.load_toy_models(args.family, "pretrained")
-    layouts = data.layouts("heldout", args.layout_seed, args.layouts)
-    entities = sum(len(layout.entities) for layout in layouts)
+    groups = parse_groups(args.groups)
+    layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, group=g) for g in groups}
+    counts = {g: (len(ls), sum(len(l.entities) for l in ls)) for g, ls in layout_sets.items()}
+    references = {g: evaluate.score_references(model, vae, ls) for g, ls in layout_sets.items()}
+    for group, group_references in references.items():
+        for name, result in group_references.items():
+            log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
     train_settings = {name: getattr(args, name) for name in evaluate.TRAIN_DEFAULTS}
     sampler = dict(evaluate.SAMPLER, steps=args.sample_steps, cfg=args.cfg)
-    runs = [run_seed(seed, layouts, model, clip, vae, train_settings, sampler, log) for seed in args.seeds]
-    table = aggregate(runs)
-    text = markdown_table(table, args.seeds, args.layouts, entities)
+    sheet_images = {} if args.sheet else None
+    runs = [run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log,
+                     sheet_images if index == 0 else None) for index, seed in enumerate(args.seeds)]
+    if args.sheet:
+        fills = {g: evaluate.reference_images(model, vae, ls[:SHEET_COLUMNS])["fill"] for g, ls in layout_sets.items()}
+        files.save_png(group_sheet(layout_sets, fills, sheet_images), args.sheet)
+    table = aggregate(runs, references)
+    text = markdown_table(table, args.seeds, counts)
     print(text)
-    payload = {"family": args.family, "seeds": args.seeds, "layouts": args.layouts, "entities": entities, "train": train_settings,
-               "sampler": sampler, "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
+    payload = {"family": args.family, "seeds": args.seeds, "groups": groups, "layouts": args.layouts,
+               "layout_seed": args.layout_seed, "entities": {g: counts[g][1] for g in groups},
+               "train": train_settings, "sampler": sampler, "bootstrap": BOOTSTRAP,
+               "references": {g: {name: {"summary": r["summary"], "images": compact(r["images"])}
+                                  for name, r in refs.items()} for g, refs in references.items()},
+               "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
                "threads": torch.get_num_threads()}
     if args.out:
         files.write_json(args.out, payload)
-    print(json.dumps({"summary": {c: {f: round(table[c][f]["mean"], 4) for f in FIGURES} for c in CONDITIONS},
+    if args.markdown:
+        files.write_text(args.markdown, text)
+    print(json.dumps({"summary": {g: {c: {f: round(table[g][c][f]["mean"], 4) for f in ("mean_iou", "success_rate")}
+                                      for c in ["fill", "truth", *CONDITIONS]} for g in groups},
                       "seconds": payload["seconds"]}))
     return payload

@@ -57,6 +57,42 @@ def score_condition(model, clip, vae, layouts, use_entities, seed=0, sampler=SAM
     return result, images
 
 
+def token_grid(model, vae, height, width):
+    """(latent height, latent width, patch): the grid the model's tokens live on for this image size."""
+    ratio = vae.downscale_ratio
+    patch = int(model.model.model_config.unet_config.get("patch_size", 2))
+    return height // ratio, width // ratio, patch
+
+
+REFERENCES = {
+    "fill": "token-fill bound (exactly the masks' tokens painted)",
+    "truth": "ground truth through the toy VAE (ceiling)",
+}
+
+
+def reference_images(model, vae, layouts):
+    """{"fill": [uint8 images], "truth": [float images]}: the two references of metric.py for each layout."""
+    fill, truth = [], []
+    for layout in layouts:
+        height, width = layout.image.shape[:2]
+        latent_h, latent_w, patch = token_grid(model, vae, height, width)
+        colours = [e.prompt for e in layout.entities]
+        fill.append(metric.token_fill_image(layout.masks, colours, (latent_h, latent_w), patch,
+                                            data.BACKGROUNDS[layout.background]))
+        pixels = torch.from_numpy(layout.image[None].astype("float32") / 255.0)
+        with torch.inference_mode():
+            truth.append(vae.decode(vae.encode(pixels)).reshape(height, width, 3).clamp(0, 1).numpy())
+    return {"fill": fill, "truth": truth}
+
+
+def score_references(model, vae, layouts):
+    """{reference: metric result} for the token-fill bound and the ground-truth ceiling."""
+    masks = [layout.masks for layout in layouts]
+    prompts = [[e.prompt for e in layout.entities] for layout in layouts]
+    return {name: metric.score_images(images, masks, prompts)
+            for name, images in reference_images(model, vae, layouts).items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training (the project's trainer, called as the training node calls it)
 
