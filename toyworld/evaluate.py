@@ -111,15 +111,16 @@ def encoded_training_samples(model, clip, vae, folder):
 
 
 def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20,
-               count=512, data_seed=0, log=None):
+               count=512, data_seed=0, log=None, write_dataset=data.write_dataset):
     """Write `count` training layouts, encode them and train an EliGen LoRA with training/loop.py (the
     EliGenTrain node's trainer, same settings as workflow c). Returns (lora state dict, losses
-    [(step, loss)], seconds)."""
+    [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=)` writes the training set
+    (another writer trains another LoRA the same way, e.g. style.py's captions-only style set)."""
     from ..training.lora import LoraSettings
     from ..training.loop import TrainSettings, train
 
     with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
-        data.write_dataset(folder, count, seed=data_seed, split="train")
+        write_dataset(folder, count, seed=data_seed, split="train")
         with torch.inference_mode():
             samples = encoded_training_samples(model, clip, vae, folder)
     empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
