@@ -132,24 +132,13 @@ def parse_groups(names):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=64)
     parser.add_argument("--groups", nargs="+", default=["easy"],
                         help=f"held-out layout groups ({', '.join(data.GROUPS)}) or 'all'")
-    parser.add_argument("--layouts", type=int, default=64, help="held-out layouts per group and seed")
-    parser.add_argument("--layout-seed", type=int, default=0)
-    for name, value in evaluate.TRAIN_DEFAULTS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--sample-steps", type=int, default=evaluate.SAMPLER["steps"])
-    parser.add_argument("--cfg", type=float, default=evaluate.SAMPLER["cfg"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("--markdown", help="write the tables as Markdown here")
     parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
                         "first seed) as PNG here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[compare] {message}", flush=True)
 
     started = time.time()
@@ -161,8 +150,6 @@ def main(argv=None):
     for group, group_references in references.items():
         for name, result in group_references.items():
             log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
-    train_settings = {name: getattr(args, name) for name in evaluate.TRAIN_DEFAULTS}
-    sampler = dict(evaluate.SAMPLER, steps=args.sample_steps, cfg=args.cfg)
     sheet_images = {} if args.sheet else None
     runs = [run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log,
                      sheet_images if index == 0 else None) for index, seed in enumerate(args.seeds)]

@@ -141,3 +141,32 @@ def with_lora(model, lora_sd, strength=1.0):
     """The stock path: comfy.sd.load_lora_for_models on a clone (what LoraLoaderModelOnly does)."""
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
     return patched
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line runs (compare.py, style.py)
+
+def add_run_arguments(parser, seeds, layouts):
+    """The options every multi-seed toy run shares: family, seeds, held-out layouts, the training
+    recipe (TRAIN_DEFAULTS), the sampler, threads and the output files."""
+    from . import models
+
+    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--layouts", type=int, default=layouts, help="held-out layouts (per group) and seed")
+    parser.add_argument("--layout-seed", type=int, default=0)
+    for name, value in TRAIN_DEFAULTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--sample-steps", type=int, default=SAMPLER["steps"])
+    parser.add_argument("--cfg", type=float, default=SAMPLER["cfg"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--markdown", help="write the tables as Markdown here")
+
+
+def run_settings(args):
+    """(training settings, sampler) from add_run_arguments' options; sets torch's thread count."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return ({name: getattr(args, name) for name in TRAIN_DEFAULTS},
+            dict(SAMPLER, steps=args.sample_steps, cfg=args.cfg))

@@ -113,27 +113,15 @@ def markdown(runs, layouts, entities):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Stacked style LoRA: (d) with and without it.")
-    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--layouts", type=int, default=32)
-    parser.add_argument("--layout-seed", type=int, default=0)
-    for name, value in evaluate.TRAIN_DEFAULTS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    evaluate.add_run_arguments(parser, seeds=[0], layouts=32)
     parser.add_argument("--style-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
-    parser.add_argument("--sample-steps", type=int, default=evaluate.SAMPLER["steps"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("--markdown", help="write the table as Markdown here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[style] {message}", flush=True)
     started = time.time()
     model, clip, vae = models.load_toy_models(args.family, "pretrained")
     layouts = data.layouts("heldout", args.layout_seed, args.layouts)
     entities = sum(len(layout.entities) for layout in layouts)
-    train_settings = {name: getattr(args, name) for name in evaluate.TRAIN_DEFAULTS}
-    sampler = dict(evaluate.SAMPLER, steps=args.sample_steps)
     runs = [run_seed(seed, layouts, model, clip, vae, train_settings, args.style_steps, sampler, log)
             for seed in args.seeds]
     text, drop = markdown(runs, args.layouts, entities)
