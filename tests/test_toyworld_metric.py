@@ -134,3 +134,18 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_layouts():
     assert pooled["mean_iou"] == [0.5, 0.5]
     with pytest.raises(ValueError, match="different numbers of layouts"):
         metric.bootstrap_intervals([run, run[:2]])
+
+
+def test_a_finer_toy_vae_gives_16x16_tokens_and_higher_references():
+    layouts = data.layouts("heldout", 2, 6)
+    coarse_model, _, coarse_vae = models.load_toy_models("flux", "random")
+    fine_model, _, fine_vae = models.load_toy_models("flux", "random", pool=4)
+    assert evaluate.token_grid(fine_model, fine_vae, 128, 128) == (32, 32, 2)  # 16x16 tokens
+    coarse = evaluate.score_references(coarse_model, coarse_vae, layouts)
+    fine = evaluate.score_references(fine_model, fine_vae, layouts)
+    for name in evaluate.REFERENCES:
+        assert fine[name]["summary"]["mean_iou"] > coarse[name]["summary"]["mean_iou"] + 0.05
+    layout = next(l for l in (data.make_layout("heldout", 2, i) for i in range(40)) if len(l.entities) == 1)
+    fill = metric.token_fill_image(layout.masks, [e.prompt for e in layout.entities], (32, 32), 2)
+    painted = np.all(fill == data.PALETTE[layout.entities[0].colour], axis=-1)
+    assert np.array_equal(painted, token_region(layout.entities[0].mask, pool=4))

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from . import data, evaluate, files, metric, models
+from . import data, evaluate, files, metric
 from .workflows import CONDITIONS
 
 FIGURES = ("mean_iou", "success_rate", "mean_leak", "missing_rate")
@@ -142,7 +142,7 @@ def main(argv=None):
     log = lambda message: print(f"[compare] {message}", flush=True)
 
     started = time.time()
-    model, clip, vae = models.load_toy_models(args.family, "pretrained")
+    model, clip, vae = evaluate.load_run_models(args)
     groups = parse_groups(args.groups)
     layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, group=g) for g in groups}
     counts = {g: (len(ls), sum(len(l.entities) for l in ls)) for g, ls in layout_sets.items()}
@@ -159,7 +159,8 @@ def main(argv=None):
     table = aggregate(runs, references)
     text = markdown_table(table, args.seeds, counts)
     print(text)
-    payload = {"family": args.family, "seeds": args.seeds, "groups": groups, "layouts": args.layouts,
+    payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
+               "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds, "groups": groups, "layouts": args.layouts,
                "layout_seed": args.layout_seed, "entities": {g: counts[g][1] for g in groups},
                "train": train_settings, "sampler": sampler, "bootstrap": BOOTSTRAP,
                "references": {g: {name: {"summary": r["summary"], "images": compact(r["images"])}

@@ -35,7 +35,8 @@ def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER)
         positive, negative = apply_entities(positive, entities, negative)
         model = patch_model(model)
     height, width = layout.image.shape[:2]
-    latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]["samples"]
+    # What EmptyLatentImage makes, at the toy VAE's own ratio (the node assumes 8).
+    latent = torch.zeros([1, 4, height // vae.downscale_ratio, width // vae.downscale_ratio])
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(
@@ -160,8 +161,19 @@ def add_run_arguments(parser, seeds, layouts):
     parser.add_argument("--sample-steps", type=int, default=SAMPLER["steps"])
     parser.add_argument("--cfg", type=float, default=SAMPLER["cfg"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights-file", help="toy base weights (default: the shipped file of the family)")
+    parser.add_argument("--vae-pool", type=int, default=models.POOL,
+                        help="toy VAE downscale factor (8: 8x8 tokens at 128 px; 4: 16x16 tokens, needs a base "
+                        "built with build-weights --vae-pool 4)")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--markdown", help="write the tables as Markdown here")
+
+
+def load_run_models(args):
+    """(model, clip, vae) for add_run_arguments' options."""
+    from . import models
+
+    return models.load_toy_models(args.family, "pretrained", weights_file=args.weights_file, pool=args.vae_pool)
 
 
 def run_settings(args):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from . import data, evaluate, files, metric, models
+from . import data, evaluate, files, metric
 
 GRADIENT = (48, 208)  # background grey at the top and bottom rows
 EDGE_ROWS = 16  # rows at the top and bottom whose background brightness tells whether the style shows
@@ -119,14 +119,14 @@ def main(argv=None):
     train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[style] {message}", flush=True)
     started = time.time()
-    model, clip, vae = models.load_toy_models(args.family, "pretrained")
+    model, clip, vae = evaluate.load_run_models(args)
     layouts = data.layouts("heldout", args.layout_seed, args.layouts)
     entities = sum(len(layout.entities) for layout in layouts)
     runs = [run_seed(seed, layouts, model, clip, vae, train_settings, args.style_steps, sampler, log)
             for seed in args.seeds]
     text, drop = markdown(runs, args.layouts, entities)
     print(text)
-    payload = {"family": args.family, "layouts": args.layouts, "entities": entities, "train": train_settings,
+    payload = {"family": args.family, "vae_pool": args.vae_pool, "layouts": args.layouts, "entities": entities, "train": train_settings,
                "style_steps": args.style_steps, "sampler": sampler, "gradient": GRADIENT, "runs": runs,
                "relative_drop": drop, "seconds": round(time.time() - started, 1)}
     if args.out:
