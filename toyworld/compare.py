@@ -30,9 +30,10 @@ def compact(per_image):
     return [[{k: r[k] for k in ("iou", "leak", "success", "missing")} for r in results] for results in per_image]
 
 
-def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, sheet_images=None):
-    """Train one LoRA, then score every group in the three conditions. sheet_images: a dict that receives
-    the first (d) images of each group, or None."""
+def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, sheet_images=None,
+             conditions=tuple(CONDITIONS)):
+    """Train one LoRA, then score every group in `conditions`. sheet_images: a dict that receives the
+    first (d) images of each group, or None."""
     started = time.time()
     lora, losses, train_seconds = evaluate.train_lora(model, clip, vae, seed=seed, data_seed=seed,
                                                       log=log, **train_settings)
@@ -42,6 +43,8 @@ def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, 
         groups[group] = {}
         for condition, (model_used, use_entities) in {"a": (model, False), "b": (model, True),
                                                       "d": (trained, True)}.items():
+            if condition not in conditions:
+                continue
             result, images = evaluate.score_condition(model_used, clip, vae, layouts, use_entities, seed, sampler)
             groups[group][condition] = {"summary": result["summary"], "images": compact(result["images"])}
             if condition == "d" and sheet_images is not None:
@@ -63,13 +66,17 @@ def aggregate(runs, references):
             rows[name]["interval"] = metric.bootstrap_intervals([result["images"]], **BOOTSTRAP)
         for condition in CONDITIONS:
             row = {}
+            scored = [run for run in runs if condition in run["groups"][group]]
+            if not scored:
+                continue
+            row["seeds"] = [run["seed"] for run in scored]
             for figure in FIGURES:
-                values = [run["groups"][group][condition]["summary"][figure] for run in runs]
+                values = [run["groups"][group][condition]["summary"][figure] for run in scored]
                 values = [v for v in values if v is not None and not np.isnan(v)]
                 row[figure] = {"mean": float(np.mean(values)) if values else float("nan"),
                                "std": float(np.std(values)) if values else float("nan")}
             row["interval"] = metric.bootstrap_intervals(
-                [run["groups"][group][condition]["images"] for run in runs], **BOOTSTRAP)
+                [run["groups"][group][condition]["images"] for run in scored], **BOOTSTRAP)
             rows[condition] = row
         bound = rows["fill"]["mean_iou"]["mean"]
         rows["d"]["share_of_fill_iou"] = rows["d"]["mean_iou"]["mean"] / bound if bound else float("nan")
@@ -100,7 +107,8 @@ def markdown_table(table, seeds, counts):
         for name, text in evaluate.REFERENCES.items():
             lines.append(_row_text(text, rows[name], spread=False))
         for condition, text in CONDITIONS.items():
-            lines.append(_row_text(f"({condition}) {text}", rows[condition], spread=len(seeds) > 1))
+            if condition in rows:
+                lines.append(_row_text(f"({condition}) {text}", rows[condition], spread=len(rows[condition]["seeds"]) > 1))
         lines.append("")
     return "\n".join(lines)
 
@@ -135,6 +143,9 @@ def main(argv=None):
     evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=64)
     parser.add_argument("--groups", nargs="+", default=["easy"],
                         help=f"held-out layout groups ({', '.join(data.GROUPS)}) or 'all'")
+    parser.add_argument("--base-seeds", type=int, nargs="*",
+                        help="seeds that also sample (a) and (b) (default: all; they need no training, so "
+                        "one seed is often enough)")
     parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
                         "first seed) as PNG here")
     args = parser.parse_args(argv)
@@ -151,27 +162,34 @@ def main(argv=None):
         for name, result in group_references.items():
             log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
     sheet_images = {} if args.sheet else None
-    runs = [run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log,
-                     sheet_images if index == 0 else None) for index, seed in enumerate(args.seeds)]
+    base_seeds = args.seeds if args.base_seeds is None else args.base_seeds
+    runs = []
+    for index, seed in enumerate(args.seeds):
+        conditions = tuple(c for c in CONDITIONS if c == "d" or seed in base_seeds)
+        runs.append(run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log,
+                             sheet_images if index == 0 else None, conditions))
+        # Written after every seed, so a run stopped early keeps what it measured.
+        table = aggregate(runs, references)
+        text = markdown_table(table, [run["seed"] for run in runs], counts)
+        payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
+                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds,
+                   "base_seeds": base_seeds, "seeds_done": [run["seed"] for run in runs], "groups": groups,
+                   "layouts": args.layouts, "layout_seed": args.layout_seed,
+                   "entities": {g: counts[g][1] for g in groups}, "train": train_settings, "sampler": sampler,
+                   "bootstrap": BOOTSTRAP,
+                   "references": {g: {name: {"summary": r["summary"], "images": compact(r["images"])}
+                                      for name, r in refs.items()} for g, refs in references.items()},
+                   "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
+                   "threads": torch.get_num_threads()}
+        if args.out:
+            files.write_json(args.out, payload)
+        if args.markdown:
+            files.write_text(args.markdown, text)
     if args.sheet:
         fills = {g: evaluate.reference_images(model, vae, ls[:SHEET_COLUMNS])["fill"] for g, ls in layout_sets.items()}
         files.save_png(group_sheet(layout_sets, fills, sheet_images), args.sheet)
-    table = aggregate(runs, references)
-    text = markdown_table(table, args.seeds, counts)
     print(text)
-    payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
-               "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds, "groups": groups, "layouts": args.layouts,
-               "layout_seed": args.layout_seed, "entities": {g: counts[g][1] for g in groups},
-               "train": train_settings, "sampler": sampler, "bootstrap": BOOTSTRAP,
-               "references": {g: {name: {"summary": r["summary"], "images": compact(r["images"])}
-                                  for name, r in refs.items()} for g, refs in references.items()},
-               "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
-               "threads": torch.get_num_threads()}
-    if args.out:
-        files.write_json(args.out, payload)
-    if args.markdown:
-        files.write_text(args.markdown, text)
     print(json.dumps({"summary": {g: {c: {f: round(table[g][c][f]["mean"], 4) for f in ("mean_iou", "success_rate")}
-                                      for c in ["fill", "truth", *CONDITIONS]} for g in groups},
+                                      for c in table[g] if c in ("fill", "truth", *CONDITIONS)} for g in groups},
                       "seconds": payload["seconds"]}))
     return payload
