@@ -113,6 +113,27 @@ def markdown_table(table, seeds, counts):
     return "\n".join(lines)
 
 
+def summary_table(table, counts):
+    """One row per group: IoU / success of the token-fill bound, the ceiling, (a), (b) and (d) (with its
+    95% layout interval) and (d)'s share of the bound's IoU."""
+    def cell(row, interval=False):
+        text = f"{row['mean_iou']['mean']:.2f} / {100 * row['success_rate']['mean']:.0f}%"
+        if interval:
+            low, high = row["interval"]["mean_iou"]
+            s_low, s_high = row["interval"]["success_rate"]
+            text += f" [{low:.2f}-{high:.2f} / {100 * s_low:.0f}-{100 * s_high:.0f}%]"
+        return text
+
+    lines = ["| group | layouts (entities) | token-fill bound | ceiling | (a) | (b) | (d) [95% interval] | (d) / bound IoU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group, rows in table.items():
+        layouts, entities = counts[group]
+        base = [cell(rows[c]) if c in rows else "-" for c in ("a", "b")]
+        lines.append(f"| {group} | {layouts} ({entities}) | {cell(rows['fill'])} | {cell(rows['truth'])} | "
+                     f"{base[0]} | {base[1]} | {cell(rows['d'], True)} | {100 * rows['d']['share_of_fill_iou']:.0f}% |")
+    return "\n".join(lines)
+
+
 def group_sheet(layout_sets, fill_images, d_images):
     """uint8 image: per group three rows (exact layout, token-fill bound, (d)), masks outlined."""
     from .figures import contact_sheet
@@ -127,6 +148,19 @@ def group_sheet(layout_sets, fill_images, d_images):
     width = max(part.shape[1] for part in parts)
     parts = [np.pad(part, ((0, 0), (0, width - part.shape[1]), (0, 0)), constant_values=255) for part in parts]
     return np.concatenate(parts, axis=0)
+
+
+def report(path, markdown=None):
+    """Tables from a JSON written by --out (the per-image figures it keeps are enough)."""
+    with open(path) as f:
+        payload = json.load(f)
+    counts = {g: (payload["layouts"], payload["entities"][g]) for g in payload["groups"]}
+    table = aggregate(payload["runs"], payload["references"])
+    text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in payload["runs"]], counts)
+    print(text)
+    if markdown:
+        files.write_text(markdown, text)
+    return table
 
 
 def parse_groups(names):
@@ -148,7 +182,11 @@ def main(argv=None):
                         "one seed is often enough)")
     parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
                         "first seed) as PNG here")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only re-render the tables (to stdout and --markdown) from a JSON this command wrote")
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.report, args.markdown)
     train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[compare] {message}", flush=True)
 
@@ -170,7 +208,7 @@ def main(argv=None):
                              sheet_images if index == 0 else None, conditions))
         # Written after every seed, so a run stopped early keeps what it measured.
         table = aggregate(runs, references)
-        text = markdown_table(table, [run["seed"] for run in runs], counts)
+        text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in runs], counts)
         payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
                    "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds,
                    "base_seeds": base_seeds, "seeds_done": [run["seed"] for run in runs], "groups": groups,
