@@ -182,6 +182,8 @@ def main(argv=None):
                         "one seed is often enough)")
     parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
                         "first seed) as PNG here")
+    parser.add_argument("--references-only", action="store_true",
+                        help="score only the token-fill bound and the ceiling (no training, no sampling)")
     parser.add_argument("--report", metavar="JSON",
                         help="only re-render the tables (to stdout and --markdown) from a JSON this command wrote")
     args = parser.parse_args(argv)
@@ -199,6 +201,15 @@ def main(argv=None):
     for group, group_references in references.items():
         for name, result in group_references.items():
             log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
+    if args.references_only:
+        payload = {"family": args.family, "vae_pool": args.vae_pool,
+                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "groups": groups,
+                   "layouts": args.layouts, "layout_seed": args.layout_seed, "bootstrap": BOOTSTRAP,
+                   "references": {g: {name: {"summary": r["summary"], "interval": metric.bootstrap_intervals(
+                       [r["images"]], **BOOTSTRAP)} for name, r in refs.items()} for g, refs in references.items()}}
+        if args.out:
+            files.write_json(args.out, payload)
+        return payload
     sheet_images = {} if args.sheet else None
     base_seeds = args.seeds if args.base_seeds is None else args.base_seeds
     runs = []
