@@ -70,8 +70,9 @@ def run_seed(seed, layouts, model, clip, vae, train_settings, style_steps, sampl
     style, style_losses, style_seconds = evaluate.train_lora(
         model, clip, vae, seed=seed, data_seed=seed, log=log, write_dataset=write_style_dataset, **style_settings)
     trained = evaluate.with_lora(model, eligen)
+    # (a) itself is in compare's table (same layouts and noise); here only what the style changes.
     rows = {"d": (trained, True), "d_style": (evaluate.with_lora(trained, style), True),
-            "a_style": (evaluate.with_lora(model, style), False), "a": (model, False)}
+            "a_style": (evaluate.with_lora(model, style), False)}
     results = {}
     for name, (patched, use_entities) in rows.items():
         result, images = evaluate.score_condition(patched, clip, vae, layouts, use_entities, seed, sampler)
@@ -86,7 +87,6 @@ def run_seed(seed, layouts, model, clip, vae, train_settings, style_steps, sampl
 
 
 LABELS = {
-    "a": "(a) base model, global caption only",
     "a_style": "base + style LoRA, global caption only",
     "d": "(d) base + EliGen LoRA + EliGen attention",
     "d_style": "(d) + style LoRA at strength 1 (stacked)",
