@@ -526,12 +526,16 @@ def encode_prompt(clip, text):
     return _attribute(node(), "encode", contact)(clip, text)[0]
 
 
-def empty_latent(model, width, height, batch=1):
+def empty_latent(model, width, height, batch=1, downscale_ratio=8):
     """An empty latent for ``model`` (stock EmptyLatentImage, channels fixed for the model the way
-    KSampler does; contact point: nodes.EmptyLatentImage, sample.fix_empty_latent_channels)."""
-    contact = "nodes.EmptyLatentImage.generate"
-    node = _attribute(_module("nodes", contact), "EmptyLatentImage", contact)
-    latent = _attribute(node(), "generate", contact)(width, height, batch)[0]["samples"]
+    KSampler does; contact point: nodes.EmptyLatentImage, sample.fix_empty_latent_channels). The node
+    assumes an 8x VAE; for another ``downscale_ratio`` (toy VAEs) the same zeros are made at that ratio."""
+    if downscale_ratio == 8:
+        contact = "nodes.EmptyLatentImage.generate"
+        node = _attribute(_module("nodes", contact), "EmptyLatentImage", contact)
+        latent = _attribute(node(), "generate", contact)(width, height, batch)[0]["samples"]
+    else:
+        latent = torch.zeros([batch, 4, height // downscale_ratio, width // downscale_ratio])
     fix = _attribute(_module("comfy.sample", "sample.fix_empty_latent_channels"), "fix_empty_latent_channels",
                      "sample.fix_empty_latent_channels")
     return fix(model, latent)

@@ -231,8 +231,9 @@ class ToyPoolAutoencoder(torch.nn.Module):
     """Parameter-free: 8x average pool to RGB, stored so the model sees RGB in [-1, 1] after the
     family's latent_format.process_in, the other 13 channels at 0; decode = nearest upsample."""
 
-    def __init__(self, latent_format):
+    def __init__(self, latent_format, pool=POOL):
         super().__init__()
+        self.pool = pool
         # Invert the family's latent normalisation so process_in(encode(x)) == pooled pixels.
         probe = torch.zeros(1, LATENT_CHANNELS, 1, 1)
         if getattr(latent_format, "latent_dimensions", 2) == 3:
@@ -249,7 +250,7 @@ class ToyPoolAutoencoder(torch.nn.Module):
     def encode(self, pixels):
         frames = pixels.shape[2] if pixels.ndim == 5 else None
         flat = pixels.transpose(1, 2).flatten(0, 1) if frames else pixels
-        pooled = torch.nn.functional.avg_pool2d(flat, POOL)
+        pooled = torch.nn.functional.avg_pool2d(flat, self.pool)
         padded = torch.nn.functional.pad(pooled, (0, 0, 0, 0, 0, LATENT_CHANNELS - pooled.shape[1]))
         if frames:
             padded = padded.unflatten(0, (pixels.shape[0], frames)).transpose(1, 2)
@@ -261,7 +262,7 @@ class ToyPoolAutoencoder(torch.nn.Module):
         rgb = ((latent - zero_point) / unit)[:, :3]
         frames = rgb.shape[2] if rgb.ndim == 5 else None
         flat = rgb.transpose(1, 2).flatten(0, 1) if frames else rgb
-        image = torch.nn.functional.interpolate(flat, scale_factor=POOL, mode="nearest")
+        image = torch.nn.functional.interpolate(flat, scale_factor=self.pool, mode="nearest")
         if frames:
             image = image.unflatten(0, (rgb.shape[0], frames)).transpose(1, 2)
         return image
@@ -270,18 +271,18 @@ class ToyPoolAutoencoder(torch.nn.Module):
 class ToyVAE(host.vae_class()):
     """A comfy.sd.VAE (built through its own constructor) whose first stage is the pool autoencoder."""
 
-    def __init__(self, family="flux"):
+    def __init__(self, family="flux", pool=POOL):
         # The pixel-space entry point sets device, dtype, output device and patcher the stock way.
         host.init_pixel_space_vae(self, dtype=torch.float32)
         latent_format = host.supported_model_config(family_spec(family)["model_class"]).latent_format()
-        self.first_stage_model = ToyPoolAutoencoder(latent_format).eval()
+        self.first_stage_model = ToyPoolAutoencoder(latent_format, pool).eval()
         self.patcher = host.wrap_in_patcher(self.first_stage_model, "vae", load_device=self.device)
-        self.downscale_ratio = self.upscale_ratio = POOL
+        self.downscale_ratio = self.upscale_ratio = pool
         self.latent_channels = LATENT_CHANNELS
         self.latent_dim = latent_format.latent_dimensions
         self.not_video = True  # a batch of images stays a batch (5-D latents get a time axis of 1)
         self.memory_used_encode = lambda shape, dtype: 64 * shape[-2] * shape[-1]
-        self.memory_used_decode = lambda shape, dtype: 64 * shape[-2] * shape[-1] * POOL * POOL
+        self.memory_used_decode = lambda shape, dtype: 64 * shape[-2] * shape[-1] * pool * pool
         self.size = None
 
 
@@ -308,11 +309,12 @@ def wrap_model(base_model):
     return host.wrap_in_patcher(base_model, "unet")
 
 
-def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None):
+def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None, pool=POOL):
     """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) of the toy world.
 
     weights="pretrained" loads toyworld/weights/<family file> (or `weights_file`): diffusion model and
     text encoder; weights="random" initialises both deterministically from `seed` (every layer non-zero).
+    `pool`: the toy VAE's downscale factor (8, as FLUX's VAE; 4 gives a 128 px image 16x16 tokens).
     """
     base_model = build_diffusion_model(family, dtype)
     if weights == "random":
@@ -333,4 +335,4 @@ def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.flo
         clip = build_clip(int(json.loads(metadata.get("toy_world", "{}")).get("text_seed", 0)), text_sd)
     else:
         raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
-    return wrap_model(base_model), clip, ToyVAE(family)
+    return wrap_model(base_model), clip, ToyVAE(family, pool)
