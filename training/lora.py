@@ -6,6 +6,7 @@ belongs to a MODEL shared by the whole graph, so ``remove`` puts every original 
 restores ``requires_grad``; callers run it in a ``finally``.
 """
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -33,8 +34,8 @@ class LoraSettings:
         problems = []
         if self.rank < 1:
             problems.append(f"rank must be at least 1 (got {self.rank})")
-        if not self.alpha > 0:
-            problems.append(f"alpha must be positive (got {self.alpha})")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            problems.append(f"alpha must be a positive finite number (got {self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.init not in INITS:
