@@ -81,11 +81,12 @@ def test_swap_order_and_lora_tensors_stay(checkpointing):
         loss = one_loss(model, samples)
         loss.backward()
         events = model.offload.swapper.events
-        # forward: ascending, each block in then out; backward (recomputation): descending
+        # forward: ascending, each block in then out, the next one prefetched while one runs, and the last
+        # one again for backward; backward (recomputation): descending, prefetching the previous block
         forward = [(kind, pos) for kind, pos, direction in events if direction == "forward"]
         backward = [(kind, pos) for kind, pos, direction in events if direction == "backward"]
-        assert forward == [("in", 0), ("out", 0), ("in", 2), ("out", 2)]
-        assert backward == [("in", 2), ("out", 2), ("in", 0), ("out", 0)]
+        assert forward == [("in", 0), ("prefetch", 2), ("out", 0), ("in", 2), ("out", 2), ("prefetch", 2)]
+        assert backward == [("in", 2), ("prefetch", 0), ("out", 2), ("in", 0), ("out", 0)]
         grads = [p.grad for p in model.parameters if p.grad is not None]  # the last block's text side has none
         assert len(grads) > len(model.parameters) // 2 and all(torch.isfinite(g).all() for g in grads)
         assert {id(p): (p.data_ptr(), p.device) for p in model.parameters} == before
