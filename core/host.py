@@ -682,14 +682,32 @@ def is_quantized_attention(func):
 
 # --- memory: encoders off the device, block-swap loading (issue 11) ---
 
+MEMORY_MANAGEMENT = "model management (free_memory, current_loaded_models, LoadedModel.model_unload)"
+PATCH_ON_OFFLOAD = "ModelPatcher.patch_model / unpatch_model (block-swap loading)"
+
 
 def _model_management():
-    import comfy.model_management as mm
-
-    for name in ("free_memory", "current_loaded_models", "unet_offload_device"):
-        if not hasattr(mm, name):
-            raise MissingCapability(f"comfy.model_management.{name} (memory management) is missing")
+    """comfy.model_management with what unloading relies on, checked (contact point: MEMORY_MANAGEMENT)."""
+    mm = _module("comfy.model_management", MEMORY_MANAGEMENT)
+    _parameters(_attribute(mm, "free_memory", MEMORY_MANAGEMENT), ("memory_required", "device", "keep_loaded"),
+                MEMORY_MANAGEMENT)
+    if not isinstance(getattr(mm, "current_loaded_models", None), list):
+        raise missing(MEMORY_MANAGEMENT, "comfy.model_management.current_loaded_models is not a list")
+    _attribute(_attribute(mm, "LoadedModel", MEMORY_MANAGEMENT), "model_unload", MEMORY_MANAGEMENT)
     return mm
+
+
+def _check_patch_on_offload():
+    patcher = _attribute(_module("comfy.model_patcher", PATCH_ON_OFFLOAD), "ModelPatcher", PATCH_ON_OFFLOAD)
+    _parameters(_attribute(patcher, "patch_model", PATCH_ON_OFFLOAD),
+                ("device_to", "lowvram_model_memory", "load_weights"), PATCH_ON_OFFLOAD)
+    _parameters(_attribute(patcher, "unpatch_model", PATCH_ON_OFFLOAD), ("device_to", "unpatch_weights"),
+                PATCH_ON_OFFLOAD)
+    return patcher
+
+
+CONTACTS[MEMORY_MANAGEMENT] = _model_management
+CONTACTS[PATCH_ON_OFFLOAD] = _check_patch_on_offload
 
 
 def loaded_models_on(device):
@@ -720,8 +738,6 @@ def unload_model(model_patcher):
     mm = _model_management()
     for index, entry in enumerate(list(mm.current_loaded_models)):
         if entry.model is model_patcher:
-            if not hasattr(entry, "model_unload"):
-                raise MissingCapability("comfy.model_management.LoadedModel.model_unload is missing")
             entry.model_unload()
             mm.current_loaded_models.pop(index)
             return True
@@ -732,9 +748,7 @@ def patch_weights_on_offload_device(model_patcher):
     """Apply the ModelPatcher's weight and object patches (stock LoRAs etc.) with every weight on its
     offload device (CPU), without registering it as loaded; block swap then moves the resident part to
     the compute device itself. Undo with ``unpatch_weights``."""
-    for name in ("patch_model", "unpatch_model", "offload_device"):
-        if not hasattr(model_patcher, name):
-            raise MissingCapability(f"ModelPatcher.{name} is missing (needed to load a model for block swap)")
+    _check_patch_on_offload()
     model_patcher.patch_model(device_to=model_patcher.offload_device, lowvram_model_memory=0, load_weights=True)
     return model_patcher.offload_device
 
@@ -745,8 +759,6 @@ def unpatch_weights(model_patcher):
 
 
 def _as_device(device):
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

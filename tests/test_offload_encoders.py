@@ -58,3 +58,18 @@ def test_encoders_leave_the_device_for_the_steps(blocks_to_swap):
     assert all(names == expected for names in during), during
     # validation decoded real images, and the VAE left again right after
     assert [d[0][-1] for d in decoded] == [3, 3] and not any(d[1] for d in decoded)
+
+
+def test_memory_contact_points_are_checked():
+    """The contact points block swap and unloading use are in the start-up check, and a missing one is
+    refused by name (not an AttributeError)."""
+    assert host.MEMORY_MANAGEMENT in host.CONTACTS and host.PATCH_ON_OFFLOAD in host.CONTACTS
+    assert not [p for p in host.missing_capabilities() if p.contact in (host.MEMORY_MANAGEMENT, host.PATCH_ON_OFFLOAD)]
+    saved = comfy.model_management.free_memory
+    del comfy.model_management.free_memory
+    try:
+        with pytest.raises(host.MissingCapability, match="free_memory") as error:
+            host.unload_models_on(DEVICE)
+        assert error.value.contact == host.MEMORY_MANAGEMENT
+    finally:
+        comfy.model_management.free_memory = saved
