@@ -409,7 +409,7 @@ def bench_training_step(args, model, patched, positive, options, latent, width, 
         entities = entity_list(count, args.entity_tokens, width, image_px, dtype)
         embeds = torch.cat([e.embeds for e in entities] + [positive[0][0]], dim=1)
         condition = conditioning.EntityCondition.for_training(
-            [e.embeds.shape[1] for e in entities] + [text_tokens], conditioning.stack_masks(entities)[None])
+            [e.embeds.shape[1] for e in entities] + [text_tokens], conditioning.stack_masks(entities)[0][None])
         for method in args.methods:
             train[f"train_{method}:real_{count}"] = training_run(patched[method], latent, embeds, pooled, condition, dtype)
     train_seconds = median_seconds(train, args.repeats)

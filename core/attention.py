@@ -17,24 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from . import host
+from .mask_rule import latent_to_token_grid, masks_to_latent
 
 # transformer_options key under which the model patch hands the mask to the attention override.
 OPTIONS_KEY = "eligen_attention"
 
 
-def mask_to_token_grid(masks, latent_hw, patch=2):
-    """Masks ``[..., H, W]`` (white = entity, any resolution) -> bool ``[..., ceil(h/patch), ceil(w/patch)]``.
+def mask_to_token_grid(masks, latent_hw, patch=2, mask_sizes=None):
+    """Masks ``[..., N, H, W]`` (white = entity, any resolution) -> bool ``[..., N, ceil(h/patch), ceil(w/patch)]``.
 
-    The reference rule: nearest resize to the latent size (PIL semantics, "nearest-exact"), threshold at
-    half intensity, zero-pad to a multiple of the patch, and a patch is inside if any of its pixels is.
+    The reference rule (core/mask_rule.py): PIL NEAREST resize of each mask, from its own size
+    (``mask_sizes`` when masks of several sizes are stored padded), straight to the latent size; above
+    half intensity is inside; a patch is inside if any of its pixels is.
     """
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    lead = masks.shape[:-2]
-    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
-    latent = F.interpolate(flat, size=(h, w), mode="nearest-exact") > 0.5
-    padded = F.pad(latent.float(), (0, (-w) % patch, 0, (-h) % patch))
-    grid = F.max_pool2d(padded, kernel_size=patch) > 0
-    return grid.reshape(*lead, grid.shape[-2], grid.shape[-1])
+    return latent_to_token_grid(masks_to_latent(masks, latent_hw, mask_sizes), patch)
 
 
 def entity_attention_mask(segment_lengths, token_masks):

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import comfy.conds
-import comfy.utils
+from . import host
 
 MAX_ENTITIES = 16
 MODEL_CONDS_KEY = "eligen"
@@ -52,7 +51,12 @@ def entity_mask(mask, name):
         mask = mask[0]
     if mask.ndim != 2:
         raise ValueError(f"{name}: a mask must be [H, W] or [1, H, W], not {list(mask.shape)}")
-    mask = mask.detach().float().clamp(0.0, 1.0).cpu()
+    mask = mask.detach().float().cpu()
+    if not bool(torch.isfinite(mask).all()):
+        bad = int((~torch.isfinite(mask)).sum())
+        raise ValueError(f"{name}: the mask holds {bad} NaN or inf value(s) of {mask.numel()}; a mask must be "
+                         f"numbers in [0, 1] (white = the entity)")
+    mask = mask.clamp(0.0, 1.0)
     if not bool((mask > 0.5).any()):
         raise ValueError(
             f"{name}: the mask is empty (no pixel above half intensity); paint the "
@@ -67,8 +71,14 @@ def entity_embeds(conditioning, name):
             f"{name}: the conditioning holds {len(conditioning)} entries; use one text "
             f"encoding per entity (not a combined or concatenated conditioning)")
     embeds = conditioning[0][0]
-    if embeds.ndim != 3 or embeds.shape[0] != 1:
-        raise ValueError(f"{name}: expected text embeddings [1, L, D], got {list(embeds.shape)}")
+    if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"{name}: expected text embeddings [1, L, D], got "
+                         f"{list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__}")
+    if embeds.shape[1] == 0:
+        raise ValueError(f"{name}: the text embeddings hold 0 tokens; the entity's prompt would reach nothing "
+                         f"(encode a non-empty prompt)")
+    if not bool(torch.isfinite(embeds).all()):
+        raise ValueError(f"{name}: the text embeddings hold NaN or inf values; re-encode the entity's prompt")
     return embeds.detach()
 
 
@@ -93,7 +103,7 @@ def add_entity(previous, entity):
 # ---------------------------------------------------------------------------------------------
 # The model condition
 
-class EntityCondition(comfy.conds.CONDRegular):
+class EntityCondition(host.regular_cond_class()):
     """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text segment lengths
     ``[L1 .. LN, LG]``, the active step range and the entity labels.
 
@@ -101,17 +111,23 @@ class EntityCondition(comfy.conds.CONDRegular):
     conditionings into one model call); the diffusion model receives the result as ``eligen``.
     """
 
-    def __init__(self, masks, segment_lengths, start=0.0, end=1.0, labels=()):
+    def __init__(self, masks, segment_lengths, start=0.0, end=1.0, labels=(), mask_sizes=None):
         super().__init__(masks)
         self.segment_lengths = tuple(int(n) for n in segment_lengths)
         self.start = float(start)
         self.end = float(end)
         self.labels = tuple(labels)
+        # Each mask's own (H, W) inside the padded [.., N, H, W] tensor; None: all are full size.
+        self.mask_sizes = None if mask_sizes is None else tuple((int(h), int(w)) for h, w in mask_sizes)
 
     @classmethod
     def for_training(cls, segment_lengths, masks, labels=()):
         """The ``eligen`` argument for a direct diffusion-model call: masks ``[B, N, H, W]``, always active."""
         return cls(masks, segment_lengths, 0.0, 1.0, labels)
+
+    def sizes(self):
+        """(H, W) of every entity's mask, in entity order."""
+        return self.mask_sizes or (tuple(self.cond.shape[-2:]),) * self.cond.shape[-3]
 
     @property
     def masks(self):
@@ -122,11 +138,12 @@ class EntityCondition(comfy.conds.CONDRegular):
         return sum(self.segment_lengths[:-1])
 
     def _copy_with(self, cond):
-        return EntityCondition(cond, self.segment_lengths, self.start, self.end, self.labels)
+        return EntityCondition(cond, self.segment_lengths, self.start, self.end, self.labels, self.mask_sizes)
 
     def can_concat(self, other):
         return (isinstance(other, EntityCondition)
                 and other.segment_lengths == self.segment_lengths
+                and other.sizes() == self.sizes()
                 and other.cond.shape[1:] == self.cond.shape[1:]
                 and (other.start, other.end) == (self.start, self.end)
                 and other.cond.device == self.cond.device)
@@ -136,22 +153,25 @@ class EntityCondition(comfy.conds.CONDRegular):
 
 
 def stack_masks(entities):
-    """``[N, H, W]``; masks of other sizes are brought (nearest) to the first mask's size. All masks
-    must share one aspect ratio (within 2 %): they describe one image."""
+    """(masks ``[N, H, W]``, mask_sizes). Masks of different sizes are not resized here (each is resized
+    once, from its own size, to the latent: core/mask_rule.py): they are stored top-left in a zero
+    tensor of the largest height and width, and ``mask_sizes`` (None when all are equal) gives each
+    one's size. All masks must share one aspect ratio (within 2 %): they describe one image."""
     height, width = entities[0].mask.shape
-    masks = []
     for index, entity in enumerate(entities):
-        mask = entity.mask
-        if mask.shape != (height, width):
-            h, w = mask.shape
-            if abs(h / w - height / width) > 0.02 * height / width:
-                raise ValueError(
-                    f"{describe(index, entity.label)}: mask is {w}x{h} (aspect {w / h:.3f}) but "
-                    f"{describe(0, entities[0].label)} has {width}x{height} (aspect {width / height:.3f}); "
-                    f"all entity masks describe one image and need its aspect ratio")
-            mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest-exact")[0, 0]
-        masks.append(mask)
-    return torch.stack(masks)
+        h, w = entity.mask.shape
+        if (h, w) != (height, width) and abs(h / w - height / width) > 0.02 * height / width:
+            raise ValueError(
+                f"{describe(index, entity.label)}: mask is {w}x{h} (aspect {w / h:.3f}) but "
+                f"{describe(0, entities[0].label)} has {width}x{height} (aspect {width / height:.3f}); "
+                f"all entity masks describe one image and need its aspect ratio")
+    sizes = tuple(tuple(entity.mask.shape) for entity in entities)
+    if len(set(sizes)) == 1:
+        return torch.stack([entity.mask for entity in entities]), None
+    masks = torch.zeros(len(entities), max(h for h, _ in sizes), max(w for _, w in sizes))
+    for index, entity in enumerate(entities):
+        masks[index, :sizes[index][0], :sizes[index][1]] = entity.mask
+    return masks, sizes
 
 
 def _prepend_to_attention_mask(options, count):
@@ -168,14 +188,14 @@ def _prepend_to_attention_mask(options, count):
     return options
 
 
-def _with_segments(conditioning, segments_for, masks, start, end, labels):
+def _with_segments(conditioning, segments_for, masks, start, end, labels, mask_sizes=None):
     out = []
     for tensor, options in conditioning:
         segments = [s.to(tensor.device, tensor.dtype).expand(tensor.shape[0], -1, -1) for s in segments_for(tensor)]
         lengths = [s.shape[1] for s in segments] + [tensor.shape[1]]
         options = _prepend_to_attention_mask(dict(options), sum(lengths[:-1]))
         model_conds = dict(options.get("model_conds", {}))
-        model_conds[MODEL_CONDS_KEY] = EntityCondition(masks[None], lengths, start, end, labels)
+        model_conds[MODEL_CONDS_KEY] = EntityCondition(masks[None], lengths, start, end, labels, mask_sizes)
         options["model_conds"] = model_conds
         out.append([torch.cat(segments + [tensor], dim=1), options])
     return out
@@ -209,9 +229,9 @@ def apply_entities(positive, entities, negative=None, on_negative=False, start=0
         raise ValueError(f"{len(entities)} entities given; EliGen takes at most {MAX_ENTITIES}")
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"need 0 <= start_percent <= end_percent <= 1 (got {start}, {end})")
-    masks = stack_masks(entities)
+    masks, sizes = stack_masks(entities)
     labels = tuple(entity.label for entity in entities)
-    positive = _with_segments(positive, lambda _: [e.embeds for e in entities], masks, start, end, labels)
+    positive = _with_segments(positive, lambda _: [e.embeds for e in entities], masks, start, end, labels, sizes)
     if negative is not None and on_negative:
-        negative = _with_segments(negative, lambda g: [g] * len(entities), masks, start, end, labels)
+        negative = _with_segments(negative, lambda g: [g] * len(entities), masks, start, end, labels, sizes)
     return positive, negative

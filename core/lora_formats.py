@@ -9,18 +9,18 @@ Three files meet here:
 - DiffSynth-Studio's internal FLUX names (``blocks.0.attn.a_to_qkv.lora_A.default.weight``), which the stock
   loader drops. ``DIFFSYNTH_FLUX_RENAMES`` maps them to ComfyUI module names (same fused layouts).
 
-Which keys the stock loader takes is decided by the stock loader itself (``comfy.lora.load_lora`` with the
-model's ``comfy.lora.model_lora_keys_unet`` map): we only rename what it would drop, never re-list its tables.
+Which keys the stock loader takes comes from ComfyUI itself (core/host.py: the model's LoRA key map and the
+loader's key forms, probed from the loader): we only rename what it would drop.
 """
 
 import json
-import logging
 import math
 import os
 import re
 
 import torch
 
+from . import host
 from .files import atomic_path
 
 COMFY_PREFIX = "diffusion_model."
@@ -107,56 +107,15 @@ def detect_format(state_dict):
     return "mixed"
 
 
-class _CollectLoraWarnings(logging.Handler):
-    """Collects the keys behind the stock loader's 'lora key not loaded: <key>' warnings."""
-
-    MARKER = "lora key not loaded: "
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.keys = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith(self.MARKER):
-            self.keys.append(message[len(self.MARKER):])
-
-
 def stock_unmatched_keys(state_dict, key_map):
-    """The keys ComfyUI's own LoRA loader would drop for a model with this key map, in file order.
-
-    Runs ``comfy.lora.load_lora`` (what ``LoraLoaderModelOnly`` uses) and collects its "lora key not
-    loaded" reports, so the answer is the stock loader's, not a copy of its rules.
-    """
-    import comfy.lora
-
-    root = logging.getLogger()
-    collector = _CollectLoraWarnings()
-    old_level = root.level
-    root.addHandler(collector)
-    if root.getEffectiveLevel() > logging.WARNING:
-        root.setLevel(logging.WARNING)
-    # Other handlers would print one line per dropped key; keep them quiet while we listen.
-    muted = [(handler, handler.level) for handler in root.handlers if handler is not collector]
-    for handler, _ in muted:
-        handler.setLevel(logging.ERROR)
-    try:
-        comfy.lora.load_lora(state_dict, key_map, log_missing=True)
-    finally:
-        for handler, level in muted:
-            handler.setLevel(level)
-        root.removeHandler(collector)
-        root.setLevel(old_level)
-    dropped = set(collector.keys)
-    return [key for key in state_dict if key in dropped]
+    """The keys ComfyUI's own LoRA loader would drop for a model with this key map, in file order
+    (computed from the key map and the loader's key forms: ``host.lora_unmatched_keys``)."""
+    return host.lora_unmatched_keys(state_dict, key_map)
 
 
 def model_key_map(model):
     """ComfyUI's LoRA key map for a ModelPatcher or BaseModel (LoRA module name -> weight key)."""
-    import comfy.lora
-
-    base_model = getattr(model, "model", model)
-    return comfy.lora.model_lora_keys_unet(base_model, {})
+    return host.lora_key_map(model)
 
 
 def _comfy_module(module, key_map, renames):
@@ -236,9 +195,53 @@ def shape_problems(comfy_state_dict, model_state_dict):
     return problems
 
 
+def tensor_problems(state_dict):
+    """What makes a LoRA state dict unusable before any key is mapped, one message per key: keys that are
+    not text, values that are not tensors, NaN or inf values, an alpha that is not one number, LoRA
+    matrices that are not 2-D (or 4-D conv) or lack their partner, and partners whose ranks differ."""
+    if not isinstance(state_dict, dict):
+        return [f"expected a dict of tensors, got {type(state_dict).__name__}"]
+    problems, modules = [], {}
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not text")
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"key {key!r} holds a {type(tensor).__name__}, not a tensor")
+            continue
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"key {key!r} holds NaN or inf values")
+            continue
+        split = split_lora_key(key)
+        if split is None:
+            continue
+        module, role = split
+        if role == "alpha" and tensor.numel() != 1:
+            problems.append(f"key {key!r}: an alpha must be one number, got shape {tuple(tensor.shape)}")
+        elif role in ("up", "down"):
+            if tensor.ndim not in (2, 4) or 0 in tensor.shape:
+                problems.append(f"key {key!r}: a LoRA matrix must be 2-D (or 4-D), got shape {tuple(tensor.shape)}")
+            else:
+                modules.setdefault(module, {})[role] = (key, tensor)
+    for module, parts in modules.items():
+        if len(parts) == 1:
+            (role, (key, _)), = parts.items()
+            problems.append(f"key {key!r} has no {'lora_down (A)' if role == 'up' else 'lora_up (B)'} partner")
+        elif parts["up"][1].shape[1] != parts["down"][1].shape[0]:
+            problems.append(f"keys {parts['up'][0]!r} {tuple(parts['up'][1].shape)} and {parts['down'][0]!r} "
+                            f"{tuple(parts['down'][1].shape)} have different ranks")
+    return problems
+
+
 def to_comfy_for_model(state_dict, model, source="LoRA"):
-    """``to_comfy`` for a ModelPatcher/BaseModel. Raises a ValueError naming the keys that match no module
-    of the model, or whose shapes do not fit it."""
+    """``to_comfy`` for a ModelPatcher/BaseModel. Raises a ValueError naming the keys that are unusable
+    (``tensor_problems``), match no module of the model, or whose shapes do not fit it."""
+    problems = tensor_problems(state_dict)
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems[:8]) + more)
+    if not state_dict:
+        raise ValueError(f"{source}: the LoRA file holds no tensors")
     base_model = getattr(model, "model", model)
     converted, unmatched = to_comfy(state_dict, model_key_map(base_model))
     if unmatched:

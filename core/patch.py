@@ -16,14 +16,19 @@ import logging
 
 import torch
 
-import comfy.patcher_extension
-
+from . import host
 from .adapters import adapter_for
 from .attention import AUTO, METHODS, OPTIONS_KEY, EntityAttention, entity_attention_override
 from .conditioning import describe
+from .mask_rule import aspect_problem
 
 WRAPPER_KEY = "eligen"
-WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+
+
+def __getattr__(name):  # patch.WRAPPER_TYPE: ComfyUI's DIFFUSION_MODEL wrapper type, read through host
+    if name == "WRAPPER_TYPE":
+        return host.diffusion_model_wrapper_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def patch_model(model_patcher, attention=AUTO):
@@ -35,11 +40,12 @@ def patch_model(model_patcher, attention=AUTO):
     ``"dense"`` (one call with the additive S x S mask: the reference form, a fallback and for tests)."""
     if attention not in METHODS:
         raise ValueError(f"attention must be one of {', '.join(METHODS)}, not {attention!r}")
+    host.require_all()
     adapter = adapter_for(model_patcher)
     model = model_patcher.clone()
-    wrappers = model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY)
+    wrappers = host.diffusion_model_wrappers(model, WRAPPER_KEY)
     if not wrappers:
-        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
+        host.add_diffusion_model_wrapper(model, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
     elif wrappers[0].method != attention:
         raise ValueError(f"the model is already patched for EliGen with attention={wrappers[0].method!r}; "
                          f"patch the unpatched model to use attention={attention!r}")
@@ -59,18 +65,17 @@ def is_active(entity, base_model, transformer_options):
     return float(sampling.percent_to_sigma(entity.end)) <= sigma <= float(sampling.percent_to_sigma(entity.start))
 
 
-def check_mask_aspect(entity, adapter, latent_hw):
-    """Masks must have the latent's aspect (within one token); a ValueError names the entity."""
-    mask_h, mask_w = entity.masks.shape[-2:]
-    token_h, token_w = adapter.latent_to_tokens(*latent_hw)
-    expected_h = mask_h / mask_w * token_w  # the mask's height in tokens at the latent's width
-    if abs(expected_h - token_h) > 1.0:
-        labels = entity.labels or ("?",) * entity.masks.shape[1]
-        who = ", ".join(describe(i, label) for i, label in enumerate(labels))
-        raise ValueError(
-            f"{who}: mask is {mask_w}x{mask_h} (aspect {mask_w / mask_h:.3f}) but the latent is "
-            f"{latent_hw[1]}x{latent_hw[0]} (aspect {latent_hw[1] / latent_hw[0]:.3f}); draw the masks "
-            f"at the image's aspect ratio")
+def check_mask_aspect(entity, latent_hw):
+    """Every mask must fit the latent's aspect (core/mask_rule.py); a ValueError names the entities."""
+    labels = entity.labels or ("?",) * len(entity.sizes())
+    problems = {}
+    for index, (size, label) in enumerate(zip(entity.sizes(), labels)):
+        problem = aspect_problem(size, latent_hw)
+        if problem:
+            problems.setdefault(problem, []).append(describe(index, label))
+    if problems:
+        raise ValueError("; ".join(f"{', '.join(who)}: {problem}" for problem, who in problems.items())
+                         + "; draw the masks at the image's aspect ratio")
 
 
 class EntityWrapper:
@@ -86,7 +91,7 @@ class EntityWrapper:
         return self
 
     def attention_for(self, entity, x, ref_latents):
-        token_masks = self.adapter.image_token_masks(entity.masks.to(x.device), x, ref_latents)
+        token_masks = self.adapter.image_token_masks(entity.masks.to(x.device), x, ref_latents, entity.mask_sizes)
         if bool((token_masks == token_masks[:1]).all()):
             token_masks = token_masks[:1]  # one mask for the whole batch (broadcast in attention)
         # Inference-mode tensors cannot enter autograd: validation sampling and training keep separate masks.
@@ -113,7 +118,7 @@ class EntityWrapper:
             raise ValueError(
                 f"EliGen: the prompt has {context.shape[1]} text tokens but the entities were applied to "
                 f"{sum(entity.segment_lengths)}; apply EliGen after any node that changes the conditioning")
-        check_mask_aspect(entity, adapter, tuple(x.shape[-2:]))
+        check_mask_aspect(entity, tuple(x.shape[-2:]))
 
         if not is_active(entity, self.base_model, options):
             # Plain prompt for this step: the global segment only (another node's joint mask shrinks too).

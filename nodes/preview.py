@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from comfy_api.latest import io, ui
 
+from ..core.conditioning import describe
+from ..core.mask_rule import check_mask_aspect, resize_nearest
+
 # Distinct, saturated colours (RGB 0-1); entity k gets PALETTE[k % len].
 PALETTE = (
     (0.90, 0.10, 0.10), (0.10, 0.45, 0.95), (0.10, 0.80, 0.20), (0.95, 0.80, 0.05),
@@ -15,13 +18,21 @@ LABEL_CHARS = 40
 
 
 def resize_mask(mask, height, width):
-    """An entity mask of any size -> bool [height, width] (nearest, then half intensity, as EliGen reads masks)."""
+    """An entity mask of any size -> bool [height, width] (the mask rule of core/mask_rule.py: PIL
+    nearest, then half intensity, as EliGen reads masks)."""
     mask = torch.as_tensor(mask, dtype=torch.float32)
     if mask.ndim != 2:
         raise ValueError(f"an entity mask must be [H, W], got shape {tuple(mask.shape)}")
-    if tuple(mask.shape) != (height, width):
-        mask = F.interpolate(mask[None, None], size=(height, width), mode="nearest-exact")[0, 0]
-    return mask > 0.5
+    return resize_nearest(mask, (height, width)) > 0.5
+
+
+def check_preview_aspects(masks, labels, height, width):
+    """Refuse what sampling would refuse: each mask must fit the latent of a ``width x height`` image
+    (the same check as the model patch, core/mask_rule.py)."""
+    latent_hw = (max(1, height // 8), max(1, width // 8))
+    for index, (mask, label) in enumerate(zip(masks, labels)):
+        check_mask_aspect(tuple(mask.shape[-2:]), latent_hw,
+                          f"{describe(index, label)} (previewed on a {width}x{height} image)")
 
 
 def mask_outline(region, width):
@@ -58,6 +69,7 @@ def overlay_entities(images, masks, labels, opacity=0.45, draw_labels=True):
     out = images[..., :3].detach().float().cpu().clone()
     line = max(1, min(height, width) // 160)
     regions = [resize_mask(mask, height, width) for mask in masks]
+    check_preview_aspects(masks, labels, height, width)
     for k, region in enumerate(regions):
         colour = torch.tensor(PALETTE[k % len(PALETTE)])
         out[:, region] = out[:, region] * (1 - opacity) + colour * opacity

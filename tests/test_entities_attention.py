@@ -5,16 +5,10 @@ by an attention override installed on the model before EliGen; EliGen's own over
 recorder sees exactly what the attention function receives. It is compared with
 - an independent, loop-by-loop re-implementation of the reference rule (PIL nearest resize, half
   threshold, 2x2 "any pixel" patches, the segment rules), for every case; and
-- the reference's own ``construct_mask`` from diffsynth==2.1.12 (only that function and its
-  ``patchify``, read from the wheel), where pip can fetch the wheel and the case fits its assumptions
-  (equal segment lengths, even latent sizes).
+- the reference's own ``construct_mask`` from diffsynth==2.1.12 (installed by scripts/setup.sh without
+  its dependencies; tests/diffsynth_reference.py loads only its flux_dit module; the test fails when it
+  is missing), where the case fits its assumptions (equal segment lengths, even latent sizes).
 """
-
-import ast
-import os
-import subprocess
-import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -23,9 +17,8 @@ from PIL import Image
 
 import comfy.sample
 from comfyui_eligen.core import attention, conditioning, patch
+from diffsynth_reference import flux_dit_reference
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
-
-DIFFSYNTH = "diffsynth==2.1.12"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,30 +61,9 @@ def reference_allowed(segment_lengths, token_masks):
     return allowed
 
 
-def diffsynth_reference(cache_dir):
-    """``construct_mask`` and ``patchify`` of diffsynth's FluxDiT, or None when the wheel can't be had."""
-    wheel = next((os.path.join(cache_dir, f) for f in os.listdir(cache_dir) if f.endswith(".whl")), None)
-    if wheel is None:
-        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", DIFFSYNTH, "-d", cache_dir,
-                                 "-q"], capture_output=True, timeout=180)
-        wheel = next((os.path.join(cache_dir, f) for f in os.listdir(cache_dir) if f.endswith(".whl")), None)
-        if result.returncode != 0 or wheel is None:
-            return None
-    source = zipfile.ZipFile(wheel).read("diffsynth/models/flux_dit.py").decode()
-    tree = ast.parse(source)
-    dit = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "FluxDiT")
-    methods = [ast.get_source_segment(source, node, padded=True) for node in dit.body
-               if isinstance(node, ast.FunctionDef) and node.name in ("construct_mask", "patchify")]
-    from einops import rearrange
-
-    namespace = {"torch": torch, "rearrange": rearrange}
-    exec(compile("class Reference:\n" + "\n".join(methods), "diffsynth/models/flux_dit.py", "exec"), namespace)
-    return namespace["Reference"]()
-
-
 @pytest.fixture(scope="module")
-def diffsynth(request):
-    return diffsynth_reference(str(request.config.cache.mkdir("eligen_diffsynth")))
+def diffsynth():
+    return flux_dit_reference()  # fails (never skips) when diffsynth==2.1.12 is not installed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +157,7 @@ def test_mask_handed_to_attention_is_the_reference_mask(case, diffsynth):
                 np.testing.assert_array_equal(allowed[b, h], expected)
 
     fits_diffsynth = len(set(segment_lengths)) == 1 and latent_hw[0] % 2 == 0 and latent_hw[1] % 2 == 0
-    if diffsynth is not None and fits_diffsynth:
+    if fits_diffsynth:
         latent_masks = [torch.from_numpy(reference_latent_mask(m, latent_hw)).float()[None, None] for m in masks_u8]
         latent_masks.append(torch.ones_like(latent_masks[0]))
         reference = diffsynth.construct_mask(latent_masks, global_length, len(token_masks[0]))

@@ -15,7 +15,7 @@ import comfy.ldm.modules.attention
 import comfy.samplers
 import comfy.sample
 import comfy.sd
-from comfyui_eligen.core import conditioning, patch
+from comfyui_eligen.core import conditioning, host, patch
 from comfyui_eligen.core.adapters import adapter_for
 from test_entities_attention import Recorder, sample_and_record
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
@@ -136,10 +136,13 @@ def test_qwen_image_text_positions_restart_for_every_segment():
     ids = torch.cat([text_ids[:, None].repeat(1, 3), torch.zeros(4 * 6, 3)])[None]
     expected = comfy.ldm.flux.layers.EmbedND(diffusion_model.pe_embedder.dim, 10000,
                                              diffusion_model.pe_embedder.axes_dim)(ids)
-    assert pe.shape[2] == 14 + 24
-    torch.testing.assert_close(pe[0, 0, :14], expected[0, 0, :14].to(pe.dtype))
+    # pe is [B, 1, S, ...] (0.3.75) or [B, S, 1, ...] (0.3.64): compare along its sequence axis
+    pe = pe.movedim(host.rope_sequence_axis(pe), 1)[:, :, 0]
+    expected = expected[:, 0]
+    assert pe.shape[1] == 14 + 24
+    torch.testing.assert_close(pe[0, :14], expected[0, :14].to(pe.dtype))
     # every segment starts at the same position (ComfyUI alone would continue the numbering)
-    assert torch.equal(pe[0, 0, 0], pe[0, 0, 3]) and torch.equal(pe[0, 0, 0], pe[0, 0, 8])
+    assert torch.equal(pe[0, 0], pe[0, 3]) and torch.equal(pe[0, 0], pe[0, 8])
 
 
 def _tiny_lora(model, seed=3):
@@ -241,7 +244,7 @@ def test_training_forward_goes_through_the_same_patch(family):
     generator = torch.Generator().manual_seed(0)
     x_t = torch.randn((2, 16, 8, 12), generator=generator)
     context = torch.randn(2, 3 + 5 + 6, TEXT_WIDTH, generator=generator)
-    masks = conditioning.stack_masks(entities())[None].repeat(2, 1, 1, 1)
+    masks = conditioning.stack_masks(entities())[0][None].repeat(2, 1, 1, 1)
     condition = conditioning.EntityCondition.for_training([3, 5, 6], masks)
     recorder = Recorder()
     options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}},
@@ -266,7 +269,7 @@ def test_training_after_sampling_in_inference_mode_still_backpropagates():
     adapter = adapter_for(model)
     x_t = torch.randn(1, 16, 8, 12, requires_grad=True)
     context = torch.randn(1, 3 + 5 + 6, TEXT_WIDTH)
-    condition = conditioning.EntityCondition.for_training([3, 5, 6], conditioning.stack_masks(chosen)[None])
+    condition = conditioning.EntityCondition.for_training([3, 5, 6], conditioning.stack_masks(chosen)[0][None])
     def pytorch_attention(func, *args, **kwargs):  # SDPA saves its mask for backward (sub-quad does not)
         return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
@@ -291,7 +294,7 @@ def test_reference_latents_get_the_mask_on_their_own_grid():
     text, main_tokens, ref_tokens = 3 + 5 + 6, 4 * 6, 2 * 3
     assert calls and all(c["sequence"] == text + main_tokens + ref_tokens for c in calls)
     allowed = calls[0]["mask"][0, 0] == 0
-    masks = conditioning.stack_masks(chosen)
+    masks, _ = conditioning.stack_masks(chosen)
     for k, row in enumerate((0, 3)):  # first text row of each entity
         expected = torch.cat([mask_to_token_grid(masks[k], (8, 12)).flatten(), mask_to_token_grid(masks[k], (4, 6)).flatten()])
         assert torch.equal(allowed[row, text:], expected)

@@ -285,7 +285,7 @@ def test_training_after_sampling_in_inference_mode_backpropagates(method):
         sample(model, *conditioning.apply_entities(positive, chosen, negative), (1, 16, 8, 12), 1.0, steps=1)
     x = torch.randn(1, 16, 8, 12, requires_grad=True)
     context = torch.randn(1, 3 + 5 + 2 + 6, TEXT_WIDTH)
-    condition = conditioning.EntityCondition.for_training([3, 5, 2, 6], conditioning.stack_masks(chosen)[None])
+    condition = conditioning.EntityCondition.for_training([3, 5, 2, 6], conditioning.stack_masks(chosen)[0][None])
     from comfyui_eligen.core import blocks
 
     adapter = adapter_for(model)

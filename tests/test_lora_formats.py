@@ -190,11 +190,12 @@ def test_keys_the_stock_loader_maps_onto_fused_slices_are_kept(flux):
 def test_unknown_key_raises_naming_it(flux):
     sd = kohya_file(flux, ["double_blocks.0.img_attn.qkv"])
     sd["lora_unet_double_blocks_0_img_attn_nonexistent.lora_up.weight"] = torch.zeros(3, RANK)
+    sd["lora_unet_double_blocks_0_img_attn_nonexistent.lora_down.weight"] = torch.zeros(RANK, 3)
     sd["something_else.weight"] = torch.zeros(1)
     with pytest.raises(ValueError) as error:
         lf.to_comfy_for_model(sd, flux, source="eligen.safetensors")
     message = str(error.value)
-    assert "eligen.safetensors" in message and "2 key(s)" in message
+    assert "eligen.safetensors" in message and "3 key(s)" in message
     assert "lora_unet_double_blocks_0_img_attn_nonexistent.lora_up.weight" in message
     assert "something_else.weight" in message
     assert "img_attn_qkv" not in message

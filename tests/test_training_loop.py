@@ -1,6 +1,7 @@
 """The training loop as a plain function: exact resume, interrupt, NaN stop, the shared MODEL left
 unmodified, validation images, settings errors."""
 
+import math
 import os
 import re
 
@@ -127,17 +128,36 @@ def test_training_leaves_the_shared_model_unmodified(tmp_path):
     assert all(p.is_inference() for p in diffusion_model.parameters())
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    samples = samples_for("flux", count=2)
-    samples[1].latent[0, 0, 0] = float("nan")
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint_with_a_finite_loss(tmp_path):
+    """Learning rate 1e3 blows the weights up; the kept checkpoint is the last one whose weights still
+    gave a finite loss (not the blown-up ones), and resuming from it at a sane rate trains on."""
     run = str(tmp_path / "nan")
-    settings = TrainSettings(steps=6, batch_size=1, checkpoint_every=1, seed=3)
-    with pytest.raises(TrainingStopped, match=r"the loss became nan at step (\d+).*last good checkpoint") as info:
-        train(tiny_flux(seed=0), samples, LORA, settings, run_dir=run)
+    settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=1, seed=3, learning_rate=1e3, max_grad_norm=0.0)
+    with pytest.raises(TrainingStopped, match=r"the (loss|gradients) became .* at step (\d+).*last checkpoint with a finite loss") as info:
+        train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
     failed = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     kept = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run))
-    assert kept.step == failed - 1
-    assert all(torch.isfinite(t).all() for t in kept.lora.values())
+    assert kept.step == failed - 2  # the weights of step failed - 1 gave the non-finite value
+    assert os.path.exists(os.path.join(run, f"step_{failed - 1:06d}.nonfinite"))
+    resumed = train(tiny_flux(seed=0), samples_for("flux", count=2), LORA,
+                    TrainSettings(steps=kept.step + 3, batch_size=1, seed=3, learning_rate=1e-4), run_dir=run,
+                    resume="latest")
+    assert resumed.step == kept.step + 3
+    assert all(math.isfinite(loss) for _, loss in resumed.losses[kept.step:])
+
+    # At 1e6 the first update already blows up: its weights are set aside and nothing is kept.
+    run = str(tmp_path / "nan_first")
+    settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=1, seed=3, learning_rate=1e6, max_grad_norm=0.0)
+    with pytest.raises(TrainingStopped, match=r"at step 2; .*no checkpoint before it was kept"):
+        train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
+    assert checkpoints.latest_checkpoint(run) is None and sorted(os.listdir(run)) == ["step_000001.nonfinite"]
+
+
+def test_non_finite_training_data_is_refused_naming_the_sample():
+    samples = samples_for("flux", count=2)
+    samples[1].latent[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"training sample 1.*latent .* holds NaN or inf"):
+        train(tiny_flux(seed=0), samples, LORA, TrainSettings(steps=2))
 
 
 def test_validation_images_and_schedules():
@@ -188,7 +208,7 @@ def test_bad_resume_requests_are_named(tmp_path):
         train(base, [], LORA, TrainSettings(steps=1))
     train(base, samples, LORA, TrainSettings(steps=1), run_dir=str(tmp_path))
     bigger = lora.LoraSettings(rank=4, alpha=4, preset="eligen")
-    with pytest.raises(ValueError, match=r"has shape .* \(different rank or model\?\)"):
+    with pytest.raises(ValueError, match=r"other LoRA settings \(rank 2 in the checkpoint, 4 now; alpha 2 in the checkpoint, 4 now\)"):
         train(base, samples, bigger, TrainSettings(steps=2), run_dir=str(tmp_path), resume="latest")
     with pytest.raises(ValueError, match="is for flux, this model is qwen_image"):
         train(tiny_qwen_image(), samples_for("qwen_image", 1), LORA, TrainSettings(steps=2),

@@ -215,7 +215,7 @@ def test_presets_and_custom_patterns():
     (dict(preset="custom", custom_pattern="nothing_here"), "matches no Linear module"),
     (dict(preset="everything"), "preset 'everything' is not one of eligen"),
     (dict(rank=0), "rank must be at least 1"),
-    (dict(alpha=-1.0), "alpha must be positive"),
+    (dict(alpha=-1.0), "alpha must be a positive finite number"),
     (dict(dropout=1.0), "dropout must be in"),
     (dict(init="pissa"), "init 'pissa' is not one of"),
     (dict(dtype="int8"), "dtype 'int8' is not one of"),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core import host
 from ..core.files import atomic_path
 from .dataset import EliGenDataset, prepare_image, prepare_masks
 
@@ -94,7 +95,7 @@ _FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakK
 def module_fingerprint(module: torch.nn.Module, original_weights: dict | None = None) -> str:
     """sha256 of the class, names, shapes, dtypes and sampled values of every tensor; computed once per module.
 
-    ``original_weights`` (a ModelPatcher's ``backup``) replaces weights currently patched in place, so a
+    ``original_weights`` (``host.patched_weight_originals(patcher)``: weight key -> tensor) replaces weights currently patched in place, so a
     module gives the same fingerprint whether its patcher has applied patches or not.
     """
     if module in _FINGERPRINTS:
@@ -103,7 +104,7 @@ def module_fingerprint(module: torch.nn.Module, original_weights: dict | None = 
     original_weights = original_weights or {}
     for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
         if name in original_weights:
-            tensor = original_weights[name].weight
+            tensor = original_weights[name]
         h.update(name.encode())
         _hash_tensor(h, tensor)
     _FINGERPRINTS[module] = h.hexdigest()
@@ -137,8 +138,7 @@ def patcher_fingerprint(patcher) -> str:
 def _model_identity(kind: str, module, patcher, extra: dict) -> str:
     parts = {"kind": kind, "extra": extra}
     if module is not None:
-        backup = getattr(patcher, "backup", None) if patcher is not None else None
-        parts["module"] = module_fingerprint(module, backup)
+        parts["module"] = module_fingerprint(module, host.patched_weight_originals(patcher))
     if patcher is not None:
         parts["patches"] = patcher_fingerprint(patcher)
     return json.dumps(parts, sort_keys=True, default=str)
@@ -179,6 +179,21 @@ def make_key(**parts) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # The store
+
+
+# What every entry of a kind must hold (a file without it is damaged: a miss, written again).
+REQUIRED_KEYS = {"latent": ("latent",), "text": ("cond",)}
+
+
+def entry_problem(kind, entry):
+    """None for a usable cache entry, else what is wrong with it (a missing key, NaN or inf values)."""
+    missing = [key for key in REQUIRED_KEYS.get(kind, ()) if key not in entry]
+    if missing:
+        return f"no {', '.join(repr(k) for k in missing)} tensor"
+    for name, tensor in entry.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {name!r} holds NaN or inf values"
+    return None
 
 
 class EncodingCache:
@@ -229,9 +244,12 @@ class EncodingCache:
                 except Exception as e:  # a damaged file is a miss; it is rewritten after encoding
                     logging.warning(f"EliGen cache: ignoring unreadable entry {path} ({e})")
                 else:
-                    self.hits["disk"] += 1
-                    self._remember(slot, entry)
-                    return entry
+                    problem = entry_problem(kind, entry)
+                    if problem is None:
+                        self.hits["disk"] += 1
+                        self._remember(slot, entry)
+                        return entry
+                    logging.warning(f"EliGen cache: ignoring damaged entry {path} ({problem}); encoding it again")
         self.misses += 1
         return None
 

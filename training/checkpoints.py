@@ -22,6 +22,9 @@ from ..core.lora_formats import save_lora
 POINTER = "latest.json"
 METADATA_KEY = "eligen_checkpoint"
 FILE_PATTERN = re.compile(r"step_(\d+)\.safetensors")
+# LoRA settings a resumed run must share with its checkpoint (alpha rescales the update, the others
+# change which tensors exist); dropout, the initialisation and the LoRA dtype may change.
+RESUME_MUST_MATCH = ("rank", "alpha", "preset", "custom_pattern")
 
 
 def _flatten_optimizer(optimizer):
@@ -72,13 +75,39 @@ def save_checkpoint(run_dir, step, lora_tensors, optimizer, scheduler, info, kee
     return path
 
 
+def _checkpoint_files(run_dir):
+    """{step: file name} of the checkpoints in ``run_dir`` (one run: see training/outputs.py)."""
+    return {int(m.group(1)): f for f in os.listdir(run_dir) if (m := FILE_PATTERN.fullmatch(f))}
+
+
 def _prune(run_dir, keep_last, keep):
     if not keep_last:
         return
-    files = sorted(f for f in os.listdir(run_dir) if FILE_PATTERN.fullmatch(f))
-    for old in files[:-keep_last]:
-        if old != keep:
-            os.remove(os.path.join(run_dir, old))
+    files = _checkpoint_files(run_dir)
+    for step in sorted(files)[:-keep_last]:  # by step number, not by name
+        if files[step] != keep:
+            os.remove(os.path.join(run_dir, files[step]))
+
+
+def keep_last_finite(run_dir, bad_step):
+    """After a non-finite loss or gradient computed with the weights of step ``bad_step``: set aside the
+    checkpoint of that step (renamed ``step_<n>.nonfinite``, never loaded or listed) and point
+    ``latest.json`` at the newest earlier checkpoint, whose weights were followed by finite losses.
+    Returns that checkpoint's path, or None when there is none."""
+    if run_dir is None or not os.path.isdir(run_dir):
+        return None
+    files = _checkpoint_files(run_dir)
+    for step in [s for s in files if s >= bad_step]:
+        bad = os.path.join(run_dir, files.pop(step))
+        os.replace(bad, bad[: -len(".safetensors")] + ".nonfinite")
+    pointer = os.path.join(run_dir, POINTER)
+    if not files:
+        if os.path.exists(pointer):
+            os.remove(pointer)
+        return None
+    step = max(files)
+    write_text(pointer, json.dumps({"checkpoint": files[step], "step": step}))
+    return os.path.join(run_dir, files[step])
 
 
 def latest_checkpoint(run_dir):
@@ -89,8 +118,11 @@ def latest_checkpoint(run_dir):
     with open(pointer, encoding="utf-8") as handle:
         try:
             name = json.load(handle)["checkpoint"]
-        except (ValueError, KeyError) as error:
-            raise ValueError(f"checkpoint pointer {pointer} is damaged: {error}") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise ValueError(f"checkpoint pointer {pointer} is damaged ({type(error).__name__}: {error}); "
+                             f"name a checkpoint file in resume instead of 'latest'") from None
+    if not isinstance(name, str):
+        raise ValueError(f"checkpoint pointer {pointer} is damaged: 'checkpoint' is not a file name")
     return resolve_checkpoint(run_dir, name)
 
 
@@ -117,16 +149,47 @@ class Checkpoint:
             raise ValueError(f"checkpoint {path} cannot be read: {error}") from None
         if meta_text is None:
             raise ValueError(f"checkpoint {path} has no '{METADATA_KEY}' metadata (not an EliGen checkpoint)")
-        meta = json.loads(meta_text)
+        try:
+            meta = json.loads(meta_text)
+        except ValueError as error:
+            raise ValueError(f"checkpoint {path}: its '{METADATA_KEY}' metadata is not valid JSON ({error})") from None
+        missing = [key for key in ("step", "info", "optimizer", "scheduler") if not isinstance(meta, dict) or key not in meta]
+        if missing:
+            raise ValueError(f"checkpoint {path}: its '{METADATA_KEY}' metadata lacks {', '.join(map(repr, missing))}")
+        if not isinstance(meta["step"], int) or meta["step"] < 0 or not isinstance(meta["info"], dict):
+            raise ValueError(f"checkpoint {path}: its '{METADATA_KEY}' metadata has a bad 'step' or 'info'")
+        optimizer_meta = meta["optimizer"]
+        if not isinstance(optimizer_meta, dict) or not {"param_groups", "scalars"} <= set(optimizer_meta):
+            raise ValueError(f"checkpoint {path}: its optimizer metadata lacks 'param_groups' or 'scalars'")
         self.step = meta["step"]
         self.info = meta["info"]
-        self._optimizer_meta = meta["optimizer"]
+        self._optimizer_meta = optimizer_meta
         self._scheduler_state = meta["scheduler"]
         self.lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
         self._optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"checkpoint {path}: tensor {name!r} holds NaN or inf values")
+
+    def check_lora_settings(self, lora_settings):
+        """Resume only with the LoRA shape and scale the checkpoint was trained with; the message names
+        every difference."""
+        saved = self.info.get("lora")
+        if not isinstance(saved, dict):
+            raise ValueError(f"checkpoint {self.path} does not record its LoRA settings")
+        current = lora_settings.to_dict()
+        different = [f"{key} {saved.get(key)!r} in the checkpoint, {current[key]!r} now"
+                     for key in RESUME_MUST_MATCH if saved.get(key) != current.get(key)]
+        if different:
+            raise ValueError(f"resume: checkpoint {self.path} was trained with other LoRA settings ("
+                             + "; ".join(different) + "); use the same LoRA config, or start a new run")
 
     def restore_optimizer(self, optimizer):
-        state = _unflatten_optimizer(self._optimizer_tensors, self._optimizer_meta)
+        try:
+            state = _unflatten_optimizer(self._optimizer_tensors, self._optimizer_meta)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"checkpoint {self.path}: its optimizer state is damaged "
+                             f"({type(error).__name__}: {error})") from None
         if len(state["param_groups"]) != len(optimizer.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(state["param_groups"], optimizer.param_groups)
         ):

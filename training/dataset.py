@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..core.mask_rule import resize_nearest
+
 METADATA_NAMES = ("metadata.json", "metadata.jsonl")
 DEFAULT_MAX_PIXELS = 1024 * 1024
 SIDE_MULTIPLE = 16  # the reference floors both sides to a multiple of 16
@@ -146,12 +148,10 @@ def resize_image(image: np.ndarray, target: tuple[int, int]) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, target: tuple[int, int]) -> np.ndarray:
-    """bool [H, W] -> bool [th, tw]: the image's resize and crop, with nearest so the mask stays sharp."""
-    (sw, sh), box = _cover_and_crop_box(mask.shape[0], mask.shape[1], target)
-    pil = Image.fromarray(mask.astype(np.uint8) * 255)
-    if (sw, sh) != pil.size:
-        pil = pil.resize((sw, sh), Image.NEAREST)
-    return np.asarray(pil.crop(box)) > 127
+    """bool [H, W] -> bool [th, tw]: the image's resize and crop, with the mask rule's PIL-exact nearest
+    (core/mask_rule.py, also used for sampling) so the mask stays sharp."""
+    (sw, sh), (left, top, right, bottom) = _cover_and_crop_box(mask.shape[0], mask.shape[1], target)
+    return np.ascontiguousarray(resize_nearest(np.asarray(mask, dtype=bool), (sh, sw))[top:bottom, left:right])
 
 
 def prepare_image(record: Record, bucket: tuple[int, int]) -> torch.Tensor:
@@ -176,10 +176,27 @@ def prepare_sample(record: Record, bucket: tuple[int, int]) -> tuple[torch.Tenso
 # Reading files
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit grey images (PNG ``I;16``, TIFF ``I``/``F``) scaled to 8-bit ``L``; converting them
+    directly would clip every value above 255 to white. Other modes are returned unchanged."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im).astype(np.float64)
+        if im.mode == "I" and values.max(initial=0) <= 255:
+            scaled = values  # an 8-bit image stored as 32-bit integers
+        else:
+            scaled = values / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # float images are 0..1 or 0..255
+        return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
+    return im
+
+
 def _open_oriented(path: str) -> Image.Image:
     with Image.open(path) as im:
         im.load()  # decodes everything: a truncated or corrupt file fails here, not mid-training
-        return ImageOps.exif_transpose(im)  # same orientation rule as ComfyUI's LoadImage
+        return eight_bit(ImageOps.exif_transpose(im))  # same orientation rule as ComfyUI's LoadImage
 
 
 def read_image(path: str) -> np.ndarray:
@@ -212,6 +229,8 @@ def _image_size(path: str) -> tuple[int, int]:
 
 def _resolve_inside(root_real: str, relative: str, what: str) -> tuple[str | None, str | None]:
     """(absolute path, None) when ``relative`` stays inside the folder, else (None, reason)."""
+    if any(ord(c) < 32 for c in relative):
+        return None, f"{what} path {relative!r} holds a NUL or another control character"
     if os.path.isabs(relative) or os.path.splitdrive(relative)[0]:
         return None, f"{what} path '{relative}' is absolute; paths must be relative to the dataset folder"
     joined = os.path.normpath(os.path.join(root_real, relative))
@@ -296,7 +315,8 @@ def _parse_folder_record(index: int, item, root_real: str) -> tuple[Record | Non
     if not isinstance(item, dict):
         return None, [f"record {index}: expected an object with 'image' and 'prompt', got {type(item).__name__}"]
     image_name = item.get("image")
-    label = f"record {index}" + (f" ({image_name})" if isinstance(image_name, str) else "")
+    shown = image_name if isinstance(image_name, str) and image_name.isprintable() else repr(image_name)
+    label = f"record {index}" + (f" ({shown})" if isinstance(image_name, str) else "")
     problems = []
     if "image" not in item:
         problems.append(f"{label}: missing key 'image'")
@@ -364,7 +384,9 @@ def dataset_fingerprint(folder: str) -> str:
     names = [os.path.basename(metadata)]
     for item in raw:
         if isinstance(item, dict):
-            names += [v for v in [item.get("image")] + list(item.get("eligen_entity_masks") or []) if isinstance(v, str)]
+            masks = item.get("eligen_entity_masks")
+            masks = masks if isinstance(masks, list) else []  # a bad value is reported by load_dataset
+            names += [v for v in [item.get("image")] + masks if isinstance(v, str)]
     h = hashlib.sha256()
     for name in names:
         try:
@@ -471,6 +493,12 @@ def dataset_from_images(images, masks, prompts, entity_prompts, max_pixels: int 
         for k, prompt in enumerate(entity_list):
             if not prompt:
                 problems.append(f"record {b} (image {b} of the batch): entity prompt {k} is empty")
+    for b in range(batch):
+        if not bool(torch.isfinite(images[b]).all()):
+            problems.append(f"record {b} (image {b} of the batch): the image holds NaN or inf values")
+    for m in range(mask_count):
+        if not bool(torch.isfinite(masks[m]).all()):
+            problems.append(f"masks: mask {m} of the batch holds NaN or inf values")
     if problems:
         raise DatasetError(problems, "the graph inputs")
 

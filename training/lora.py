@@ -6,6 +6,7 @@ belongs to a MODEL shared by the whole graph, so ``remove`` puts every original 
 restores ``requires_grad``; callers run it in a ``finally``.
 """
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -33,8 +34,8 @@ class LoraSettings:
         problems = []
         if self.rank < 1:
             problems.append(f"rank must be at least 1 (got {self.rank})")
-        if not self.alpha > 0:
-            problems.append(f"alpha must be positive (got {self.alpha})")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            problems.append(f"alpha must be a positive finite number (got {self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.init not in INITS:
@@ -120,8 +121,16 @@ def inject(diffusion_model, settings, adapter):
         dtype = DTYPES[settings.dtype]
         for param in diffusion_model.parameters():
             param.requires_grad_(False)
+        for layer in lora_layers(diffusion_model).values():
+            # peft gives the LoRA the base layer's dtype: on a bf16 or fp8 base its initial A is rounded to
+            # that dtype. Draw it again in the LoRA dtype, so the start does not depend on how the base is
+            # stored (an fp8 base and the same weights in bf16 start alike).
+            rounded = layer.lora_A[ADAPTER_NAME].weight.dtype != dtype
+            for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
+                module.weight.data = module.weight.data.to(dtype)
+            if rounded:
+                layer.reset_lora_parameters(ADAPTER_NAME, INITS[settings.init])
         for param in lora_parameters(diffusion_model):
-            param.data = param.data.to(dtype)
             param.requires_grad_(True)
     except BaseException:
         remove(diffusion_model)

@@ -1,0 +1,55 @@
+"""Checks on what training is handed, before the first step: non-finite encodings and validation
+inputs that do not fit the training data. Each ValueError names the sample (and its prompt)."""
+
+import torch
+
+from ..core.conditioning import describe
+from ..core.mask_rule import aspect_problem
+
+
+def sample_name(index, sample):
+    prompt = getattr(sample, "prompt", "")
+    record = getattr(sample, "index", index)
+    return f"training sample {record}" + (f' ("{prompt[:40]}")' if prompt else "")
+
+
+def _parts(sample):
+    yield "latent (VAE encoding of the image)", sample.latent
+    yield "prompt embeddings", sample.context
+    if sample.pooled is not None:
+        yield "pooled prompt embedding", sample.pooled
+    for k, embeds in enumerate(sample.entity_embeds):
+        yield f"entity {k + 1} embeddings", embeds
+    yield "entity masks", sample.masks
+
+
+def check_finite_samples(samples, what="training"):
+    """ValueError naming the first sample and part that holds NaN or inf (never trained on)."""
+    for index, sample in enumerate(samples):
+        for part, tensor in _parts(sample):
+            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                name = sample_name(index, sample) if what == "training" else f"{what} sample {index}"
+                raise ValueError(f"{name}: its {part} holds NaN or inf values; check the image and "
+                                 f"prompts of that record (and the encoder that made them)")
+
+
+def check_validation_inputs(first, positive, entities, text_width):
+    """The optional validation prompt and entities must fit the first training sample (its text width
+    and its aspect), as sampling with them would require."""
+    if positive is not None:
+        for tensor, _ in positive:
+            if tensor.shape[-1] != text_width:
+                raise ValueError(f"validation_positive: its text embeddings are {tensor.shape[-1]} wide but the "
+                                 f"training prompts are {text_width}; encode it with the model's text encoder")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError("validation_positive: its text embeddings hold NaN or inf values")
+    if entities:
+        latent_hw = tuple(first.latent.shape[-2:])
+        for index, entity in enumerate(entities):
+            problem = aspect_problem(tuple(entity.mask.shape[-2:]), latent_hw)
+            if problem:
+                raise ValueError(f"validation_entities: {describe(index, entity.label)}: {problem}; validation "
+                                 f"samples at the first training image's size, so draw masks at its aspect")
+            if entity.embeds.shape[-1] != text_width:
+                raise ValueError(f"validation_entities: {describe(index, entity.label)}: its text embeddings are "
+                                 f"{entity.embeds.shape[-1]} wide but the training prompts are {text_width}")
