@@ -215,7 +215,7 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
     print("RESULT " + json.dumps({"family": family, "config": config, "error": "out of memory", "tries": tries}))
 
 
-def plan_table(opts, budgets=(12, 16, 24)):
+def plan_table(opts, budgets=(11, 15, 23)):
     """What ``max_vram_gb`` chooses for each family and base dtype, from the trainer's own estimate: the
     model is built on the meta device (shapes and dtypes only), the LoRA injected, nothing computed."""
     import torch
@@ -242,7 +242,7 @@ def plan_table(opts, budgets=(12, 16, 24)):
             row = {"no_limit_gib": round(estimate.device_bytes([]) / GB, 2)}
             for budget in budgets:
                 plan = offload.plan_block_swap(estimate, int(budget * GB))
-                row[f"{budget}GB"] = {"blocks_swapped": f"{plan.count}/{plan.total_blocks}", "fits": plan.fits,
+                row[f"{budget:g}GB"] = {"blocks_swapped": f"{plan.count}/{plan.total_blocks}", "fits": plan.fits,
                                       "estimated_gib": round(estimate.device_bytes(plan.positions) / GB, 2),
                                       "streamed_gib_per_pass": round(sum(estimate.block_bytes[i] for i in plan.positions) / GB, 2)}
             table[f"{family} {weights}"] = row
@@ -267,7 +267,9 @@ def parser():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each child")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per child")
     parser.add_argument("--plan-only", action="store_true",
-                        help="no training: the trainer's block-swap choice for 12/16/24 GB budgets (meta tensors, CPU)")
+                        help="no training: the trainer's block-swap choice for each of --budgets (meta tensors, CPU)")
+    parser.add_argument("--budgets", default="11,15,23",
+                        help="max_vram_gb values for --plan-only (default: 12 / 16 / 24 GB cards minus 1 GB)")
     parser.add_argument("--family-config", help=argparse.SUPPRESS)  # internal: run one configuration
     return parser
 
@@ -282,7 +284,7 @@ def main():
     if opts.family_config:
         return child(opts)
     if opts.plan_only:
-        return print(json.dumps(plan_table(opts)))
+        return print(json.dumps(plan_table(opts, [float(b) for b in opts.budgets.split(",")])))
 
     families = FAMILIES if opts.family == "both" else [opts.family]
     results = {}

@@ -750,6 +750,8 @@ def _as_device(device):
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
 
 # --- headless loading (issue 12) ---
 # The headless trainer (scripts/train.py) loads models as the stock loader nodes do, through ComfyUI's

@@ -52,6 +52,6 @@ def test_plan_table_from_the_trainers_estimate():
     table = bench.plan_table(opts, budgets=(1e-4, 0.01, 1.0))
     assert set(table) == {"flux bf16", "flux fp8", "qwen_image bf16", "qwen_image fp8"}
     for row in table.values():
-        swapped = [int(row[key]["blocks_swapped"].split("/")[0]) for key in ("0.0001GB", "0.01GB", "1.0GB")]
+        swapped = [int(row[key]["blocks_swapped"].split("/")[0]) for key in ("0.0001GB", "0.01GB", "1GB")]
         assert swapped == sorted(swapped, reverse=True)  # a larger budget never swaps more
-        assert swapped[0] == 4 and not row["0.0001GB"]["fits"] and swapped[-1] == 0 and row["1.0GB"]["fits"]
+        assert swapped[0] == 4 and not row["0.0001GB"]["fits"] and swapped[-1] == 0 and row["1GB"]["fits"]

@@ -21,8 +21,9 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 from comfyui_eligen.training import lora
-from comfyui_eligen.training.loop import TrainingModel, TrainSettings, batch_loss
-from comfyui_eligen.training.loss import TimestepSampler
+from comfyui_eligen.training.loop import TrainingModel, TrainSettings
+
+from test_offload import one_loss
 
 from test_training_loop import samples_for
 from tiny_models import tiny_flux, tiny_qwen_image
@@ -74,9 +75,7 @@ def lora_gradients(model_patcher, samples):
             for i, param in enumerate(model.parameters):
                 if i % 2:
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
-        sampler = TimestepSampler("reference", family=model.adapter.family)
-        loss = batch_loss(model, samples[:1], sampler, TrainSettings(), torch.Generator().manual_seed(0))
-        loss.backward()
+        one_loss(model, samples).backward()
         return torch.cat([p.grad.flatten().float() for p in model.parameters if p.grad is not None])
 
 

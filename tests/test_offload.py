@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from comfyui_eligen.training import lora, offload
-from comfyui_eligen.training.loop import TrainingModel, TrainSettings, batch_loss, train
-from comfyui_eligen.training.loss import TimestepSampler
+from comfyui_eligen.training.loop import TrainingModel, TrainSettings, stack_condition, train
 
 from test_training_loop import samples_for
 from tiny_models import tiny_flux, tiny_qwen_image
@@ -44,9 +43,14 @@ def swap_model(family, count, checkpointing):
     return model, samples
 
 
-def one_loss(model, samples, seed=0):
-    sampler = TimestepSampler("reference", family=model.adapter.family)
-    return batch_loss(model, samples[:1], sampler, TrainSettings(), torch.Generator().manual_seed(seed))
+def one_loss(model, samples):
+    """The squared velocity of one sample at a fixed noise level: a loss that reaches every block."""
+    context, pooled, condition = stack_condition(samples[:1], model.device)
+    dtype = model.compute_dtype
+    x = samples[0].latent[None].to(model.device, dtype)
+    sigma = torch.tensor([0.6], device=model.device)
+    velocity = model.velocity(x, sigma, context.to(dtype), None if pooled is None else pooled.to(dtype), condition)
+    return velocity.float().square().mean()
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
@@ -77,11 +81,12 @@ def test_swap_order_and_lora_tensors_stay(checkpointing):
         loss = one_loss(model, samples)
         loss.backward()
         events = model.offload.swapper.events
-        # forward: ascending, each block in then out; backward (recomputation): descending
+        # forward: ascending, each block in then out, the next one prefetched while one runs, and the last
+        # one again for backward; backward (recomputation): descending, prefetching the previous block
         forward = [(kind, pos) for kind, pos, direction in events if direction == "forward"]
         backward = [(kind, pos) for kind, pos, direction in events if direction == "backward"]
-        assert forward == [("in", 0), ("out", 0), ("in", 2), ("out", 2)]
-        assert backward == [("in", 2), ("out", 2), ("in", 0), ("out", 0)]
+        assert forward == [("in", 0), ("prefetch", 2), ("out", 0), ("in", 2), ("out", 2), ("prefetch", 2)]
+        assert backward == [("in", 2), ("prefetch", 0), ("out", 2), ("in", 0), ("out", 0)]
         grads = [p.grad for p in model.parameters if p.grad is not None]  # the last block's text side has none
         assert len(grads) > len(model.parameters) // 2 and all(torch.isfinite(g).all() for g in grads)
         assert {id(p): (p.data_ptr(), p.device) for p in model.parameters} == before

@@ -82,7 +82,7 @@ def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LO
             "gradient_checkpointing": False, "entity_dropout": 0.0, "caption_dropout": 0.0, "seed": seed,
             "checkpoint_every": 0, "validation_every": 0, "validation_steps": 20, "resume": "",
             "write_reference_format": False, "cache": "memory", "entity_text_length": TEXT_LENGTH,
-            "validation_guidance": 3.5}},
+            "validation_guidance": 3.5, "max_vram_gb": 0.0, "blocks_to_swap": -1}},
         "5": {"class_type": "SaveImage", "inputs": {"images": _link(4, 2), "filename_prefix": f"{prefix}/c_loss"}},
     }
 

@@ -297,6 +297,8 @@ class BlockSwapper:
         if position is None or position in self._pending or self._resident.get(position):
             return
         self._pending[position] = self._copy_to_device(position)
+        if self.record:
+            self.events.append(("prefetch", position, self._direction()))
 
     def swap_in(self, position):
         direction = self._direction()
@@ -322,8 +324,13 @@ class BlockSwapper:
             return
         del self._resident[position]
         self._install(position, [s.placeholder for s in self.slots[position]])
+        direction = self._direction()
         if self.record:
-            self.events.append(("out", position, self._direction()))
+            self.events.append(("out", position, direction))
+        if direction == "forward" and torch.is_grad_enabled() and position == self.positions[-1]:
+            # backward recomputes the last swapped block first: start its copy now, during the blocks
+            # after it and the loss
+            self.prefetch(position)
 
     def _neighbour(self, position, direction):
         index = self.positions.index(position)
