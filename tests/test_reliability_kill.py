@@ -26,8 +26,8 @@ NAME = "killed_mid_save"
 RANK = 512  # all block linears of the toy FLUX at this rank: a LoRA of ~40 MB, written in tens of ms
 
 
-def make_dataset(input_dir):
-    folder = os.path.join(input_dir, DATASET)
+def make_dataset(input_dir, name=DATASET):
+    folder = os.path.join(input_dir, name)
     os.makedirs(folder, exist_ok=True)
     top = np.zeros((64, 64), np.uint8)
     top[:32] = 255
