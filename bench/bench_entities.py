@@ -1,15 +1,20 @@
-"""Benchmark: sampling time with 0, 2, 4, 8 entities against plain sampling of the same model, and
-FLUX entity text padded to 512 T5 tokens against its real length.
+"""Benchmark: the cost of EliGen's entity attention, as ratios against plain sampling of the same model
+measured in the same run, for every attention method side by side (core/attention.py: augmented, grouped,
+and the dense S x S mask that EliGen used before), plus a training step and the peak attention memory.
 
-Every configuration samples the same latent with comfy.sample.sample (Euler, cfg 1, --steps steps);
-timings are medians over --repeats after one warm-up, and the summary gives ratios against plain
-sampling measured in the same run:
-- plain:        the model without EliGen, global prompt only;
-- patched_0:    the EliGen-patched model, global prompt only (the patch's idle cost);
-- real_N:       N entities, real-length entity text (--entity-tokens tokens each);
-- padded_N:     N entities, FLUX only, each padded to 512 T5 tokens (what the released adapter saw);
-- unmasked_*:   the largest case's joint sequence on the unpatched model (extra tokens, no mask), which
-                separates the cost of the longer sequence from the cost of masked attention.
+Sampling: every configuration samples the same latent with comfy.sample.sample (Euler, cfg 1, --steps
+steps); timings are medians over --repeats after one warm-up, the configurations taking turns:
+- plain:             the model without EliGen, global prompt only;
+- patched_0:         the EliGen-patched model, global prompt only (the patch's idle cost);
+- <method>:real_N:   N entities, real-length entity text (--entity-tokens tokens each);
+- <method>:padded_N: N entities, FLUX only, each padded to 512 T5 tokens (what the released adapter saw);
+- unmasked_*:        the largest case's joint sequence on the unpatched model (extra tokens, no rule),
+                     the floor that the extra text tokens alone set.
+Training (--train-counts): one forward + backward of the diffusion model (to the latent, as a LoRA step
+minus the LoRA's own small gradients), without entities and with N real-length entities per method.
+Memory: one joint attention call with 8 FLUX entities padded to 512 tokens (the largest case), per method:
+on CUDA torch.cuda.max_memory_allocated above the inputs; on the CPU the peak bytes held by tensors the call
+creates (a dispatch-mode count), at --memory-px, plus the analytic figure at 1024 px FLUX widths.
 
 Models: by default tiny ones on the CPU (FLUX: hidden 128, 2 heads, 2+2 blocks; Qwen-Image: 2 heads x 64,
 3 blocks) at 192x192 px. `--device cuda --real-widths` builds FLUX.1's real block width (hidden 3072, 24
@@ -27,12 +32,15 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_env import setup_comfy  # noqa: E402
 COUNTS = (0, 2, 4, 8)
 PADDED = 512
+METHODS = ("auto", "augmented", "grouped", "dense")  # auto (the default) picks augmented or grouped
 
 
 def model_spec(family, real_widths, blocks):
@@ -98,29 +106,221 @@ def entity_list(count, tokens, width, image_px, dtype, seed=1):
     return tuple(entities)
 
 
-def time_configs(configs, latent, steps, repeats):
-    """Median seconds per configuration; the configurations take turns in every round, so a change of
-    machine load affects all of them alike."""
+def median_seconds(runs, repeats):
+    """Median seconds per named callable; they take turns in every round, so a change of machine load
+    affects all of them alike. One warm-up run each (model load, kernels, cached masks). Seconds are the
+    process's CPU time on the CPU (one torch thread: other processes on a busy machine don't count) and
+    wall time with CUDA."""
+    import torch
+
+    clock = time.perf_counter if torch.cuda.is_available() else time.process_time
+
+    def timed(run):
+        start = clock()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return clock() - start
+
+    for run in runs.values():
+        timed(run)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def sampling_run(model, positive, negative, latent, steps):
     import torch
 
     import comfy.sample
 
-    def run(model, positive, negative):
+    def run():
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
         comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, negative, latent,
                             disable_pbar=True, seed=0)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    return run
 
-    for config in configs.values():
-        run(*config)  # warm-up: model load, kernels
-    times = {name: [] for name in configs}
-    for _ in range(repeats):
-        for name, config in configs.items():
-            times[name].append(run(*config))
-    return {name: statistics.median(values) for name, values in times.items()}
+
+def training_run(model, latent, context, pooled, condition, dtype):
+    """One forward + backward of the diffusion model through the EliGen wrapper, as training runs it."""
+    import torch
+
+    from comfyui_eligen.core import blocks, patch
+    from comfyui_eligen.core.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    # The trainer's out-of-place blocks (ComfyUI's FLUX blocks update in place), no checkpointing.
+    options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, options, False)
+    device = model.load_device
+
+    def run():
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
+        x = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        x.requires_grad_(True)
+        sigma = torch.full((latent.shape[0],), 0.6, device=device)
+        with torch.inference_mode(False), torch.enable_grad():
+            out = adapter.training_forward(model.model, x, sigma, context.to(device, dtype),
+                                           None if pooled is None else pooled.to(device, dtype), condition, options)
+            out.float().square().mean().backward()
+    return run
+
+
+class PeakAllocations:
+    """Peak bytes held by tensors created inside the ``with`` block (CPU or any device): every op's
+    outputs are counted by storage until the last tensor using that storage is freed."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live = self.peak = 0
+        self.users = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_leaves(out):
+                    if hasattr(tensor, "untyped_storage"):
+                        tracker._track(tensor)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        if key not in self.users:
+            self.users[key] = [0, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.users[key][0] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key):
+        entry = self.users.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.users[key]
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def attention_memory(args, methods):
+    """Peak memory of one joint attention call with 8 FLUX entities padded to 512 tokens, per method
+    (the EntityAttention is built inside the measurement: the dense mask is part of the cost)."""
+    import torch
+
+    import comfy.ldm.modules.attention
+    from comfyui_eligen.core import attention
+
+    real = args.device.startswith("cuda")
+    heads, dim = (24, 128) if real else (2, 64)
+    px = 1024 if real else args.memory_px
+    entities, padded, global_tokens = 8, PADDED if real else 64, 512 if real else 32
+    dtype = torch.bfloat16 if real else torch.float32
+    side = px // 16
+    image_tokens = side * side
+    lengths = [padded] * entities + [global_tokens]
+    sequence = sum(lengths) + image_tokens
+    generator = torch.Generator().manual_seed(3)
+    token_masks = rule_token_masks(entities, side, args.device)
+    q, k, v = (torch.randn(1, heads, sequence, dim, generator=generator).to(args.device, dtype) for _ in range(3))
+    func = comfy.ldm.modules.attention.optimized_attention
+    result = {"sequence": sequence, "heads": heads, "head_dim": dim, "image_px": px, "dtype": str(dtype),
+              "kernel": func.__name__, "peak_mb": {}}
+    for method in ("plain",) + tuple(methods):
+        def call():
+            if method == "plain":
+                return func(q, k, v, heads, skip_reshape=True)
+            entity = attention.EntityAttention(lengths, token_masks, method)
+            options = {attention.OPTIONS_KEY: entity, "optimized_attention_override": attention.entity_attention_override()}
+            return func(q, k, v, heads, skip_reshape=True, transformer_options=options)
+
+        with torch.no_grad():
+            if real:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                out = call()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+            else:
+                with PeakAllocations() as tracker:
+                    out = call()
+                peak = tracker.peak
+            del out
+        result["peak_mb"][method] = round(peak / 2 ** 20, 1)
+    result["analytic_1024px_mb"] = analytic_memory()
+    return result
+
+
+def rule_token_masks(entities, side, device, seed=3):
+    """Boxes of a third of the image side at random places: ``[1, N, side*side]`` bool."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.zeros(1, entities, side, side, dtype=torch.bool)
+    for k in range(entities):
+        top, left = (int(v) for v in torch.randint(0, side // 2, (2,), generator=generator))
+        grid[0, k, top:top + side // 3, left:left + side // 3] = True
+    return grid.flatten(2).to(device)
+
+
+def attention_candidates(args):
+    """ms per joint attention call for every candidate design (bench/attention_candidates.py), FLUX
+    widths at 1024 px on CUDA (24 heads x 128, bf16), 2 heads x 64 float32 at --memory-px on the CPU."""
+    import torch
+
+    import comfy.ldm.modules.attention
+    from attention_candidates import candidate_times
+
+    real = args.device.startswith("cuda")
+    heads, dim = (24, 128) if real else (2, 64)
+    px = 1024 if real else args.memory_px
+    dtype = torch.bfloat16 if real else torch.float32
+    side = px // 16
+    func = comfy.ldm.modules.attention.optimized_attention
+    results = {}
+    for count in args.counts:
+        for kind, tokens in (("real", args.entity_tokens), ("padded", PADDED if real else 64)):
+            lengths = [tokens] * count + [512 if real else 32]
+            masks = rule_token_masks(count, side, args.device)
+            result = candidate_times(args.device, heads, dim, side * side, lengths, masks, dtype, args.repeats,
+                                     func, with_flex=real)
+            results[f"{kind}_{count}"] = result
+            print(f"attention call, FLUX {kind}_{count} (S={sum(lengths) + side * side}, {heads}x{dim}, {dtype}, "
+                  f"{func.__name__}): " + ", ".join(f"{name} {entry['ms']:.2f} ms ({entry['x_plain']:.2f}x"
+                                                     + (f", diff {entry['max_abs_diff_vs_dense']:.1e}" if entry['max_abs_diff_vs_dense'] is not None else "")
+                                                     + ")" for name, entry in result.items()))
+    return results
+
+
+def analytic_memory(heads=24, dim=128, image_tokens=4096, entities=8, padded=PADDED, global_tokens=512, dtype_bytes=2):
+    """MiB that each method adds to one FLUX attention call at 1024 px with 8 padded entities, besides the
+    kernel's own working memory and the [B, H, S, D] output every method returns."""
+    sequence = entities * padded + global_tokens + image_tokens
+    dense = sequence ** 2 * (1 + dtype_bytes)  # the cached bool rule and the additive mask [1, 1, S, S]
+    extra = 2 * entities + 1
+    wide = dim + extra + (-(dim + extra)) % 8
+    augmented = 3 * heads * sequence * wide * dtype_bytes  # widened q, k, v
+    # grouped, at its largest moment: one group's gathered keys and values (up to all keys), its queries.
+    grouped = (2 * heads * sequence * dim + heads * image_tokens * dim) * dtype_bytes
+    return {"sequence": sequence, "dense": round(dense / 2 ** 20, 1), "augmented": round(augmented / 2 ** 20, 1),
+            "grouped": round(grouped / 2 ** 20, 1)}
 
 
 def bench_family(family, args):
@@ -131,7 +331,7 @@ def bench_family(family, args):
     dtype = torch.bfloat16 if args.real_widths else torch.float32
     class_name, config, width, pooled_width, image_px, text_tokens = model_spec(family, args.real_widths, args.blocks)
     model = build_model(class_name, config, dtype)
-    patched = patch.patch_model(model)
+    patched = {method: patch.patch_model(model, attention=method) for method in args.methods}
     generator = torch.Generator().manual_seed(2)
     options = {} if pooled_width is None else {"pooled_output": torch.randn(1, pooled_width, generator=generator)}
     positive = [[torch.randn(1, text_tokens, width, generator=generator).to(dtype), options]]
@@ -139,41 +339,57 @@ def bench_family(family, args):
     latent_shape = (1, 16) + ((1,) if family == "qwen_image" else ()) + (image_px // 8, image_px // 8)
     latent = torch.zeros(latent_shape)
 
-    configs = {"plain": (model, positive, negative), "patched_0": (patched, positive, negative)}
+    first = args.methods[0]
+    configs = {"plain": (model, positive, negative), "patched_0": (patched[first], positive, negative)}
     lengths = {"real": args.entity_tokens}
-    if family == "flux":
+    if family == "flux" and not args.no_padded:
         lengths["padded"] = PADDED
     sequence = {"plain": text_tokens + (image_px // 16) ** 2}
     sequence["patched_0"] = sequence["plain"]
-    for count in COUNTS[1:]:
+    for count in args.counts:
         for kind, tokens in lengths.items():
-            entities = entity_list(count, tokens, width, image_px, dtype)
-            configs[f"{kind}_{count}"] = (patched,) + conditioning.apply_entities(positive, entities, negative)
-            sequence[f"{kind}_{count}"] = sequence["plain"] + count * tokens
-    # The same joint sequence as the largest case, without EliGen's mask (unpatched model: the extra
-    # text tokens alone), separates the cost of more tokens from the cost of a masked attention kernel.
-    largest = f"{list(lengths)[-1]}_{COUNTS[-1]}"
-    configs["unmasked_" + largest] = (model,) + configs[largest][1:]
-    sequence["unmasked_" + largest] = sequence[largest]
-    seconds = time_configs(configs, latent, args.steps, args.repeats)
+            applied = conditioning.apply_entities(positive, entity_list(count, tokens, width, image_px, dtype), negative)
+            for method in args.methods:
+                configs[f"{method}:{kind}_{count}"] = (patched[method],) + applied
+                sequence[f"{method}:{kind}_{count}"] = sequence["plain"] + count * tokens
+    # The same joint sequence as the largest case on the unpatched model: the extra text tokens alone.
+    largest = f"{list(lengths)[-1]}_{args.counts[-1]}"
+    configs["unmasked_" + largest] = (model,) + configs[f"{first}:{largest}"][1:]
+    sequence["unmasked_" + largest] = sequence[f"{first}:{largest}"]
+    runs = {name: sampling_run(*config, latent, args.steps) for name, config in configs.items()}
+    seconds = median_seconds(runs, args.repeats)
     ratios = {name: value / seconds["plain"] for name, value in seconds.items()}
-    padded_vs_real = {count: ratios[f"padded_{count}"] / ratios[f"real_{count}"]
-                      for count in COUNTS[1:] if f"padded_{count}" in ratios}
 
     print(f"\n{family}: {class_name} {'real widths' if args.real_widths else 'tiny'} on {args.device}, "
           f"{image_px}x{image_px} px ({(image_px // 16) ** 2} image tokens), global prompt {text_tokens} tokens, "
           f"{args.steps} steps, median of {args.repeats}")
-    print(f"{'config':<18}{'joint seq':>10}{'s/run':>10}{'x plain':>9}")
+    print(f"{'config':<22}{'joint seq':>10}{'s/run':>10}{'x plain':>9}")
     for name, value in seconds.items():
-        print(f"{name:<18}{sequence[name]:>10}{value:>10.3f}{ratios[name]:>9.2f}")
-    for count, ratio in padded_vs_real.items():
-        print(f"padded/real text with {count} entities: {ratio:.2f}x the time")
-    return {"model": class_name, "real_widths": args.real_widths, "image_px": image_px,
-            "global_tokens": text_tokens, "entity_tokens_real": args.entity_tokens, "steps": args.steps,
-            "seconds": {k: round(v, 4) for k, v in seconds.items()},
-            "ratio_vs_plain": {k: round(v, 3) for k, v in ratios.items()},
-            "padded_vs_real": {str(k): round(v, 3) for k, v in padded_vs_real.items()},
-            "joint_sequence": sequence}
+        print(f"{name:<22}{sequence[name]:>10}{value:>10.3f}{ratios[name]:>9.2f}")
+    result = {"model": class_name, "real_widths": args.real_widths, "image_px": image_px,
+              "global_tokens": text_tokens, "entity_tokens_real": args.entity_tokens, "steps": args.steps,
+              "seconds": {k: round(v, 4) for k, v in seconds.items()},
+              "ratio_vs_plain": {k: round(v, 3) for k, v in ratios.items()},
+              "joint_sequence": sequence}
+
+    if args.train_counts:
+        context = positive[0][0].to(model.load_device)
+        pooled = options.get("pooled_output")
+        train = {"train_plain": training_run(patched[first], latent, context, pooled, None, dtype)}
+        for count in args.train_counts:
+            entities = entity_list(count, args.entity_tokens, width, image_px, dtype)
+            embeds = torch.cat([e.embeds for e in entities] + [positive[0][0]], dim=1)
+            condition = conditioning.EntityCondition.for_training(
+                [e.embeds.shape[1] for e in entities] + [text_tokens], conditioning.stack_masks(entities)[None])
+            for method in args.methods:
+                train[f"train_{method}:real_{count}"] = training_run(patched[method], latent, embeds, pooled, condition, dtype)
+        train_seconds = median_seconds(train, args.repeats)
+        print(f"{'training step':<22}{'':>10}{'s/step':>10}{'x plain':>9}")
+        for name, value in train_seconds.items():
+            print(f"{name:<22}{'':>10}{value:>10.3f}{value / train_seconds['train_plain']:>9.2f}")
+        result["training_seconds"] = {k: round(v, 4) for k, v in train_seconds.items()}
+        result["training_ratio_vs_plain"] = {k: round(v / train_seconds["train_plain"], 3) for k, v in train_seconds.items()}
+    return result
 
 
 def main():
@@ -186,7 +402,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings steady on a busy machine)")
     parser.add_argument("--entity-tokens", type=int, default=8, help="real length of each entity prompt")
+    parser.add_argument("--methods", default=",".join(METHODS), help="attention methods to compare, comma-separated")
+    parser.add_argument("--counts", default="2,4,8", help="entity counts for sampling, comma-separated")
+    parser.add_argument("--no-padded", action="store_true", help="skip the FLUX entities padded to 512 tokens")
+    parser.add_argument("--train-counts", default="2,8", help="entity counts for the training step ('' skips it)")
+    parser.add_argument("--memory-px", type=int, default=256, help="image size of the CPU memory measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the attention memory measurement")
+    parser.add_argument("--no-candidates", action="store_true", help="skip timing one attention call per design")
     args = parser.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    args.train_counts = [int(c) for c in args.train_counts.split(",") if c.strip()]
     setup_comfy(args.device)
     import torch
 
@@ -194,8 +420,19 @@ def main():
         torch.set_num_threads(args.threads)
     families = ["flux", "qwen_image"] if args.family == "both" else [args.family]
     results = {family: bench_family(family, args) for family in families}
+    if not args.no_memory:
+        memory = attention_memory(args, args.methods)
+        results["attention_memory"] = memory
+        print(f"\nattention memory, one call, 8 FLUX entities x {PADDED if args.device.startswith('cuda') else 64} "
+              f"tokens at {memory['image_px']} px (S={memory['sequence']}, {memory['heads']} heads x "
+              f"{memory['head_dim']}, {memory['dtype']}, kernel {memory['kernel']}): peak MiB {memory['peak_mb']}")
+        print(f"analytic, FLUX 1024 px, 8 entities x {PADDED} (S={memory['analytic_1024px_mb']['sequence']}): "
+              f"MiB added per call {memory['analytic_1024px_mb']}")
+    if not args.no_candidates:
+        print()
+        results["attention_call"] = attention_candidates(args)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(json.dumps({"bench": "entities", "device": device_name, "results": results}))
+    print(json.dumps({"bench": "entities", "device": device_name, "methods": args.methods, "results": results}))
 
 
 if __name__ == "__main__":

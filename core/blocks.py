@@ -3,7 +3,7 @@
 ComfyUI 0.3.75's FLUX blocks update their inputs in place (``img += ...``). Autograd rejects that, and
 under ``torch.utils.checkpoint`` the recomputation starts from already-modified tensors, so the
 gradients come out silently wrong. The functions here compute the same maths without touching their
-inputs. Attention still goes through ``comfy.ldm.flux.math.attention`` with ``transformer_options``,
+inputs. Attention still goes through ComfyUI's FLUX attention with ``transformer_options`` (host.flux_attention),
 so the EliGen attention override applies exactly as in sampling.
 
 Qwen-Image blocks are already out-of-place: their training forward calls the stock block, and a
@@ -17,7 +17,7 @@ out-of-place block as its ``original_block``, so both apply, and checkpointing c
 import torch
 import torch.utils.checkpoint
 
-from comfy.ldm.flux.math import attention
+from . import host
 
 
 def _rope_for(pe, reference):
@@ -46,7 +46,7 @@ def _fp16_clamp(x):
 
 def flux_double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
     """FLUX ``DoubleStreamBlock.forward`` (text before image), out of place."""
-    if not block.modulation:
+    if not host.flux_block_modulated(block):
         raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
     img_mod1, img_mod2 = block.img_mod(vec)
     txt_mod1, txt_mod2 = block.txt_mod(vec)
@@ -61,7 +61,7 @@ def flux_double_block(block, img, txt, vec, pe, attn_mask=None, transformer_opti
     else:
         order = (txt_q, img_q), (txt_k, img_k), (txt_v, img_v)
     q, k, v = (torch.cat(pair, dim=2) for pair in order)
-    attn = attention(q, k, v, pe=_rope_for(pe, q), mask=attn_mask, transformer_options=transformer_options)
+    attn = host.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
     if block.flipped_img_txt:
         img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1]:]
     else:
@@ -76,21 +76,22 @@ def flux_double_block(block, img, txt, vec, pe, attn_mask=None, transformer_opti
 
 def flux_single_block(block, x, vec, pe, attn_mask=None, transformer_options={}):
     """FLUX ``SingleStreamBlock.forward``, out of place."""
-    if block.modulation is None:
+    if not host.flux_block_modulated(block):
         raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
     mod, _ = block.modulation(vec)
     qkv, mlp = torch.split(
-        block.linear1(_modulate(block.pre_norm(x), mod)), [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1
+        block.linear1(_modulate(block.pre_norm(x), mod)), [3 * block.hidden_size, host.flux_single_mlp_width(block)], dim=-1
     )
     q, k, v = _split_heads(qkv, block.num_heads)
     q, k = block.norm(q, k, v)
-    attn = attention(q, k, v, pe=_rope_for(pe, q), mask=attn_mask, transformer_options=transformer_options)
+    attn = host.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
     out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
     return _fp16_clamp(x + mod.gate * out)
 
 
 def _flux_double_replacement(block):
     def run(args):
+        host.check_block_args("double_block", args)
         img, txt = flux_double_block(
             block, args["img"], args["txt"], args["vec"], args["pe"],
             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
@@ -101,6 +102,7 @@ def _flux_double_replacement(block):
 
 def _flux_single_replacement(block):
     def run(args):
+        host.check_block_args("single_block", args)
         img = flux_single_block(
             block, args["img"], args["vec"], args["pe"],
             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
@@ -114,9 +116,9 @@ def _qwen_image_replacement(block):
     # closure reads the loop variable ``block`` when called, so a checkpoint recomputation in backward
     # would run the last block instead (silently wrong gradients).
     def run(args):
-        txt, img = block(hidden_states=args["img"], encoder_hidden_states=args["txt"],
-                         encoder_hidden_states_mask=None, temb=args["vec"], image_rotary_emb=args["pe"],
-                         transformer_options=args["transformer_options"])
+        host.check_block_args("double_block", args)
+        txt, img = host.qwen_image_block(block, args["img"], args["txt"], args["vec"], args["pe"],
+                                         args["transformer_options"])
         return {"img": img, "txt": txt}
     return run
 
@@ -132,9 +134,10 @@ QWEN_IMAGE_TRAINING_BLOCKS = {
 }
 
 
-def _training_replacement(own_forward, existing, checkpointing):
+def _training_replacement(own_forward, existing, checkpointing, wrap=None):
     """One ``patches_replace`` entry: existing replacement (if any) around the out-of-place block,
-    optionally under non-reentrant checkpointing."""
+    optionally under non-reentrant checkpointing. ``wrap`` (block swap) surrounds the block's work and
+    forces checkpointing, so a recomputation in backward goes through it again."""
 
     def run(args, extra):
         if existing is not None:
@@ -142,26 +145,33 @@ def _training_replacement(own_forward, existing, checkpointing):
                 return existing(a, {"original_block": own_forward})
         else:
             call = own_forward
+        if wrap is not None:
+            call = wrap(call)
         # The model mutates transformer_options (block_index) while it runs; recomputation in
         # backward must see the values of this block, so freeze a copy now.
         args = dict(args, transformer_options=dict(args["transformer_options"]))
-        if checkpointing and torch.is_grad_enabled():
+        if (checkpointing or wrap is not None) and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(call, args, use_reentrant=False)
         return call(args)
 
     return run
 
 
-def training_transformer_options(diffusion_model, training_blocks, transformer_options, checkpointing):
+def training_transformer_options(diffusion_model, training_blocks, transformer_options, checkpointing,
+                                 block_wrapper=None):
     """A copy of ``transformer_options`` whose ``patches_replace["dit"]`` runs every block of
     ``diffusion_model`` out of place (and checkpointed when asked), wrapping replacements already there.
+    ``block_wrapper(position)`` (position = execution order over ``training_blocks``) may return a
+    function wrapper for that block (training/offload.py); such blocks are always checkpointed.
     The input dict is not modified."""
-    options = dict(transformer_options)
-    patches_replace = dict(options.get("patches_replace", {}))
-    dit = dict(patches_replace.get("dit", {}))
+    options = transformer_options
+    position = 0
     for kind, (attribute, make_forward) in training_blocks.items():
-        for index, block in enumerate(getattr(diffusion_model, attribute)):
-            dit[(kind, index)] = _training_replacement(make_forward(block), dit.get((kind, index)), checkpointing)
-    patches_replace["dit"] = dit
-    options["patches_replace"] = patches_replace
+        block_list = getattr(diffusion_model, attribute)
+        wraps = [block_wrapper(position + i) if block_wrapper is not None else None for i in range(len(block_list))]
+        options = host.with_block_replacements(
+            options, kind, len(block_list),
+            lambda index, existing: _training_replacement(make_forward(block_list[index]), existing, checkpointing,
+                                                          wraps[index]))
+        position += len(block_list)
     return options

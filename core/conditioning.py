@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import comfy.conds
-import comfy.utils
+from . import host
 
 MAX_ENTITIES = 16
 MODEL_CONDS_KEY = "eligen"
@@ -104,7 +103,7 @@ def add_entity(previous, entity):
 # ---------------------------------------------------------------------------------------------
 # The model condition
 
-class EntityCondition(comfy.conds.CONDRegular):
+class EntityCondition(host.regular_cond_class()):
     """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text segment lengths
     ``[L1 .. LN, LG]``, the active step range and the entity labels.
 

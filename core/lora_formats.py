@@ -9,18 +9,18 @@ Three files meet here:
 - DiffSynth-Studio's internal FLUX names (``blocks.0.attn.a_to_qkv.lora_A.default.weight``), which the stock
   loader drops. ``DIFFSYNTH_FLUX_RENAMES`` maps them to ComfyUI module names (same fused layouts).
 
-Which keys the stock loader takes is decided by the stock loader itself (``comfy.lora.load_lora`` with the
-model's ``comfy.lora.model_lora_keys_unet`` map): we only rename what it would drop, never re-list its tables.
+Which keys the stock loader takes comes from ComfyUI itself (core/host.py: the model's LoRA key map and the
+loader's key forms, probed from the loader): we only rename what it would drop.
 """
 
 import json
-import logging
 import math
 import os
 import re
 
 import torch
 
+from . import host
 from .files import atomic_path
 
 COMFY_PREFIX = "diffusion_model."
@@ -107,59 +107,15 @@ def detect_format(state_dict):
     return "mixed"
 
 
-class _CollectLoraWarnings(logging.Handler):
-    """Collects the keys behind the stock loader's 'lora key not loaded: <key>' warnings."""
-
-    MARKER = "lora key not loaded: "
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.keys = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith(self.MARKER):
-            self.keys.append(message[len(self.MARKER):])
-
-
 def stock_unmatched_keys(state_dict, key_map):
-    """The keys ComfyUI's own LoRA loader would drop for a model with this key map, in file order.
-
-    Runs ``comfy.lora.load_lora`` (what ``LoraLoaderModelOnly`` uses) and collects its "lora key not
-    loaded" reports, so the answer is the stock loader's, not a copy of its rules.
-    """
-    import comfy.lora
-
-    root = logging.getLogger()
-    collector = _CollectLoraWarnings()
-    old_level = root.level
-    root.addHandler(collector)
-    if root.getEffectiveLevel() > logging.WARNING:
-        root.setLevel(logging.WARNING)
-    # Other handlers would print one line per dropped key; keep them quiet while we listen.
-    muted = [(handler, handler.level) for handler in root.handlers if handler is not collector]
-    for handler, _ in muted:
-        handler.setLevel(logging.ERROR)
-    try:
-        comfy.lora.load_lora(state_dict, key_map, log_missing=True)
-    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError, ValueError) as error:
-        raise ValueError(f"ComfyUI's LoRA loader cannot read this LoRA ({type(error).__name__}: {error}); "
-                         f"check the keys around it") from None
-    finally:
-        for handler, level in muted:
-            handler.setLevel(level)
-        root.removeHandler(collector)
-        root.setLevel(old_level)
-    dropped = set(collector.keys)
-    return [key for key in state_dict if key in dropped]
+    """The keys ComfyUI's own LoRA loader would drop for a model with this key map, in file order
+    (computed from the key map and the loader's key forms: ``host.lora_unmatched_keys``)."""
+    return host.lora_unmatched_keys(state_dict, key_map)
 
 
 def model_key_map(model):
     """ComfyUI's LoRA key map for a ModelPatcher or BaseModel (LoRA module name -> weight key)."""
-    import comfy.lora
-
-    base_model = getattr(model, "model", model)
-    return comfy.lora.model_lora_keys_unet(base_model, {})
+    return host.lora_key_map(model)
 
 
 def _comfy_module(module, key_map, renames):

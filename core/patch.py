@@ -16,23 +16,39 @@ import logging
 
 import torch
 
-import comfy.patcher_extension
-
+from . import host
 from .adapters import adapter_for
-from .attention import OPTIONS_KEY, EntityAttention, entity_attention_mask, entity_attention_override
+from .attention import AUTO, METHODS, OPTIONS_KEY, EntityAttention, entity_attention_override
 from .conditioning import describe
 from .mask_rule import aspect_problem
 
 WRAPPER_KEY = "eligen"
-WRAPPER_TYPE = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
 
 
-def patch_model(model_patcher):
-    """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing)."""
+def __getattr__(name):  # patch.WRAPPER_TYPE: ComfyUI's DIFFUSION_MODEL wrapper type, read through host
+    if name == "WRAPPER_TYPE":
+        return host.diffusion_model_wrapper_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch_model(model_patcher, attention=AUTO):
+    """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing).
+
+    attention: how the entity rule reaches attention, all with the same result (core/attention.py):
+    ``"auto"`` (the default: ``"augmented"`` where it is safe, else ``"grouped"``), ``"augmented"`` (one
+    unmasked call, the rule in extra head dimensions), ``"grouped"`` (unmasked calls on gathered pieces),
+    ``"dense"`` (one call with the additive S x S mask: the reference form, a fallback and for tests)."""
+    if attention not in METHODS:
+        raise ValueError(f"attention must be one of {', '.join(METHODS)}, not {attention!r}")
+    host.require_all()
     adapter = adapter_for(model_patcher)
     model = model_patcher.clone()
-    if not model.get_wrappers(WRAPPER_TYPE, WRAPPER_KEY):
-        model.add_wrapper_with_key(WRAPPER_TYPE, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model))
+    wrappers = host.diffusion_model_wrappers(model, WRAPPER_KEY)
+    if not wrappers:
+        host.add_diffusion_model_wrapper(model, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
+    elif wrappers[0].method != attention:
+        raise ValueError(f"the model is already patched for EliGen with attention={wrappers[0].method!r}; "
+                         f"patch the unpatched model to use attention={attention!r}")
     return model
 
 
@@ -65,9 +81,10 @@ def check_mask_aspect(entity, latent_hw):
 class EntityWrapper:
     """The DIFFUSION_MODEL wrapper (a class so ComfyUI can deep-copy model options holding it)."""
 
-    def __init__(self, adapter, base_model):
+    def __init__(self, adapter, base_model, method=AUTO):
         self.adapter = adapter
         self.base_model = base_model
+        self.method = method
         self._cache = None  # (key, EntityAttention): the mask is the same at every step of a run
 
     def __deepcopy__(self, memo):
@@ -84,7 +101,7 @@ class EntityWrapper:
         if not bool(token_masks.any(-1).all()):
             logging.warning("EliGen: an entity mask covers no image token at latent size %s; that "
                             "entity's text reaches no part of the image", tuple(x.shape[-2:]))
-        attention = EntityAttention(entity_attention_mask(entity.segment_lengths, token_masks))
+        attention = EntityAttention(entity.segment_lengths, token_masks, self.method)
         self._cache = ((key, token_masks), attention)
         return attention
 

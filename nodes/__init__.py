@@ -2,11 +2,13 @@
 
 from comfy_api.latest import ComfyExtension
 
-from . import dataset, entities, lora, preview, toyworld, training
+from ..core import host
+from . import dataset, entities, layouts, lora, preview, toyworld, training
 
-NODE_MODULES = (entities, preview, lora, dataset, training, toyworld)
+NODE_MODULES = (entities, layouts, preview, lora, dataset, training, toyworld)
 
 
 class EliGenExtension(ComfyExtension):
     async def get_node_list(self):
+        host.startup_report()  # one log line when this ComfyUI lacks something EliGen needs
         return [node for module in NODE_MODULES for node in module.NODES]

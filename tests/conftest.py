@@ -1,6 +1,6 @@
 """Test set-up: import this repo as the package ``comfyui_eligen`` and put ComfyUI on sys.path.
 
-Also provides the session fixture ``comfy_server``: one real ComfyUI server (tests/comfy_server.py)
+Also provides the session fixture ``comfy_server``: one real ComfyUI server (scripts/comfy_server.py)
 with this package loaded, shared by all server tests and always stopped at the end.
 """
 
@@ -12,8 +12,10 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-if TESTS not in sys.path:  # test modules import the bench as ``comfy_server`` under any import mode
-    sys.path.insert(0, TESTS)
+SCRIPTS = os.path.join(REPO, "scripts")  # the server harness (scripts/comfy_server.py), shared with the demo
+for folder in (TESTS, SCRIPTS):  # test modules import tiny_models and ``comfy_server`` under any import mode
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 from comfy_server import ComfyServer, ServerError, expected_node_ids, find_comfyui_dir  # noqa: E402
 

@@ -138,7 +138,8 @@ def test_mask_handed_to_attention_is_the_reference_mask(case, diffsynth):
     negative = [[torch.zeros(1, 3, TEXT_WIDTH), {"pooled_output": torch.zeros(1, TEXT_WIDTH)}]]
     positive, negative = conditioning.apply_entities(positive, entities, negative)
     latent_shape = (batch, 16) + ((1,) if family == "qwen_image" else ()) + latent_hw
-    _, calls = sample_and_record(patch.patch_model(model), positive, negative, torch.zeros(latent_shape))
+    dense = patch.patch_model(model, attention="dense")  # the method that hands attention the mask
+    _, calls = sample_and_record(dense, positive, negative, torch.zeros(latent_shape))
 
     segment_lengths = lengths + [global_length]
     token_masks = [reference_token_mask(reference_latent_mask(m, latent_hw)) for m in masks_u8]

@@ -1,6 +1,11 @@
 """EliGen's model patch during real sampling (comfy.sample.sample on tiny FLUX.1 / Qwen-Image models):
 plain prompts unchanged, CFG and the negative branch, batches, step ranges, Qwen-Image text positions,
-composition with LoRAs and other patches, and errors raised while sampling."""
+composition with LoRAs and other patches, and errors raised while sampling.
+
+These tests read the mask handed to attention, which only the dense method hands over: they patch with
+``attention="dense"``. tests/test_entity_attention_exact.py shows that the default (grouped) method gives
+the same outputs in the same situations.
+"""
 
 import pytest
 import torch
@@ -10,12 +15,16 @@ import comfy.ldm.modules.attention
 import comfy.samplers
 import comfy.sample
 import comfy.sd
-from comfyui_eligen.core import conditioning, patch
+from comfyui_eligen.core import conditioning, host, patch
 from comfyui_eligen.core.adapters import adapter_for
 from test_entities_attention import Recorder, sample_and_record
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
 
 FAMILIES = {"flux": tiny_flux, "qwen_image": tiny_qwen_image}
+
+
+def dense_patch(model):
+    return patch.patch_model(model, attention="dense")
 
 
 def latent(family, batch=1, hw=(8, 12)):
@@ -49,14 +58,14 @@ def test_patched_model_samples_plain_prompts_unchanged(family):
     positive, negative = prompts()
     x = latent(family, batch=2)
     plain, _ = sample_and_record(model, positive, negative, x, cfg=3.0, steps=2)
-    patched, calls = sample_and_record(patch.patch_model(model), positive, negative, x, cfg=3.0, steps=2)
+    patched, calls = sample_and_record(dense_patch(model), positive, negative, x, cfg=3.0, steps=2)
     assert torch.equal(plain, patched)
     assert all(call["mask"] is None for call in calls)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_entities_change_the_output_and_only_the_positive_gets_the_mask(family):
-    model = patch.patch_model(FAMILIES[family]())
+    model = dense_patch(FAMILIES[family]())
     positive, negative = prompts()
     with_entities = conditioning.apply_entities(positive, entities(), negative)
     x = latent(family, batch=2)
@@ -74,7 +83,7 @@ def test_entities_change_the_output_and_only_the_positive_gets_the_mask(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_entities_on_negative_copy_the_negative_into_every_slot(family):
-    model = patch.patch_model(FAMILIES[family]())
+    model = dense_patch(FAMILIES[family]())
     positive, negative = prompts(negative_length=4)
     new_positive, new_negative = conditioning.apply_entities(positive, entities(), negative, on_negative=True)
     assert new_negative[0][0].shape[1] == 3 * 4
@@ -85,7 +94,7 @@ def test_entities_on_negative_copy_the_negative_into_every_slot(family):
 
 
 def test_step_range_limits_entity_control():
-    model = patch.patch_model(tiny_flux())
+    model = dense_patch(tiny_flux())
     positive, negative = prompts()
     sampling = model.model.model_sampling
     steps = 6
@@ -119,7 +128,7 @@ def test_qwen_image_text_positions_restart_for_every_segment():
     model.set_model_patch_replace(recording_block, "dit", "double_block", 0)
     positive, negative = prompts(global_length=6)
     applied = conditioning.apply_entities(positive, entities(lengths=(3, 5)), negative)
-    sample_and_record(patch.patch_model(model), *applied, latent("qwen_image", hw=(8, 12)))
+    sample_and_record(dense_patch(model), *applied, latent("qwen_image", hw=(8, 12)))
     pe = seen[0]
     diffusion_model = model.model.diffusion_model
     start = max(8 // 2 // 2, 12 // 2 // 2)  # ComfyUI's text offset: max(h_tok // 2, w_tok // 2)
@@ -127,10 +136,13 @@ def test_qwen_image_text_positions_restart_for_every_segment():
     ids = torch.cat([text_ids[:, None].repeat(1, 3), torch.zeros(4 * 6, 3)])[None]
     expected = comfy.ldm.flux.layers.EmbedND(diffusion_model.pe_embedder.dim, 10000,
                                              diffusion_model.pe_embedder.axes_dim)(ids)
-    assert pe.shape[2] == 14 + 24
-    torch.testing.assert_close(pe[0, 0, :14], expected[0, 0, :14].to(pe.dtype))
+    # pe is [B, 1, S, ...] (0.3.75) or [B, S, 1, ...] (0.3.64): compare along its sequence axis
+    pe = pe.movedim(host.rope_sequence_axis(pe), 1)[:, :, 0]
+    expected = expected[:, 0]
+    assert pe.shape[1] == 14 + 24
+    torch.testing.assert_close(pe[0, :14], expected[0, :14].to(pe.dtype))
     # every segment starts at the same position (ComfyUI alone would continue the numbering)
-    assert torch.equal(pe[0, 0, 0], pe[0, 0, 3]) and torch.equal(pe[0, 0, 0], pe[0, 0, 8])
+    assert torch.equal(pe[0, 0], pe[0, 3]) and torch.equal(pe[0, 0], pe[0, 8])
 
 
 def _tiny_lora(model, seed=3):
@@ -149,11 +161,11 @@ def test_a_stock_lora_before_or_after_eligen_gives_the_same_result():
     positive, negative = prompts()
     applied = conditioning.apply_entities(positive, entities(), negative)
     x = latent("flux", batch=2)
-    lora_then_eligen = patch.patch_model(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0])
-    eligen_then_lora = comfy.sd.load_lora_for_models(patch.patch_model(model), None, lora, 1.0, 0)[0]
+    lora_then_eligen = dense_patch(comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)[0])
+    eligen_then_lora = comfy.sd.load_lora_for_models(dense_patch(model), None, lora, 1.0, 0)[0]
     first, calls_first = sample_and_record(lora_then_eligen, *applied, x, cfg=2.0)
     second, calls_second = sample_and_record(eligen_then_lora, *applied, x, cfg=2.0)
-    without_lora, _ = sample_and_record(patch.patch_model(model), *applied, x, cfg=2.0)
+    without_lora, _ = sample_and_record(dense_patch(model), *applied, x, cfg=2.0)
     torch.testing.assert_close(first, second)
     assert not torch.allclose(first, without_lora, atol=1e-4)
     assert any(c["mask"] is not None for c in calls_first) and any(c["mask"] is not None for c in calls_second)
@@ -162,7 +174,7 @@ def test_a_stock_lora_before_or_after_eligen_gives_the_same_result():
 def test_other_patches_added_after_eligen_compose():
     """An attention override and a block replacement set on the MODEL after EliGen Apply both still run,
     and EliGen's mask still reaches attention."""
-    model = patch.patch_model(tiny_flux())
+    model = dense_patch(tiny_flux())
     recorder = Recorder()
     block_calls = []
 
@@ -183,8 +195,8 @@ def test_other_patches_added_after_eligen_compose():
 
 def test_patching_twice_adds_one_wrapper_and_changes_nothing():
     model = tiny_flux()
-    once = patch.patch_model(model)
-    twice = patch.patch_model(once)
+    once = dense_patch(model)
+    twice = dense_patch(once)
     assert len(twice.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)) == 1
     positive, negative = prompts()
     applied = conditioning.apply_entities(positive, entities(), negative)
@@ -194,7 +206,7 @@ def test_patching_twice_adds_one_wrapper_and_changes_nothing():
 
 
 def test_one_entity_list_works_at_two_resolutions_of_the_same_aspect():
-    model = patch.patch_model(tiny_flux())
+    model = dense_patch(tiny_flux())
     positive, negative = prompts()
     applied = conditioning.apply_entities(positive, entities(mask_hw=(40, 60)), negative)
     for hw in [(8, 12), (14, 21)]:
@@ -205,7 +217,7 @@ def test_one_entity_list_works_at_two_resolutions_of_the_same_aspect():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mask_of_another_aspect_is_an_error_naming_the_entity(family):
-    model = patch.patch_model(FAMILIES[family]())
+    model = dense_patch(FAMILIES[family]())
     positive, negative = prompts()
     applied = conditioning.apply_entities(positive, entities(mask_hw=(64, 64)), negative)
     with pytest.raises(ValueError) as error:
@@ -216,7 +228,7 @@ def test_mask_of_another_aspect_is_an_error_naming_the_entity(family):
 
 
 def test_near_aspect_within_one_token_is_accepted():
-    model = patch.patch_model(tiny_flux())
+    model = dense_patch(tiny_flux())
     positive, negative = prompts()
     # 100x66 drawn for a 16x10 latent (8x5 tokens): off by less than one token
     applied = conditioning.apply_entities(positive, entities(mask_hw=(100, 66)), negative)
@@ -226,7 +238,7 @@ def test_near_aspect_within_one_token_is_accepted():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_forward_goes_through_the_same_patch(family):
-    model = patch.patch_model(FAMILIES[family]())
+    model = dense_patch(FAMILIES[family]())
     adapter = adapter_for(model)
     base_model = model.model
     generator = torch.Generator().manual_seed(0)
@@ -249,7 +261,7 @@ def test_training_forward_goes_through_the_same_patch(family):
 def test_training_after_sampling_in_inference_mode_still_backpropagates():
     """ComfyUI samples under inference mode; a trainer's validation run must not leave it a cached mask
     made of inference tensors (they cannot be saved for backward)."""
-    model = patch.patch_model(tiny_qwen_image())
+    model = dense_patch(tiny_qwen_image())
     positive, negative = prompts()
     chosen = entities()
     with torch.inference_mode():
@@ -273,7 +285,7 @@ def test_reference_latents_get_the_mask_on_their_own_grid():
     covers them too (tiled: the same mask brought to each reference latent's grid)."""
     from comfyui_eligen.core.attention import mask_to_token_grid
 
-    model = patch.patch_model(tiny_flux())
+    model = dense_patch(tiny_flux())
     positive, negative = prompts()
     positive[0][1]["reference_latents"] = [torch.randn(1, 16, 4, 6)]
     chosen = entities()

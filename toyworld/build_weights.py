@@ -102,10 +102,13 @@ def pretrain(args, log=print):
 def _pretrain(args, log):
     device = torch.device(args.device)
 
-    model, clip, vae = models.load_toy_models(args.family, "random", seed=args.seed)
-    base_model = model.model
     spec = models.family_spec(args.family)
-    models.init_weights(base_model.diffusion_model, args.seed, spec["zero_init"])
+    if args.init:  # fine-tune a built base (e.g. at another token grid: FLUX/Qwen positions are RoPE)
+        model, clip, vae = models.load_toy_models(args.family, "pretrained", weights_file=args.init, pool=args.vae_pool)
+    else:
+        model, clip, vae = models.load_toy_models(args.family, "random", seed=args.seed, pool=args.vae_pool)
+        models.init_weights(model.model.diffusion_model, args.seed, spec["zero_init"])
+    base_model = model.model
     with torch.inference_mode(False):
         pool = CaptionPool(model, clip, vae, args.pool, args.seed, log)
 
@@ -156,7 +159,8 @@ def _pretrain(args, log):
         "warmup": args.warmup, "pool": args.pool, "seed": args.seed, "text_seed": args.seed,
         "caption_dropout": args.caption_dropout, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
         "first_loss": losses[0], "final_loss": sum(losses[-50:]) / len(losses[-50:]), "torch": torch.__version__,
-        "unet_config": spec["unet_config"], "losses_every_10": losses[::10],
+        "unet_config": spec["unet_config"], "losses_every_10": losses[::10], "vae_pool": args.vae_pool,
+        "init": os.path.basename(args.init) if args.init else None,
     }
     return model, clip, vae, info
 
@@ -181,6 +185,9 @@ def parse_args(argv=None):
                         help="torch threads (default 1: deterministic, and on a busy 2-core machine 1 thread "
                         "ran ~5x faster than 2; 0 = torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vae-pool", type=int, default=models.POOL,
+                        help="toy VAE downscale factor (8 = FLUX geometry, 8x8 tokens at 128 px; 4 = 16x16 tokens)")
+    parser.add_argument("--init", help="start from this toy weights file instead of a fresh init (fine-tune)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--out", help="output file (default: toyworld/weights/<family file>)")
     return parser.parse_args(argv)

@@ -1,9 +1,13 @@
 """Placement of (a) base, (b) base + EliGen attention, (d) base + EliGen LoRA + attention on held-out
-layouts, over several seeds (each seed: its own LoRA training run and sampling noise).
+layouts, per layout group, over several seeds (each seed: its own LoRA training run and sampling noise).
 
     .venv/bin/python scripts/toyworld.py compare --seeds 0 1 2 --layouts 64 --out compare.json
+    .venv/bin/python scripts/toyworld.py compare --groups all --layouts 32 --seeds 0 1
 
-Prints one line per seed and condition, then the mean and spread, and writes everything as JSON.
+Next to the conditions every group reports the token-fill bound and the ground-truth ceiling
+(metric.py), and every figure gets a layout-level 95% bootstrap interval (layouts resampled, entities
+pooled over seeds) as well as the spread over seeds. Prints one line per seed, group and condition,
+then a table per group, and writes everything as JSON.
 """
 
 import argparse
@@ -13,85 +17,228 @@ import time
 import numpy as np
 import torch
 
-from . import data, evaluate, files, metric, models
+from . import data, evaluate, files, metric
 from .workflows import CONDITIONS
 
 FIGURES = ("mean_iou", "success_rate", "mean_leak", "missing_rate")
+SHEET_COLUMNS = 6  # layouts per group on the contact sheet
+BOOTSTRAP = dict(samples=2000, seed=0)
 
 
-def run_seed(seed, layouts, model, clip, vae, train_settings, sampler, log):
+def compact(per_image):
+    """Per-image entity results without the prompts (what the JSON keeps for re-analysis)."""
+    return [[{k: r[k] for k in ("iou", "leak", "success", "missing")} for r in results] for results in per_image]
+
+
+def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, sheet_images=None,
+             conditions=tuple(CONDITIONS)):
+    """Train one LoRA, then score every group in `conditions`. sheet_images: a dict that receives the
+    first (d) images of each group, or None."""
     started = time.time()
     lora, losses, train_seconds = evaluate.train_lora(model, clip, vae, seed=seed, data_seed=seed,
                                                       log=log, **train_settings)
     trained = evaluate.with_lora(model, lora)
-    results = {}
-    for condition, (model_used, use_entities) in {"a": (model, False), "b": (model, True),
-                                                  "d": (trained, True)}.items():
-        result, _ = evaluate.score_condition(model_used, clip, vae, layouts, use_entities, seed, sampler)
-        results[condition] = result["summary"]
-        log(f"seed {seed} ({condition}) {CONDITIONS[condition]}: {metric.format_summary(result['summary'])}")
+    groups = {}
+    for group, layouts in layout_sets.items():
+        groups[group] = {}
+        for condition, (model_used, use_entities) in {"a": (model, False), "b": (model, True),
+                                                      "d": (trained, True)}.items():
+            if condition not in conditions:
+                continue
+            result, images = evaluate.score_condition(model_used, clip, vae, layouts, use_entities, seed, sampler)
+            groups[group][condition] = {"summary": result["summary"], "images": compact(result["images"])}
+            if condition == "d" and sheet_images is not None:
+                sheet_images[group] = [image[0].numpy() for image in images[:SHEET_COLUMNS]]
+            log(f"seed {seed} [{group}] ({condition}) {CONDITIONS[condition]}: "
+                f"{metric.format_summary(result['summary'])}")
     return {"seed": seed, "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - started, 1),
-            "final_loss": float(np.mean([v for _, v in losses[-20:]])), "conditions": results}
+            "final_loss": float(np.mean([v for _, v in losses[-20:]])), "groups": groups}
 
 
-def aggregate(runs):
+def aggregate(runs, references):
+    """{group: {row: figures}}; rows: the references, then the conditions (mean and std over seeds, and
+    layout-level bootstrap intervals)."""
     table = {}
-    for condition in CONDITIONS:
-        table[condition] = {}
-        for figure in FIGURES:
-            values = [run["conditions"][condition][figure] for run in runs]
-            values = [v for v in values if v is not None and not np.isnan(v)]
-            table[condition][figure] = {"mean": float(np.mean(values)) if values else float("nan"),
-                                        "std": float(np.std(values)) if values else float("nan")}
+    for group, group_references in references.items():
+        rows = {}
+        for name, result in group_references.items():
+            rows[name] = {figure: {"mean": result["summary"][figure], "std": 0.0} for figure in FIGURES}
+            rows[name]["interval"] = metric.bootstrap_intervals([result["images"]], **BOOTSTRAP)
+        for condition in CONDITIONS:
+            row = {}
+            scored = [run for run in runs if condition in run["groups"][group]]
+            if not scored:
+                continue
+            row["seeds"] = [run["seed"] for run in scored]
+            for figure in FIGURES:
+                values = [run["groups"][group][condition]["summary"][figure] for run in scored]
+                values = [v for v in values if v is not None and not np.isnan(v)]
+                row[figure] = {"mean": float(np.mean(values)) if values else float("nan"),
+                               "std": float(np.std(values)) if values else float("nan")}
+            row["interval"] = metric.bootstrap_intervals(
+                [run["groups"][group][condition]["images"] for run in scored], **BOOTSTRAP)
+            rows[condition] = row
+        bound = rows["fill"]["mean_iou"]["mean"]
+        rows["d"]["share_of_fill_iou"] = rows["d"]["mean_iou"]["mean"] / bound if bound else float("nan")
+        table[group] = rows
     return table
 
 
-def markdown_table(table, seeds, layouts, entities):
-    lines = [f"Held-out layouts: {layouts} ({entities} entities), seeds {', '.join(map(str, seeds))} "
-             f"(mean +- std over seeds).", "",
-             "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
-             "|---|---|---|---|---|"]
-    for condition, text in CONDITIONS.items():
-        row = table[condition]
-        lines.append(
-            f"| ({condition}) {text} | {row['mean_iou']['mean']:.3f} +- {row['mean_iou']['std']:.3f} | "
-            f"{100 * row['success_rate']['mean']:.1f}% +- {100 * row['success_rate']['std']:.1f} | "
-            f"{row['mean_leak']['mean']:.2f} | {100 * row['missing_rate']['mean']:.1f}% |")
+def _row_text(label, row, spread):
+    low, high = row["interval"]["mean_iou"]
+    s_low, s_high = row["interval"]["success_rate"]
+    iou = f"{row['mean_iou']['mean']:.3f}" + (f" ± {row['mean_iou']['std']:.3f}" if spread else "")
+    success = f"{100 * row['success_rate']['mean']:.1f}%" + (f" ± {100 * row['success_rate']['std']:.1f}" if spread else "")
+    leak = row["mean_leak"]["mean"]
+    return (f"| {label} | {iou} [{low:.3f}, {high:.3f}] | {success} [{100 * s_low:.1f}, {100 * s_high:.1f}] | "
+            f"{'-' if np.isnan(leak) else f'{leak:.2f}'} | {100 * row['missing_rate']['mean']:.1f}% |")
+
+
+def markdown_table(table, seeds, counts):
+    """One table per group. counts: {group: (layouts, entities)}."""
+    lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± std over seeds, [95% interval over layouts] "
+             f"(bootstrap, {BOOTSTRAP['samples']} draws, seed {BOOTSTRAP['seed']}).", ""]
+    for group, rows in table.items():
+        layouts, entities = counts[group]
+        lines += [f"**{group}** ({data.GROUPS[group]}): {layouts} layouts, {entities} entities; "
+                  f"(d) reaches {100 * rows['d']['share_of_fill_iou']:.0f}% of the token-fill IoU.", "",
+                  "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
+                  "|---|---|---|---|---|"]
+        for name, text in evaluate.REFERENCES.items():
+            lines.append(_row_text(text, rows[name], spread=False))
+        for condition, text in CONDITIONS.items():
+            if condition in rows:
+                lines.append(_row_text(f"({condition}) {text}", rows[condition], spread=len(rows[condition]["seeds"]) > 1))
+        lines.append("")
     return "\n".join(lines)
+
+
+def summary_table(table, counts):
+    """One row per group: IoU / success of the token-fill bound, the ceiling, (a), (b) and (d) (with its
+    95% layout interval) and (d)'s share of the bound's IoU."""
+    def cell(row, interval=False):
+        text = f"{row['mean_iou']['mean']:.2f} / {100 * row['success_rate']['mean']:.0f}%"
+        if interval:
+            low, high = row["interval"]["mean_iou"]
+            s_low, s_high = row["interval"]["success_rate"]
+            text += f" [{low:.2f}-{high:.2f} / {100 * s_low:.0f}-{100 * s_high:.0f}%]"
+        return text
+
+    lines = ["| group | layouts (entities) | token-fill bound | ceiling | (a) | (b) | (d) [95% interval] | (d) / bound IoU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group, rows in table.items():
+        layouts, entities = counts[group]
+        base = [cell(rows[c]) if c in rows else "-" for c in ("a", "b")]
+        lines.append(f"| {group} | {layouts} ({entities}) | {cell(rows['fill'])} | {cell(rows['truth'])} | "
+                     f"{base[0]} | {base[1]} | {cell(rows['d'], True)} | {100 * rows['d']['share_of_fill_iou']:.0f}% |")
+    return "\n".join(lines)
+
+
+def group_sheet(layout_sets, fill_images, d_images):
+    """uint8 image: per group three rows (exact layout, token-fill bound, (d)), masks outlined."""
+    from .figures import contact_sheet
+
+    parts = []
+    for group, layouts in layout_sets.items():
+        shown = layouts[:SHEET_COLUMNS]
+        rows = [(f"{group}: layout", [layout.image for layout in shown]),
+                (f"{group}: token fill", fill_images[group][:SHEET_COLUMNS]),
+                (f"{group}: (d) LoRA + attention", d_images[group])]
+        parts.append(np.asarray(contact_sheet(rows, [layout.masks for layout in shown])))
+    width = max(part.shape[1] for part in parts)
+    parts = [np.pad(part, ((0, 0), (0, width - part.shape[1]), (0, 0)), constant_values=255) for part in parts]
+    return np.concatenate(parts, axis=0)
+
+
+def report(path, markdown=None):
+    """Tables from a JSON written by --out (the per-image figures it keeps are enough)."""
+    with open(path) as f:
+        payload = json.load(f)
+    counts = {g: (payload["layouts"], payload["entities"][g]) for g in payload["groups"]}
+    table = aggregate(payload["runs"], payload["references"])
+    text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in payload["runs"]], counts)
+    print(text)
+    if markdown:
+        files.write_text(markdown, text)
+    return table
+
+
+def parse_groups(names):
+    if names == ["all"]:
+        return list(data.GROUPS)
+    unknown = [n for n in names if n not in data.GROUPS]
+    if unknown:
+        raise SystemExit(f"unknown layout group(s) {unknown}; choose from {list(data.GROUPS)} or 'all'")
+    return names
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--layouts", type=int, default=64, help="held-out layouts per seed")
-    parser.add_argument("--layout-seed", type=int, default=0)
-    for name, value in evaluate.TRAIN_DEFAULTS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--sample-steps", type=int, default=evaluate.SAMPLER["steps"])
-    parser.add_argument("--cfg", type=float, default=evaluate.SAMPLER["cfg"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="write the figures as JSON here")
+    evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=64)
+    parser.add_argument("--groups", nargs="+", default=["easy"],
+                        help=f"held-out layout groups ({', '.join(data.GROUPS)}) or 'all'")
+    parser.add_argument("--base-seeds", type=int, nargs="*",
+                        help="seeds that also sample (a) and (b) (default: all; they need no training, so "
+                        "one seed is often enough)")
+    parser.add_argument("--sheet", help="write a contact sheet (per group: layout, token fill, (d) of the "
+                        "first seed) as PNG here")
+    parser.add_argument("--references-only", action="store_true",
+                        help="score only the token-fill bound and the ceiling (no training, no sampling)")
+    parser.add_argument("--report", metavar="JSON",
+                        help="only re-render the tables (to stdout and --markdown) from a JSON this command wrote")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.report:
+        return report(args.report, args.markdown)
+    train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[compare] {message}", flush=True)
 
     started = time.time()
-    model, clip, vae = models.load_toy_models(args.family, "pretrained")
-    layouts = data.layouts("heldout", args.layout_seed, args.layouts)
-    entities = sum(len(layout.entities) for layout in layouts)
-    train_settings = {name: getattr(args, name) for name in evaluate.TRAIN_DEFAULTS}
-    sampler = dict(evaluate.SAMPLER, steps=args.sample_steps, cfg=args.cfg)
-    runs = [run_seed(seed, layouts, model, clip, vae, train_settings, sampler, log) for seed in args.seeds]
-    table = aggregate(runs)
-    text = markdown_table(table, args.seeds, args.layouts, entities)
+    model, clip, vae = evaluate.load_run_models(args)
+    groups = parse_groups(args.groups)
+    layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, group=g) for g in groups}
+    counts = {g: (len(ls), sum(len(l.entities) for l in ls)) for g, ls in layout_sets.items()}
+    references = {g: evaluate.score_references(model, vae, ls) for g, ls in layout_sets.items()}
+    for group, group_references in references.items():
+        for name, result in group_references.items():
+            log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
+    if args.references_only:
+        payload = {"family": args.family, "vae_pool": args.vae_pool,
+                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "groups": groups,
+                   "layouts": args.layouts, "layout_seed": args.layout_seed, "bootstrap": BOOTSTRAP,
+                   "references": {g: {name: {"summary": r["summary"], "interval": metric.bootstrap_intervals(
+                       [r["images"]], **BOOTSTRAP)} for name, r in refs.items()} for g, refs in references.items()}}
+        if args.out:
+            files.write_json(args.out, payload)
+        return payload
+    sheet_images = {} if args.sheet else None
+    base_seeds = args.seeds if args.base_seeds is None else args.base_seeds
+    runs = []
+    for index, seed in enumerate(args.seeds):
+        conditions = tuple(c for c in CONDITIONS if c == "d" or seed in base_seeds)
+        runs.append(run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log,
+                             sheet_images if index == 0 else None, conditions))
+        # Written after every seed, so a run stopped early keeps what it measured.
+        table = aggregate(runs, references)
+        text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in runs], counts)
+        payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
+                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds,
+                   "base_seeds": base_seeds, "seeds_done": [run["seed"] for run in runs], "groups": groups,
+                   "layouts": args.layouts, "layout_seed": args.layout_seed,
+                   "entities": {g: counts[g][1] for g in groups}, "train": train_settings, "sampler": sampler,
+                   "bootstrap": BOOTSTRAP,
+                   "references": {g: {name: {"summary": r["summary"], "images": compact(r["images"])}
+                                      for name, r in refs.items()} for g, refs in references.items()},
+                   "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
+                   "threads": torch.get_num_threads()}
+        if args.out:
+            files.write_json(args.out, payload)
+        if args.markdown:
+            files.write_text(args.markdown, text)
+    if args.sheet:
+        fills = {g: evaluate.reference_images(model, vae, ls[:SHEET_COLUMNS])["fill"] for g, ls in layout_sets.items()}
+        files.save_png(group_sheet(layout_sets, fills, sheet_images), args.sheet)
     print(text)
-    payload = {"family": args.family, "seeds": args.seeds, "layouts": args.layouts, "entities": entities, "train": train_settings,
-               "sampler": sampler, "runs": runs, "table": table, "seconds": round(time.time() - started, 1),
-               "threads": torch.get_num_threads()}
-    if args.out:
-        files.write_json(args.out, payload)
-    print(json.dumps({"summary": {c: {f: round(table[c][f]["mean"], 4) for f in FIGURES} for c in CONDITIONS},
+    print(json.dumps({"summary": {g: {c: {f: round(table[g][c][f]["mean"], 4) for f in ("mean_iou", "success_rate")}
+                                      for c in table[g] if c in ("fill", "truth", *CONDITIONS)} for g in groups},
                       "seconds": payload["seconds"]}))
     return payload

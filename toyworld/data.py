@@ -1,8 +1,10 @@
 """Synthetic entity dataset: 1-4 coloured shapes on a plain background, with a global caption and one
 prompt and one mask per entity.
 
-Every layout is a pure function of (split, seed, index): the train and held-out splits draw from
-separate seed streams (numpy SeedSequence keyed by the split), so they never share a layout.
+Every layout is a pure function of (split, seed, index, group): the train and held-out splits draw from
+separate seed streams (numpy SeedSequence keyed by the split), so they never share a layout. The "easy"
+group is the training distribution; the other groups (GROUPS) are harder held-out layouts, each with its
+own seed stream.
 `write_dataset` writes the reference's metadata format (metadata.json + PNGs), which the dataset
 node reads like any user dataset.
 """
@@ -29,6 +31,16 @@ PALETTE = {
 BACKGROUNDS = {"grey": (128, 128, 128), "dark grey": (64, 64, 64), "light grey": (192, 192, 192)}
 SHAPES = ("circle", "square", "triangle")
 SPLITS = {"train": 1, "heldout": 2}  # seed-stream keys; the streams never overlap
+# Layout groups. "easy" is what the LoRA trains on; the others are only for held-out evaluation.
+GROUPS = {
+    "easy": "1-4 separate shapes in distinct colours, radius 12-25% of the side",
+    "many": "5-6 separate shapes in distinct colours, radius 8-15% of the side",
+    "same_colour": "2-3 separate shapes of one colour, each a different shape",
+    "small": "2-4 separate shapes in distinct colours, each mask on 2-4 tokens of the 8x8 token grid",
+    "touching": "2-4 shapes in distinct colours, each touching or overlapping an earlier one (drawn on top)",
+    "border": "1-4 shapes in distinct colours, the first cut by the image border (25-75% visible)",
+}
+_GROUP_KEYS = {"many": 101, "same_colour": 102, "small": 103, "touching": 104, "border": 105}
 
 RADIUS_RANGE = (0.12, 0.25)  # shape radius as a share of the image side
 GAP = 2  # pixels between the bounding circles of two shapes
@@ -81,15 +93,24 @@ def shape_mask(shape, centre, radius, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}; toy shapes are {SHAPES}")
 
 
-def _rng(split, seed, index):
+def _rng(split, seed, index, group="easy"):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
-    return np.random.default_rng(np.random.SeedSequence([SPLITS[split], int(seed), int(index)]))
+    if group not in GROUPS:
+        raise ValueError(f"layout group must be one of {sorted(GROUPS)}, not {group!r}")
+    key = [SPLITS[split], int(seed), int(index)]
+    if group != "easy":  # the easy group keeps the original stream (the figures measured on it stay valid)
+        key.append(_GROUP_KEYS[group])
+    return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4):
-    """One layout: 1..max_entities non-overlapping shapes in distinct colours."""
-    rng = _rng(split, seed, index)
+def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4, group="easy"):
+    """One layout of `group` (GROUPS); "easy": 1..max_entities non-overlapping shapes in distinct colours."""
+    rng = _rng(split, seed, index, group)
+    if group != "easy":
+        from .groups import make_group_layout
+
+        return make_group_layout(group, rng, size)
     count = int(rng.integers(1, max_entities + 1))
     colours = rng.choice(list(PALETTE), size=count, replace=False)
     background = str(rng.choice(list(BACKGROUNDS)))
@@ -107,11 +128,16 @@ def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4):
                    for p in placed):
                 placed.append(Entity(str(colour), shape, centre, radius, shape_mask(shape, centre, radius, size)))
                 break
+    return render(placed, background, size)
+
+
+def render(entities, background, size=SIZE):
+    """The layout's image: the background, then each entity's mask in its colour (later ones on top)."""
     image = np.empty((size, size, 3), np.uint8)
     image[:] = BACKGROUNDS[background]
-    for entity in placed:
+    for entity in entities:
         image[entity.mask] = PALETTE[entity.colour]
-    return Layout(image, caption(placed, background), background, placed)
+    return Layout(image, caption(entities, background), background, list(entities))
 
 
 def caption(entities, background):
@@ -121,8 +147,8 @@ def caption(entities, background):
     return f"{things} on a {background} background"
 
 
-def layouts(split="train", seed=0, count=1, start=0, size=SIZE):
-    return [make_layout(split, seed, start + i, size) for i in range(count)]
+def layouts(split="train", seed=0, count=1, start=0, size=SIZE, group="easy"):
+    return [make_layout(split, seed, start + i, size, group=group) for i in range(count)]
 
 
 def batch_arrays(split, seed, indices, size=SIZE):
@@ -141,8 +167,8 @@ def layout_entities(layout, encode):
         Entity(encode(e.prompt), torch.from_numpy(e.mask.astype("float32")), e.prompt) for e in layout.entities)
 
 
-def write_dataset(folder, count, seed=0, split="train", size=SIZE):
-    """Write `count` layouts as an EliGen dataset (reference metadata format) into `folder`.
+def write_dataset(folder, count, seed=0, split="train", size=SIZE, group="easy"):
+    """Write `count` layouts of `group` as an EliGen dataset (reference metadata format) into `folder`.
 
     Layout: images/NNNNN.png, masks/NNNNN_K.png (white = entity), metadata.json. Returns the
     metadata path. Every file is written atomically; metadata.json last, so a folder with it is complete.
@@ -151,7 +177,7 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE):
     os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
     records = []
     for i in range(count):
-        layout = make_layout(split, seed, i, size)
+        layout = make_layout(split, seed, i, size, group=group)
         image_name = f"images/{i:05d}.png"
         save_png(layout.image, os.path.join(folder, image_name))
         mask_names = []
@@ -178,9 +204,11 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=sorted(SPLITS), default="train")
+    parser.add_argument("--group", choices=list(GROUPS), default="easy",
+                        help="layout group: " + "; ".join(f"{k}: {v}" for k, v in GROUPS.items()))
     args = parser.parse_args(argv)
-    path = write_dataset(args.folder, args.count, args.seed, args.split)
-    print(f"wrote {args.count} {args.split} layouts to {path}")
+    path = write_dataset(args.folder, args.count, args.seed, args.split, group=args.group)
+    print(f"wrote {args.count} {args.split} layouts ({args.group}) to {path}")
 
 
 if __name__ == "__main__":

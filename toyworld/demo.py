@@ -17,6 +17,7 @@ import argparse
 import glob
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -31,8 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_server_class():
-    """tests/comfy_server.py's ComfyServer (standard library only; it is the project's server runner)."""
-    path = os.path.join(REPO, "tests", "comfy_server.py")
+    """scripts/comfy_server.py's ComfyServer (standard library only; the server runner the demo and the
+    tests share)."""
+    path = os.path.join(REPO, "scripts", "comfy_server.py")
     spec = importlib.util.spec_from_file_location("eligen_comfy_server", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -92,10 +94,11 @@ def write_report(out, figures_by_condition, layouts, clock, train_info):
              f"{workflows.SAMPLER['steps']} steps, cfg {workflows.SAMPLER['cfg']}.", "",
              "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
              "|---|---|---|---|---|"]
-    for condition, text in workflows.CONDITIONS.items():
-        s = figures_by_condition[condition]
-        leak = "-" if s["mean_leak"] is None else f"{s['mean_leak']:.2f}"
-        lines.append(f"| ({condition}) {text} | {s['mean_iou']:.3f} | {100 * s['success_rate']:.1f}% | "
+    rows = [(text, figures_by_condition[name]) for name, text in evaluate.REFERENCES.items()]
+    rows += [(f"({condition}) {text}", figures_by_condition[condition]) for condition, text in workflows.CONDITIONS.items()]
+    for label, s in rows:
+        leak = "-" if s["mean_leak"] is None or math.isnan(s["mean_leak"]) else f"{s['mean_leak']:.2f}"
+        lines.append(f"| {label} | {s['mean_iou']:.3f} | {100 * s['success_rate']:.1f}% | "
                      f"{leak} | {100 * s['missing_rate']:.1f}% |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in clock.stages.items()), "",
               "![contact sheet](contact_sheet.png)", "", "![loss](loss.png)", ""]
@@ -174,6 +177,10 @@ def main(argv=None):
                                   [f"held-out {i}" for i in range(len(layouts))])
     files.save_png(sheet, os.path.join(out, "contact_sheet.png"))
     clock.stage("total", time.monotonic() - clock.started)
-    write_report(out, {c: results[c] for c in workflows.CONDITIONS}, layouts, clock, train_info)
+    # The references of metric.py on the same layouts: the token-fill bound and the ground-truth ceiling.
+    model, _, vae = models.load_toy_models("flux", "pretrained")
+    for name, result in evaluate.score_references(model, vae, layouts).items():
+        results[name] = result["summary"]
+    write_report(out, results, layouts, clock, train_info)
     clock.log(f"done: {out}/report.md, contact_sheet.png, loss.png (total {clock.stages['total']:.0f} s)")
     return True

@@ -11,10 +11,7 @@ import time
 
 import torch
 
-import comfy.sample
-import comfy.sd
-import nodes
-
+from ..core import host
 from ..core.conditioning import TEXT_LENGTHS, apply_entities, encode_entity_text
 from ..core.patch import patch_model
 from . import data, metric
@@ -24,7 +21,7 @@ TEXT_LENGTH = "real_length"
 
 
 def encode_prompt(clip, text):
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
+    return host.encode_prompt(clip, text)
 
 
 def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER):
@@ -35,12 +32,9 @@ def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER)
         positive, negative = apply_entities(positive, entities, negative)
         model = patch_model(model)
     height, width = layout.image.shape[:2]
-    latent = nodes.EmptyLatentImage().generate(width, height, 1)[0]["samples"]
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(
-        model, noise, sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"],
-        positive, negative, latent, denoise=1.0, disable_pbar=True, seed=seed)
+    latent = host.empty_latent(model, width, height, downscale_ratio=vae.downscale_ratio)
+    samples = host.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
+                                 sampler["scheduler"], positive, negative)
     return vae.decode(samples).reshape(-1, height, width, 3)
 
 
@@ -55,6 +49,42 @@ def score_condition(model, clip, vae, layouts, use_entities, seed=0, sampler=SAM
         [image[0].numpy() for image in images], [layout.masks for layout in layouts],
         [[e.prompt for e in layout.entities] for layout in layouts])
     return result, images
+
+
+def token_grid(model, vae, height, width):
+    """(latent height, latent width, patch): the grid the model's tokens live on for this image size."""
+    ratio = vae.downscale_ratio
+    patch = int(model.model.model_config.unet_config.get("patch_size", 2))
+    return height // ratio, width // ratio, patch
+
+
+REFERENCES = {
+    "fill": "token-fill bound (exactly the masks' tokens painted)",
+    "truth": "ground truth through the toy VAE (ceiling)",
+}
+
+
+def reference_images(model, vae, layouts):
+    """{"fill": [uint8 images], "truth": [float images]}: the two references of metric.py for each layout."""
+    fill, truth = [], []
+    for layout in layouts:
+        height, width = layout.image.shape[:2]
+        latent_h, latent_w, patch = token_grid(model, vae, height, width)
+        colours = [e.prompt for e in layout.entities]
+        fill.append(metric.token_fill_image(layout.masks, colours, (latent_h, latent_w), patch,
+                                            data.BACKGROUNDS[layout.background]))
+        pixels = torch.from_numpy(layout.image[None].astype("float32") / 255.0)
+        with torch.inference_mode():
+            truth.append(vae.decode(vae.encode(pixels)).reshape(height, width, 3).clamp(0, 1).numpy())
+    return {"fill": fill, "truth": truth}
+
+
+def score_references(model, vae, layouts):
+    """{reference: metric result} for the token-fill bound and the ground-truth ceiling."""
+    masks = [layout.masks for layout in layouts]
+    prompts = [[e.prompt for e in layout.entities] for layout in layouts]
+    return {name: metric.score_images(images, masks, prompts)
+            for name, images in reference_images(model, vae, layouts).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,15 +105,16 @@ def encoded_training_samples(model, clip, vae, folder):
 
 
 def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20,
-               count=512, data_seed=0, log=None):
+               count=512, data_seed=0, log=None, write_dataset=data.write_dataset):
     """Write `count` training layouts, encode them and train an EliGen LoRA with training/loop.py (the
     EliGenTrain node's trainer, same settings as workflow c). Returns (lora state dict, losses
-    [(step, loss)], seconds)."""
+    [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=)` writes the training set
+    (another writer trains another LoRA the same way, e.g. style.py's captions-only style set)."""
     from ..training.lora import LoraSettings
     from ..training.loop import TrainSettings, train
 
     with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
-        data.write_dataset(folder, count, seed=data_seed, split="train")
+        write_dataset(folder, count, seed=data_seed, split="train")
         with torch.inference_mode():
             samples = encoded_training_samples(model, clip, vae, folder)
     empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
@@ -101,6 +132,45 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
 
 
 def with_lora(model, lora_sd, strength=1.0):
-    """The stock path: comfy.sd.load_lora_for_models on a clone (what LoraLoaderModelOnly does)."""
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
-    return patched
+    """The stock path (what LoraLoaderModelOnly does), on a clone."""
+    return host.apply_lora(model, lora_sd, strength)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line runs (compare.py, style.py)
+
+def add_run_arguments(parser, seeds, layouts):
+    """The options every multi-seed toy run shares: family, seeds, held-out layouts, the training
+    recipe (TRAIN_DEFAULTS), the sampler, threads and the output files."""
+    from . import models
+
+    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--layouts", type=int, default=layouts, help="held-out layouts (per group) and seed")
+    parser.add_argument("--layout-seed", type=int, default=0)
+    for name, value in TRAIN_DEFAULTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--sample-steps", type=int, default=SAMPLER["steps"])
+    parser.add_argument("--cfg", type=float, default=SAMPLER["cfg"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights-file", help="toy base weights (default: the shipped file of the family)")
+    parser.add_argument("--vae-pool", type=int, default=models.POOL,
+                        help="toy VAE downscale factor (8: 8x8 tokens at 128 px; 4: 16x16 tokens, needs a base "
+                        "built with build-weights --vae-pool 4)")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--markdown", help="write the tables as Markdown here")
+
+
+def load_run_models(args):
+    """(model, clip, vae) for add_run_arguments' options."""
+    from . import models
+
+    return models.load_toy_models(args.family, "pretrained", weights_file=args.weights_file, pool=args.vae_pool)
+
+
+def run_settings(args):
+    """(training settings, sampler) from add_run_arguments' options; sets torch's thread count."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return ({name: getattr(args, name) for name in TRAIN_DEFAULTS},
+            dict(SAMPLER, steps=args.sample_steps, cfg=args.cfg))

@@ -9,7 +9,19 @@ colour c with mask m, where c appears is compared with m:
 - success: iou > 0.5
 - missing: colour c covers less than 10% of the mask's area anywhere in the image
 
-An entity's colour is the palette word in its prompt ("red circle" -> red).
+An entity's colour is the palette word in its prompt ("red circle" -> red). Entities that share a
+colour are told apart by their masks (`owned_pixels`): a pixel of that colour counts for every one of
+them whose mask contains it, and a pixel outside all their masks counts for the one whose mask is
+nearest (Euclidean distance to the mask; ties go to the earlier entity). With distinct colours this is
+exactly "where colour c appears".
+
+References scored with the same rule, next to each condition (`reference_images`):
+- token-fill bound: an image that paints exactly the tokens the package's mask rule
+  (core.attention.mask_to_token_grid) gives each mask, at the model's token grid; what a model that
+  only learned "fill my tokens" scores;
+- ground-truth ceiling: the exact layout through the toy VAE (encode, decode).
+
+`bootstrap_intervals` gives layout-level confidence intervals (resampling layouts, seeded).
 """
 
 import json
@@ -60,10 +72,30 @@ def _resize_mask(mask, shape):
     return np.asarray(resized) > 127
 
 
-def score_entity(colours, mask, colour):
-    """Figures for one entity. colours: the colour_map of the image; mask bool [H, W]."""
-    mask = _resize_mask(mask, colours.shape)
-    here = colours == _PALETTE_NAMES.index(colour)
+def owned_pixels(colours, masks, entity_colours):
+    """Bool [H, W] per entity: the pixels of its colour credited to it (the rule in the module text).
+    colours: colour_map of the image; masks: bool [N, H, W] at the image's resolution."""
+    from scipy.ndimage import distance_transform_edt
+
+    owned = [None] * len(entity_colours)
+    for colour in dict.fromkeys(entity_colours):
+        members = [i for i, c in enumerate(entity_colours) if c == colour]
+        here = colours == _PALETTE_NAMES.index(colour)
+        if len(members) == 1:
+            owned[members[0]] = here
+            continue
+        inside = np.stack([masks[i] for i in members])
+        distance = np.stack([distance_transform_edt(~mask) if mask.any() else np.full(mask.shape, np.inf)
+                             for mask in inside])
+        nearest = distance.argmin(axis=0)
+        outside = ~inside.any(axis=0)
+        for k, i in enumerate(members):
+            owned[i] = here & (inside[k] | (outside & (nearest == k)))
+    return owned
+
+
+def score_pixels(here, mask):
+    """Figures for one entity from the pixels credited to it (bool [H, W]) and its mask (bool [H, W])."""
     union = np.logical_or(here, mask).sum()
     inside = np.logical_and(here, mask).sum()
     iou = float(inside / union) if union else 0.0
@@ -81,11 +113,10 @@ def score_image(image, masks, prompts):
     if len(masks) != len(prompts):
         raise ValueError(f"{len(masks)} masks but {len(prompts)} entity prompts")
     colours = colour_map(image)
-    results = []
-    for index, (mask, prompt) in enumerate(zip(masks, prompts)):
-        result = score_entity(colours, mask, colour_of(prompt))
-        results.append({"entity": index, "prompt": prompt, **result})
-    return results
+    masks = [_resize_mask(mask, colours.shape) for mask in masks]
+    owned = owned_pixels(colours, masks, [colour_of(prompt) for prompt in prompts])
+    return [{"entity": index, "prompt": prompt, **score_pixels(here, mask)}
+            for index, (here, mask, prompt) in enumerate(zip(owned, masks, prompts))]
 
 
 def summarise(entity_results):
@@ -132,6 +163,63 @@ def score_entity_batches(images, entity_sets):
             masks.append([entity.mask.detach().cpu().float().numpy() for entity in entities])
             prompts.append([entity.label for entity in entities])
     return score_images(flat_images, masks, prompts)
+
+
+def token_fill_image(masks, prompts, latent_hw, patch=2, background=(128, 128, 128)):
+    """uint8 [H, W, 3]: each entity's palette colour on exactly the tokens the package's mask rule
+    (core.attention.mask_to_token_grid) gives its mask at a latent of `latent_hw` with `patch` x `patch`
+    patches; the rest `background`. A token that several masks reach goes to the entity whose mask covers
+    most of its pixels (ties: the later entity, which the layouts draw on top)."""
+    import torch
+
+    from ..core.attention import mask_to_token_grid
+
+    masks = np.asarray(masks).astype(bool)
+    count, height, width = masks.shape
+    if height % latent_hw[0] or width % latent_hw[1]:
+        raise ValueError(f"masks of {height}x{width} px do not divide into a {latent_hw[0]}x{latent_hw[1]} latent")
+    step_y, step_x = height // latent_hw[0] * patch, width // latent_hw[1] * patch
+    grid = mask_to_token_grid(torch.from_numpy(masks.astype(np.float32)), latent_hw, patch).numpy()
+    rows, cols = grid.shape[-2:]
+    padded = np.zeros((count, rows * step_y, cols * step_x), bool)
+    padded[:, :height, :width] = masks
+    coverage = padded.reshape(count, rows, step_y, cols, step_x).sum(axis=(2, 4)).astype(np.float64)
+    coverage[~grid] = -1.0
+    owner = count - 1 - coverage[::-1].argmax(axis=0)  # ties to the later entity
+    painted = grid.any(axis=0)
+    colours = np.array([PALETTE[colour_of(prompt)] for prompt in prompts], np.uint8).reshape(-1, 3)
+    image = np.empty((rows, cols, 3), np.uint8)
+    image[:] = background
+    image[painted] = colours[owner[painted]]
+    return np.repeat(np.repeat(image, step_y, axis=0), step_x, axis=1)[:height, :width]
+
+
+BOOTSTRAP_FIGURES = ("mean_iou", "success_rate")
+
+
+def bootstrap_intervals(runs, samples=2000, seed=0, level=0.95):
+    """Layout-level confidence intervals. runs: one per seed, each the per-image entity results of
+    score_images (["images"]) on the same layouts in the same order. Each of `samples` draws picks
+    layouts with replacement (numpy, seeded by `seed`; the same draw for every run) and pools their
+    entities over all runs. Returns {figure: [low, high]} for mean IoU and success rate."""
+    if not runs or not runs[0]:
+        raise ValueError("bootstrap_intervals needs at least one run with at least one layout")
+    layouts = len(runs[0])
+    if any(len(run) != layouts for run in runs):
+        raise ValueError(f"runs score different numbers of layouts ({[len(run) for run in runs]}); "
+                         "intervals need the same layouts in every run")
+    counts = np.array([sum(len(run[i]) for run in runs) for i in range(layouts)], np.float64)
+    sums = {"mean_iou": np.array([sum(r["iou"] for run in runs for r in run[i]) for i in range(layouts)]),
+            "success_rate": np.array([sum(bool(r["success"]) for run in runs for r in run[i])
+                                      for i in range(layouts)], np.float64)}
+    draws = np.random.default_rng(seed).integers(0, layouts, size=(samples, layouts))
+    drawn_counts = counts[draws].sum(axis=1)
+    tail = 100 * (1 - level) / 2
+    intervals = {}
+    for figure in BOOTSTRAP_FIGURES:
+        means = sums[figure][draws].sum(axis=1) / np.maximum(drawn_counts, 1)
+        intervals[figure] = [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+    return intervals
 
 
 def format_summary(summary):

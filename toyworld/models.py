@@ -16,12 +16,7 @@ import zlib
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-import comfy.sd
-import comfy.sd1_clip
-import comfy.supported_models
-import comfy.supported_models_base
+from ..core import host
 
 TEXT_WIDTH = 64  # width of the toy text embeddings (FLUX context_in_dim / Qwen joint_attention_dim)
 VOCAB_SIZE = 256
@@ -50,7 +45,7 @@ WORD_IDS = {word: index for index, word in enumerate(WORDS)}
 
 FAMILIES = {
     "flux": {
-        "model_class": comfy.supported_models.Flux,
+        "model_class": "Flux",  # a comfy.supported_models config (host.supported_model_config)
         "unet_config": {
             "image_model": "flux", "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
             "vec_in_dim": TEXT_WIDTH, "context_in_dim": TEXT_WIDTH, "hidden_size": 128,
@@ -62,7 +57,7 @@ FAMILIES = {
         "weights_file": "toy_flux_base.safetensors",
     },
     "qwen_image": {
-        "model_class": comfy.supported_models.QwenImage,
+        "model_class": "QwenImage",
         "unet_config": {
             "image_model": "qwen_image", "patch_size": 2, "in_channels": 4 * LATENT_CHANNELS,
             "out_channels": LATENT_CHANNELS, "num_layers": 3, "attention_head_dim": 64,
@@ -107,7 +102,7 @@ def init_weights(module, seed, zero_init_pattern=None):
 def build_diffusion_model(family="flux", dtype=torch.float32):
     """A `comfy.model_base.BaseModel` of the tiny family with uninitialised weights."""
     spec = family_spec(family)
-    config = spec["model_class"](dict(spec["unet_config"]))
+    config = host.supported_model_config(spec["model_class"])(dict(spec["unet_config"]))
     config.set_inference_dtype(dtype, None)
     return config.get_model({})
 
@@ -145,8 +140,8 @@ class ToyTokenizer:
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
         tokens = []
         word_index = 0
-        for segment, weight in comfy.sd1_clip.token_weights(comfy.sd1_clip.escape_important(text), 1.0):
-            for word in re.findall(r"[a-z]+|[0-9]+", comfy.sd1_clip.unescape_important(segment).lower()):
+        for segment, weight in host.prompt_weight_segments(text):
+            for word in re.findall(r"[a-z]+|[0-9]+", segment.lower()):
                 word_index += 1
                 tokens.append((word_id(word), weight, word_index))
         tokens.append((WORD_IDS[END], 1.0, 0))
@@ -213,7 +208,7 @@ class ToyTextEncoder(torch.nn.Module):
             outputs.append(self.encode_ids(ids, weights))
         cond = torch.cat([embeds for embeds, _ in outputs], dim=1)
         pooled = outputs[0][1]
-        return cond.to(comfy.model_management.intermediate_device()), pooled.to(comfy.model_management.intermediate_device())
+        return cond.to(host.intermediate_device()), pooled.to(host.intermediate_device())
 
     def load_sd(self, sd):
         return self.load_state_dict(sd, strict=False)
@@ -221,9 +216,7 @@ class ToyTextEncoder(torch.nn.Module):
 
 def build_clip(seed=0, text_encoder_sd=None):
     """A stock `comfy.sd.CLIP` around the toy tokenizer and encoder."""
-    target = comfy.supported_models_base.ClipTarget(ToyTokenizer, ToyTextEncoder)
-    target.params = {"seed": seed}
-    clip = comfy.sd.CLIP(target=target)
+    clip = host.build_clip(ToyTokenizer, ToyTextEncoder, {"seed": seed})
     if text_encoder_sd is not None:
         missing, unexpected = clip.cond_stage_model.load_state_dict(text_encoder_sd, strict=False)
         if missing or unexpected:
@@ -238,8 +231,9 @@ class ToyPoolAutoencoder(torch.nn.Module):
     """Parameter-free: 8x average pool to RGB, stored so the model sees RGB in [-1, 1] after the
     family's latent_format.process_in, the other 13 channels at 0; decode = nearest upsample."""
 
-    def __init__(self, latent_format):
+    def __init__(self, latent_format, pool=POOL):
         super().__init__()
+        self.pool = pool
         # Invert the family's latent normalisation so process_in(encode(x)) == pooled pixels.
         probe = torch.zeros(1, LATENT_CHANNELS, 1, 1)
         if getattr(latent_format, "latent_dimensions", 2) == 3:
@@ -256,7 +250,7 @@ class ToyPoolAutoencoder(torch.nn.Module):
     def encode(self, pixels):
         frames = pixels.shape[2] if pixels.ndim == 5 else None
         flat = pixels.transpose(1, 2).flatten(0, 1) if frames else pixels
-        pooled = torch.nn.functional.avg_pool2d(flat, POOL)
+        pooled = torch.nn.functional.avg_pool2d(flat, self.pool)
         padded = torch.nn.functional.pad(pooled, (0, 0, 0, 0, 0, LATENT_CHANNELS - pooled.shape[1]))
         if frames:
             padded = padded.unflatten(0, (pixels.shape[0], frames)).transpose(1, 2)
@@ -268,29 +262,27 @@ class ToyPoolAutoencoder(torch.nn.Module):
         rgb = ((latent - zero_point) / unit)[:, :3]
         frames = rgb.shape[2] if rgb.ndim == 5 else None
         flat = rgb.transpose(1, 2).flatten(0, 1) if frames else rgb
-        image = torch.nn.functional.interpolate(flat, scale_factor=POOL, mode="nearest")
+        image = torch.nn.functional.interpolate(flat, scale_factor=self.pool, mode="nearest")
         if frames:
             image = image.unflatten(0, (rgb.shape[0], frames)).transpose(1, 2)
         return image
 
 
-class ToyVAE(comfy.sd.VAE):
+class ToyVAE(host.vae_class()):
     """A comfy.sd.VAE (built through its own constructor) whose first stage is the pool autoencoder."""
 
-    def __init__(self, family="flux"):
+    def __init__(self, family="flux", pool=POOL):
         # The pixel-space entry point sets device, dtype, output device and patcher the stock way.
-        super().__init__(sd={"pixel_space_vae": torch.tensor(1.0)}, dtype=torch.float32)
-        latent_format = family_spec(family)["model_class"].latent_format()
-        self.first_stage_model = ToyPoolAutoencoder(latent_format).eval()
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            self.first_stage_model, load_device=self.device,
-            offload_device=comfy.model_management.vae_offload_device())
-        self.downscale_ratio = self.upscale_ratio = POOL
+        host.init_pixel_space_vae(self, dtype=torch.float32)
+        latent_format = host.supported_model_config(family_spec(family)["model_class"]).latent_format()
+        self.first_stage_model = ToyPoolAutoencoder(latent_format, pool).eval()
+        self.patcher = host.wrap_in_patcher(self.first_stage_model, "vae", load_device=self.device)
+        self.downscale_ratio = self.upscale_ratio = pool
         self.latent_channels = LATENT_CHANNELS
         self.latent_dim = latent_format.latent_dimensions
         self.not_video = True  # a batch of images stays a batch (5-D latents get a time axis of 1)
         self.memory_used_encode = lambda shape, dtype: 64 * shape[-2] * shape[-1]
-        self.memory_used_decode = lambda shape, dtype: 64 * shape[-2] * shape[-1] * POOL * POOL
+        self.memory_used_decode = lambda shape, dtype: 64 * shape[-2] * shape[-1] * pool * pool
         self.size = None
 
 
@@ -314,16 +306,15 @@ def read_weights(path):
 
 
 def wrap_model(base_model):
-    return comfy.model_patcher.ModelPatcher(
-        base_model, load_device=comfy.model_management.get_torch_device(),
-        offload_device=comfy.model_management.unet_offload_device())
+    return host.wrap_in_patcher(base_model, "unet")
 
 
-def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None):
+def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None, pool=POOL):
     """(ModelPatcher, comfy.sd.CLIP, comfy.sd.VAE) of the toy world.
 
     weights="pretrained" loads toyworld/weights/<family file> (or `weights_file`): diffusion model and
     text encoder; weights="random" initialises both deterministically from `seed` (every layer non-zero).
+    `pool`: the toy VAE's downscale factor (8, as FLUX's VAE; 4 gives a 128 px image 16x16 tokens).
     """
     base_model = build_diffusion_model(family, dtype)
     if weights == "random":
@@ -344,4 +335,4 @@ def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.flo
         clip = build_clip(int(json.loads(metadata.get("toy_world", "{}")).get("text_seed", 0)), text_sd)
     else:
         raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
-    return wrap_model(base_model), clip, ToyVAE(family)
+    return wrap_model(base_model), clip, ToyVAE(family, pool)

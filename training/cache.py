@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..core import host
 from ..core.files import atomic_path
 from .dataset import EliGenDataset, prepare_image, prepare_masks
 
@@ -94,7 +95,7 @@ _FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakK
 def module_fingerprint(module: torch.nn.Module, original_weights: dict | None = None) -> str:
     """sha256 of the class, names, shapes, dtypes and sampled values of every tensor; computed once per module.
 
-    ``original_weights`` (a ModelPatcher's ``backup``) replaces weights currently patched in place, so a
+    ``original_weights`` (``host.patched_weight_originals(patcher)``: weight key -> tensor) replaces weights currently patched in place, so a
     module gives the same fingerprint whether its patcher has applied patches or not.
     """
     if module in _FINGERPRINTS:
@@ -103,7 +104,7 @@ def module_fingerprint(module: torch.nn.Module, original_weights: dict | None = 
     original_weights = original_weights or {}
     for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
         if name in original_weights:
-            tensor = original_weights[name].weight
+            tensor = original_weights[name]
         h.update(name.encode())
         _hash_tensor(h, tensor)
     _FINGERPRINTS[module] = h.hexdigest()
@@ -137,8 +138,7 @@ def patcher_fingerprint(patcher) -> str:
 def _model_identity(kind: str, module, patcher, extra: dict) -> str:
     parts = {"kind": kind, "extra": extra}
     if module is not None:
-        backup = getattr(patcher, "backup", None) if patcher is not None else None
-        parts["module"] = module_fingerprint(module, backup)
+        parts["module"] = module_fingerprint(module, host.patched_weight_originals(patcher))
     if patcher is not None:
         parts["patches"] = patcher_fingerprint(patcher)
     return json.dumps(parts, sort_keys=True, default=str)

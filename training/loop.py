@@ -4,54 +4,83 @@ Usable without a server (the toy-world demo calls it directly); the training nod
 bar, the interrupt check and file locations through arguments.
 
 One step = ``grad_accumulation`` micro-batches of ``batch_size`` samples, then one AdamW update.
-Everything random in step k (batch order, noise, timesteps, dropout of entities, captions and LoRA)
-is drawn from generators seeded by (seed, k) alone, so a resumed run repeats an uninterrupted one.
+Everything random in step k is drawn from generators seeded by (seed, k) alone (batch order, LoRA
+dropout) or by (seed, k, slot of the sample in the step) (noise, timestep, entity and caption
+dropout), so a resumed run repeats an uninterrupted one, and under torchrun (``distributed``, see
+training/distributed.py) the result does not depend on how the samples of a step are spread over ranks.
 """
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-import comfy.model_management
-import comfy.patcher_extension
-import comfy.samplers
-
-from ..core import blocks
+from ..core import blocks, host
 from ..core.adapters import adapter_for
 from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
-from . import checkpoints, lora
+from . import checkpoints, lora, offload
 from .faults import check_finite_samples
-from .loss import TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent, velocity_target
+from .loss import (TIMESTEP_SAMPLERS, TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent,
+                   velocity_target)
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def setting(default, help, **ui):
+    """A ``TrainSettings`` field: its default, its help text (the EliGen Train node's tooltip) and how the
+    node shows it (``min``, ``max``, ``step``, ``choices``; ``node=False`` keeps it off the node,
+    ``optional=True`` makes it an optional input)."""
+    return field(default=default, metadata={"help": help, **ui})
+
+
 @dataclass
 class TrainSettings:
-    steps: int = 100
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    schedule: str = "constant"          # constant | cosine | linear (decay to 0 after warm-up)
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0          # 0 turns clipping off
-    timestep_sampling: str = "reference"  # reference | logit_normal | uniform
-    entity_weight: float = 0.0          # extra loss weight inside the entity masks (0 = plain MSE)
-    precision: str = "fp32"             # autocast: fp32 (off) | bf16 | fp16; LoRA weights stay in their dtype
-    gradient_checkpointing: bool = False
-    entity_dropout: float = 0.0         # probability to drop each entity of a sample
-    caption_dropout: float = 0.0        # probability to replace the global caption by the empty one
-    seed: int = 0
-    checkpoint_every: int = 0           # 0 = only at the end / on interrupt / on a bad loss
-    keep_checkpoints: int = 3
-    validation_every: int = 0           # 0 = no validation images
-    validation_steps: int = 12          # Euler steps of the validation sampler
-    validation_guidance: float = 3.5    # embedded guidance of validation images (FLUX.1-dev; training uses 1)
+    """Every training option, its default and its help text: the single source of the EliGen Train node's
+    inputs and tooltips (nodes/settings_inputs.py). Adding an option = adding one field here."""
+
+    steps: int = setting(1000, "Optimizer steps.", min=1, max=1_000_000)
+    learning_rate: float = setting(1e-4, "AdamW learning rate (reference: 1e-4).", min=1e-8, max=1.0, step=1e-5)
+    batch_size: int = setting(1, "Images per micro-batch (one training size per batch).", min=1, max=64)
+    grad_accumulation: int = setting(1, "Micro-batches per optimizer step.", min=1, max=256)
+    schedule: str = setting("constant", "Learning-rate schedule after warm-up (linear and cosine decay to 0).",
+                            choices=SCHEDULES)
+    warmup_steps: int = setting(0, "Linear warm-up steps.", min=0, max=100_000)
+    weight_decay: float = setting(0.01, "AdamW weight decay (reference: 0.01).", min=0.0, max=1.0, step=0.001)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0 turns it off.", min=0.0, max=100.0, step=0.1)
+    timestep_sampling: str = setting(
+        "reference", "reference: the reference's 1000 shifted timesteps with its Gaussian loss weighting; "
+                     "logit_normal: sigmoid of a normal; uniform.", choices=TIMESTEP_SAMPLERS)
+    entity_weight: float = setting(0.0, "Extra loss weight inside the entity masks (0 = plain MSE, as the reference).",
+                                   min=0.0, max=10.0, step=0.1)
+    precision: str = setting("bf16", "Autocast for the forward pass; the LoRA weights keep their own dtype. On CPU "
+                                     "only fp32 or bf16 make sense.", choices=tuple(PRECISIONS))
+    gradient_checkpointing: bool = setting(True, "Recompute each block in the backward pass: much less memory, "
+                                                 "~30% slower.")
+    entity_dropout: float = setting(0.0, "Probability of dropping each entity of a sample in a step.",
+                                    min=0.0, max=0.95, step=0.05)
+    caption_dropout: float = setting(0.0, "Probability of replacing the global caption with the empty prompt.",
+                                     min=0.0, max=0.95, step=0.05)
+    seed: int = setting(0, "Seeds everything random in training: the same seed repeats a run exactly.",
+                        min=0, max=2**31 - 1)
+    checkpoint_every: int = setting(250, "Write a checkpoint every N steps (0: only at the end, on Cancel or on a "
+                                         "non-finite loss). The last keep_checkpoints (3) are kept.", min=0, max=1_000_000)
+    keep_checkpoints: int = setting(3, "How many step checkpoints to keep.", min=0, max=1000, node=False)
+    validation_every: int = setting(0, "Sample validation images every N steps (0: off), previewed on the node.",
+                                    min=0, max=1_000_000)
+    validation_steps: int = setting(20, "Euler steps of each validation image.", min=1, max=200)
+    validation_guidance: float = setting(
+        3.5, "Embedded guidance of the validation images for guidance-distilled models (FLUX.1-dev; training "
+             "itself uses 1 as the reference). Others ignore it.", min=0.0, max=100.0, step=0.1, optional=True)
+    max_vram_gb: float = setting(
+        0.0, "GPU memory budget in GB (0 = no limit). The trainer estimates what a step needs and keeps just enough "
+             "transformer blocks in CPU memory, streaming each to the GPU when it runs (block swap); the log says "
+             "how many and why. E.g. 11 on a 12 GB card, 15 on 16 GB.", min=0.0, max=1024.0, step=0.5, optional=True)
+    blocks_to_swap: int = setting(-1, "Transformer blocks kept in CPU memory and streamed to the GPU: -1 chooses "
+                                      "from max_vram_gb; N swaps exactly N blocks.", min=-1, max=1000, optional=True)
 
     def validate(self):
         problems = []
@@ -63,7 +92,9 @@ class TrainSettings:
                 problems.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             problems.append(f"learning_rate must be a positive number (got {self.learning_rate})")
-        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance"):
+        if self.blocks_to_swap < -1:
+            problems.append(f"blocks_to_swap must be -1 (automatic) or >= 0 (got {self.blocks_to_swap})")
+        for name in ("weight_decay", "max_grad_norm", "entity_weight", "validation_guidance", "max_vram_gb"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
@@ -145,6 +176,12 @@ def step_generator(seed, step, purpose):
     return torch.Generator().manual_seed(mixed)
 
 
+def sample_generator(seed, step, slot):
+    """The generator of the sample in position ``slot`` of step ``step`` (a function of those alone)."""
+    digest = hashlib.sha256(f"eligen-sample:{seed}:{step}:{slot}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def layout_key(sample):
     """Samples with equal keys run in one forward: same latent shape and text segment lengths."""
     return (tuple(sample.latent.shape), tuple(e.shape[1] for e in sample.entity_embeds), sample.context.shape[1])
@@ -213,28 +250,8 @@ def stack_condition(samples, device):
 # The model side
 
 
-def alias_inference_tensors(module):
-    """Nodes run under ``torch.inference_mode``, so the weights a loader node created are inference
-    tensors, which autograd refuses to save for backward. Swap each for a normal tensor sharing the same
-    memory (no copy); returns what ``restore_tensors`` needs to put the originals back."""
-    swapped = []
-    for owner in module.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, tensor in getattr(owner, kind).items():
-                if tensor is None or not tensor.is_inference():
-                    continue
-                alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-                    tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
-                if kind == "_parameters":
-                    alias = torch.nn.Parameter(alias, requires_grad=False)
-                getattr(owner, kind)[name] = alias
-                swapped.append((owner, kind, name, tensor))
-    return swapped
-
-
-def restore_tensors(swapped):
-    for owner, kind, name, tensor in swapped:
-        getattr(owner, kind)[name] = tensor
+alias_inference_tensors = host.alias_inference_tensors  # writes module tensor slots: a host contact point
+restore_tensors = host.restore_tensors
 
 
 class TrainingModel:
@@ -243,7 +260,8 @@ class TrainingModel:
     Use as a context manager: leaving it removes the LoRA layers, whatever happened.
     """
 
-    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0):
+    def __init__(self, model_patcher, lora_settings, gradient_checkpointing=False, seed=0, memory=None,
+                 distributed=None):
         self.adapter = adapter_for(model_patcher)
         lora_settings.validate(self.adapter)
         self.patched = patch_model(model_patcher)
@@ -253,33 +271,54 @@ class TrainingModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.device = self.patched.load_device
+        # block swap (training/offload.py) when a memory budget or a block count is asked for
+        self.offload = offload.SwapSession(self.patched, self.device, memory) if memory and memory.active else None
+        self._swapped = []
+        # FSDP (headless under torchrun only): the base is sharded, so the MODEL is not reusable afterwards.
+        self.fsdp = distributed if distributed is not None and distributed.fsdp else None
 
     def __enter__(self):
-        comfy.model_management.load_models_gpu([self.patched], force_full_load=True)
-        self._swapped = alias_inference_tensors(self.diffusion_model)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
-            self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
-        self.parameters = lora.lora_parameters(self.diffusion_model)
-        self._options = self._transformer_options()
+        if self.offload is not None:
+            self.offload.load()
+        else:
+            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
+            if self.fsdp is None or self.device.type == "cpu":  # on GPUs FSDP moves only each rank's shard there
+                host.load_for_training(self.patched)
+        try:
+            self._swapped = alias_inference_tensors(self.diffusion_model)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)  # peft draws the initial A matrices from the global generator
+                self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
+            self.parameters = lora.lora_parameters(self.diffusion_model)
+            if self.offload is not None:
+                self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters,
+                                   self.compute_dtype, self.gradient_checkpointing)
+            if self.fsdp is not None:
+                self.fsdp.shard_frozen_base(self.diffusion_model, self.parameters)
+            self._options = self._transformer_options()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
         try:
+            if self.offload is not None:
+                self.offload.close_swapper()
             lora.remove(self.diffusion_model)
         finally:
             restore_tensors(self._swapped)
+            if self.offload is not None:
+                self.offload.unload()
         return False
 
     def _transformer_options(self):
         # What sampling would give the diffusion model (patches, attention override, wrappers), plus
         # the out-of-place training blocks.
-        options = dict(self.patched.model_options.get("transformer_options", {}))
-        wrappers = comfy.patcher_extension.copy_nested_dicts(options.get("wrappers", {}))
-        comfy.patcher_extension.merge_nested_dicts(wrappers, self.patched.wrappers, copy_dict1=False)
-        options["wrappers"] = wrappers
+        options = host.sampling_transformer_options(self.patched)
         return blocks.training_transformer_options(
-            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing
+            self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing,
+            block_wrapper=self.offload.block_wrapper if self.offload is not None else None,
         )
 
     def velocity(self, x_t, sigma, context, pooled, entity_condition, guidance=1.0):
@@ -297,17 +336,25 @@ class TrainingModel:
         return self.patched.get_model_object("latent_format")
 
 
-def batch_loss(training_model, batch, sigma_sampler, settings, generator):
-    """Weighted flow-matching loss of one micro-batch (mean over its samples)."""
+def batch_loss(training_model, batch, sigma_sampler, settings, generator, denominator=None):
+    """Weighted flow-matching loss of one micro-batch: the sum over its samples / ``denominator`` (default:
+    their count, i.e. the mean). ``generator``: one per sample (noise, then timestep), or one for all."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(batch)
     total, count = 0.0, 0
     device = training_model.device
     autocast = PRECISIONS[settings.precision]
+    by_sample = {id(s): g for s, g in zip(batch, generators)}
     for group in group_by_layout(batch):
         x0 = torch.stack([s.latent for s in group]).to(device)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
-        sigma, weight = sigma_sampler(len(group), generator)
-        sigma, weight = sigma.to(device), weight.to(device)
+        noise, sigma, weight = [], [], []
+        for s in group:
+            noise.append(torch.randn((1,) + tuple(s.latent.shape), generator=by_sample[id(s)]))
+            sigma_s, weight_s = sigma_sampler(1, by_sample[id(s)])
+            sigma.append(sigma_s)
+            weight.append(weight_s)
+        noise = torch.cat(noise).to(x0)
+        sigma, weight = torch.cat(sigma).to(device), torch.cat(weight).to(device)
         context, pooled, condition = stack_condition(group, device)
         region = None
         if settings.entity_weight and condition is not None:
@@ -320,7 +367,7 @@ def batch_loss(training_model, batch, sigma_sampler, settings, generator):
         loss = flow_matching_loss(prediction, velocity_target(x0, noise), weight, region)
         total = total + loss * len(group)
         count += len(group)
-    return total / count
+    return total / (denominator or count)
 
 
 def condition_masks(group):
@@ -336,7 +383,7 @@ def sample_latents(training_model, sample, steps, seed, guidance=1.0):
     """Euler flow sampling of one latent with the sample's prompt and entities (no CFG: FLUX-dev style
     guidance distillation or a LoRA trained without a negative)."""
     model_sampling = training_model.patched.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).float()
+    sigmas = host.simple_sigmas(model_sampling, steps).float()
     device = training_model.device
     x = torch.randn((1,) + tuple(sample.latent.shape), generator=torch.Generator().manual_seed(seed)).to(device)
     context, pooled, condition = stack_condition([sample], device)
@@ -359,7 +406,7 @@ def _run_info(settings, lora_settings, family, losses, extra):
 
 
 def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=None, validation=None,
-          decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None):
+          decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None, distributed=None):
     """Train an EliGen LoRA on ``model_patcher`` (left unmodified) and return a ``TrainResult``.
 
     samples:         EncodedSample-like objects (latent, context, pooled, entity_embeds, masks).
@@ -370,6 +417,8 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     empty_condition: (context, pooled) of the empty prompt, for caption dropout (zeros if None).
     on_progress:     callback(step, total, loss, seconds_left, preview_images or None).
     check_interrupt: called every micro-batch; raising stops training after a checkpoint is written.
+    distributed:     a training.distributed.Group under torchrun (None: one process). Each rank trains its
+                     part of every step; ``settings.batch_size`` is per rank; only rank 0 writes.
     """
     settings.validate()
     if not samples:
@@ -387,14 +436,16 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
     else:
         empty_condition = tuple(None if t is None else t.detach().clone() for t in empty_condition)
 
-    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings,
-                                                     settings.gradient_checkpointing, settings.seed) as model:
+    memory = offload.MemoryRequest(settings.max_vram_gb, settings.blocks_to_swap, samples, settings.batch_size,
+                                   PRECISIONS[settings.precision])
+    with torch.inference_mode(False), TrainingModel(model_patcher, lora_settings, settings.gradient_checkpointing,
+                                                     settings.seed, memory, distributed) as model:
         return _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode,
-                      empty_condition, on_progress, check_interrupt, info)
+                      empty_condition, on_progress, check_interrupt, info, distributed)
 
 
 def _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode, empty,
-           on_progress, check_interrupt, info):
+           on_progress, check_interrupt, info, distributed=None):
     family = model.adapter.family
     sampler = TimestepSampler(settings.timestep_sampling, family=family)
     optimizer = torch.optim.AdamW(model.parameters, lr=settings.learning_rate,
@@ -402,7 +453,8 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     # fp16 autocast needs loss scaling (its gradients underflow); a disabled scaler is a no-op.
     scaler = torch.amp.GradScaler(model.device.type, enabled=settings.precision == "fp16")
-    stream = BatchStream(samples, settings.batch_size, settings.seed)
+    world = 1 if distributed is None else distributed.world
+    stream = BatchStream(samples, settings.batch_size * world, settings.seed)  # the global micro-batches
     result = TrainResult(lora={}, losses=[], step=0)
 
     if resume:
@@ -425,7 +477,7 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         result.checkpoint = path
 
     def save():
-        if run_dir is None:
+        if run_dir is None or (distributed is not None and distributed.rank != 0):
             return None
         result.checkpoint = checkpoints.save_checkpoint(
             run_dir, result.step, lora.named_lora_parameters(model.diffusion_model), optimizer, scheduler,
@@ -435,16 +487,17 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         return result.checkpoint
 
     started, first_step = time.monotonic(), result.step
-    last_finite = checkpoints.LastFiniteWeights(run_dir)
+    writer_dir = run_dir if distributed is None or distributed.rank == 0 else None  # only rank 0 writes
+    last_finite = checkpoints.LastFiniteWeights(writer_dir)
     while result.step < settings.steps:
         step = result.step
         try:
             loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt,
-                                   before_update=last_finite.remember)
+                                   distributed, before_update=last_finite.remember)
         except TrainingStopped as error:
             # The weights of `step` gave the non-finite value: keep the checkpoint before them.
             result.checkpoint = last_finite.save(
-                step, checkpoints.keep_last_finite(run_dir, step),
+                step, checkpoints.keep_last_finite(writer_dir, step),
                 torch.optim.AdamW(model.parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay),
                 scheduler.state_dict(), _run_info(settings, lora_settings, family, [l for l in result.losses if l[0] < step], info))
             where = (f"; last checkpoint with a finite loss: {result.checkpoint}" if result.checkpoint else
@@ -491,9 +544,13 @@ def use_learning_rate(optimizer, scheduler, settings):
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, before_update=None):
-    """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss."""
+def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None,
+              before_update=None):
+    """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss
+    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way).
+    ``before_update(step, named LoRA parameters)`` is called once the loss and gradients are finite."""
     generator = step_generator(settings.seed, step, purpose=0)
+    rank = 0 if distributed is None else distributed.rank
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     devices = [] if model.device.type != "cuda" else [model.device]
@@ -503,13 +560,28 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
         for micro in range(settings.grad_accumulation):
             if check_interrupt is not None:
                 check_interrupt()
-            batch = stream.batch(step * settings.grad_accumulation + micro)
-            batch = [drop_entities(s, settings, empty, generator) for s in batch]
-            loss = batch_loss(model, batch, sampler, settings, generator) / settings.grad_accumulation
-            if not torch.isfinite(loss):
+            whole = stream.batch(step * settings.grad_accumulation + micro)  # all ranks' samples
+            slots = range(rank * settings.batch_size, min(len(whole), (rank + 1) * settings.batch_size))
+            generators = [sample_generator(settings.seed, step, micro * stream.batch_size + j) for j in slots]
+            batch = [drop_entities(whole[j], settings, empty, g) for j, g in zip(slots, generators)]
+            if model.fsdp is not None:
+                # Sharded weights are gathered by collectives in every forward and backward: each rank runs
+                # exactly batch_size of them, one sample each, padded with zero-weighted ones.
+                total += model.fsdp.lockstep_backward(model, batch, generators, settings.batch_size, whole[0],
+                                                      lambda b, g: batch_loss(model, b, sampler, settings, g, len(whole))
+                                                      / settings.grad_accumulation, scaler)
+                continue
+            if not batch:
+                continue  # a short last batch of a layout: this rank has nothing in it
+            loss = batch_loss(model, batch, sampler, settings, generators, len(whole)) / settings.grad_accumulation
+            if distributed is None and not torch.isfinite(loss):
                 raise TrainingStopped(f"the loss became {loss.item()} at step {step + 1}")
             scaler.scale(loss).backward()
             total += loss.item()
+    if distributed is not None:
+        total = distributed.reduce_step(model.parameters, total)
+        if not math.isfinite(total):
+            raise TrainingStopped(f"the loss became {total} at step {step + 1}")
     scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters if p.grad is not None]
     if settings.max_grad_norm:

@@ -121,8 +121,16 @@ def inject(diffusion_model, settings, adapter):
         dtype = DTYPES[settings.dtype]
         for param in diffusion_model.parameters():
             param.requires_grad_(False)
+        for layer in lora_layers(diffusion_model).values():
+            # peft gives the LoRA the base layer's dtype: on a bf16 or fp8 base its initial A is rounded to
+            # that dtype. Draw it again in the LoRA dtype, so the start does not depend on how the base is
+            # stored (an fp8 base and the same weights in bf16 start alike).
+            rounded = layer.lora_A[ADAPTER_NAME].weight.dtype != dtype
+            for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
+                module.weight.data = module.weight.data.to(dtype)
+            if rounded:
+                layer.reset_lora_parameters(ADAPTER_NAME, INITS[settings.init])
         for param in lora_parameters(diffusion_model):
-            param.data = param.data.to(dtype)
             param.requires_grad_(True)
     except BaseException:
         remove(diffusion_model)

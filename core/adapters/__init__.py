@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .. import host
 from ..attention import mask_to_token_grid
 
 
@@ -16,20 +17,33 @@ class Adapter:
     family = ""            # short id: "flux", "qwen_image"
     display_name = ""      # for messages: "FLUX.1", "Qwen-Image"
     patch_size = 2
-    # Where the diffusion model's forward puts arguments when it calls its DIFFUSION_MODEL wrappers.
-    CONTEXT_INDEX = 2
-    REF_LATENTS_INDEX = 5
-    TRANSFORMER_OPTIONS_INDEX = None
+    base_model_class = ""       # host.MODEL_CLASSES names of the family's BaseModel and diffusion model
+    diffusion_model_class = ""
     LORA_TARGETS = {}      # preset name -> module-name regexes (full match, ComfyUI names)
     lora_reference_format = ""
     training_blocks = {}   # see core/blocks.py
 
+    # -- where the diffusion model's forward puts arguments when it calls its DIFFUSION_MODEL wrappers
+    @property
+    def CONTEXT_INDEX(self):
+        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "context")
+
+    @property
+    def REF_LATENTS_INDEX(self):
+        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "ref_latents")
+
+    @property
+    def TRANSFORMER_OPTIONS_INDEX(self):
+        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "transformer_options")
+
     # -- recognising the family -------------------------------------------------------------
     def matches_base_model(self, base_model):
-        raise NotImplementedError
+        # Exact class: subclasses (FLUX.2, Chroma under model_base.Flux) are different models.
+        return (type(base_model) is host.model_class(self.base_model_class)
+                and self.matches_diffusion_model(base_model.diffusion_model))
 
     def matches_diffusion_model(self, diffusion_model):
-        raise NotImplementedError
+        return type(diffusion_model) is host.model_class(self.diffusion_model_class)
 
     # -- shapes -----------------------------------------------------------------------------
     def context_dim(self, diffusion_model):
@@ -80,13 +94,11 @@ def _all_adapters():
 
 def adapter_for(model):
     """The adapter of a ModelPatcher, BaseModel or diffusion model; ValueError for other families."""
-    import comfy.model_base
-
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(model, "model_options"):  # a ModelPatcher
         model = inner
     adapters = _all_adapters()
-    if isinstance(model, comfy.model_base.BaseModel):
+    if host.is_base_model(model):
         found = [a for a in adapters if a.matches_base_model(model)]
     else:
         found = [a for a in adapters if a.matches_diffusion_model(model)]

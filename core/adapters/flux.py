@@ -6,6 +6,7 @@ mask. FLUX.2 (4 axes, global modulation) and Chroma are other families.
 
 import torch
 
+from .. import host
 from ..blocks import FLUX_TRAINING_BLOCKS
 from . import Adapter
 
@@ -16,8 +17,8 @@ _SINGLE = r"single_blocks\.\d+\."
 class FluxAdapter(Adapter):
     family = "flux"
     display_name = "FLUX.1"
-    # Flux.forward -> execute(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-    TRANSFORMER_OPTIONS_INDEX = 7
+    base_model_class = "Flux model"
+    diffusion_model_class = "Flux diffusion model"
     LORA_TARGETS = {
         # The reference's EliGen targets (eligen.md), in ComfyUI module names.
         "eligen": [
@@ -37,17 +38,8 @@ class FluxAdapter(Adapter):
     lora_reference_format = "kohya"
     training_blocks = FLUX_TRAINING_BLOCKS
 
-    def matches_base_model(self, base_model):
-        import comfy.model_base
-
-        # Exact class: Flux2 and Chroma subclass model_base.Flux but are different models.
-        return type(base_model) is comfy.model_base.Flux and self.matches_diffusion_model(base_model.diffusion_model)
-
     def matches_diffusion_model(self, diffusion_model):
-        import comfy.ldm.flux.model
-
-        return (type(diffusion_model) is comfy.ldm.flux.model.Flux
-                and len(diffusion_model.params.axes_dim) == 3 and not diffusion_model.params.global_modulation)
+        return super().matches_diffusion_model(diffusion_model) and host.flux1_params(diffusion_model)
 
     def forward_kwargs(self, diffusion_model, pooled, batch, guidance=1.0):
         kwargs = {"y": pooled}

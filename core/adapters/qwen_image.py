@@ -8,6 +8,7 @@ The ``pe`` tensor ComfyUI computes for the joint sequence already holds rows for
 
 import torch
 
+from .. import host
 from ..blocks import QWEN_IMAGE_TRAINING_BLOCKS
 from . import Adapter
 
@@ -18,9 +19,8 @@ _ATTENTION = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|
 class QwenImageAdapter(Adapter):
     family = "qwen_image"
     display_name = "Qwen-Image"
-    # QwenImageTransformer2DModel.forward -> execute(x, timestep, context, attention_mask, guidance,
-    #                                                ref_latents, transformer_options, **kwargs)
-    TRANSFORMER_OPTIONS_INDEX = 6
+    base_model_class = "QwenImage model"
+    diffusion_model_class = "QwenImage diffusion model"
     LORA_TARGETS = {
         # The reference's EliGen targets (eligen.md): attention, MLP down-projections, modulation.
         "eligen": [_BLOCK + r"(" + _ATTENTION + r"|img_mlp\.net\.2|txt_mlp\.net\.2|img_mod\.1|txt_mod\.1)"],
@@ -29,16 +29,6 @@ class QwenImageAdapter(Adapter):
     }
     lora_reference_format = "peft"
     training_blocks = QWEN_IMAGE_TRAINING_BLOCKS
-
-    def matches_base_model(self, base_model):
-        import comfy.model_base
-
-        return type(base_model) is comfy.model_base.QwenImage
-
-    def matches_diffusion_model(self, diffusion_model):
-        import comfy.ldm.qwen_image.model
-
-        return type(diffusion_model) is comfy.ldm.qwen_image.model.QwenImageTransformer2DModel
 
     def training_forward(self, base_model, x_t, sigma, context, pooled, entity_condition, transformer_options,
                          guidance=1.0):
@@ -51,16 +41,9 @@ class QwenImageAdapter(Adapter):
                                          transformer_options, guidance)
 
     def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
-        text_rows = torch.cat([torch.arange(int(n)) for n in segment_lengths])
-        options = dict(transformer_options)
-        patches_replace = dict(options.get("patches_replace", {}))
-        dit = dict(patches_replace.get("dit", {}))
-        swap = _SegmentPositions(text_rows)
-        for index in range(len(diffusion_model.transformer_blocks)):
-            dit[("double_block", index)] = swap.replacement(dit.get(("double_block", index)))
-        patches_replace["dit"] = dit
-        options["patches_replace"] = patches_replace
-        return options
+        swap = _SegmentPositions(torch.cat([torch.arange(int(n)) for n in segment_lengths]))
+        return host.with_block_replacements(transformer_options, "double_block", len(diffusion_model.transformer_blocks),
+                                            lambda index, existing: swap.replacement(existing))
 
 
 class _SegmentPositions:
@@ -73,13 +56,16 @@ class _SegmentPositions:
     def positions(self, pe):
         if self._last[0] is not pe:
             rows = self.text_rows.to(pe.device)
-            # pe: [B, 1, S, d/2, 2, 2]; text rows first, then the image rows unchanged.
-            swapped = torch.cat([pe[:, :, rows], pe[:, :, len(rows):]], dim=2)
+            # Text rows first, then the image rows unchanged, along pe's sequence axis.
+            axis = host.rope_sequence_axis(pe)
+            swapped = torch.cat([pe.index_select(axis, rows), pe.narrow(axis, len(rows), pe.shape[axis] - len(rows))],
+                                dim=axis)
             self._last = (pe, swapped)
         return self._last[1]
 
     def replacement(self, existing):
         def run(args, extra):
+            host.check_block_args("double_block", args, extra)
             args = dict(args, pe=self.positions(args["pe"]))
             if existing is not None:
                 return existing(args, extra)

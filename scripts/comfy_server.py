@@ -31,6 +31,10 @@ import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_NAME = "comfyui_eligen"  # the folder name inside custom_nodes/ (an importable identifier)
+# Inside a ComfyUI folder: the frontend packages pinned by that ComfyUI version's requirements.txt, when
+# they differ from the shared environment's (scripts/setup.sh installs them there); put first on the
+# server's PYTHONPATH.
+PINNED_PACKAGES_DIR = ".eligen-python"
 NODES_DIR = os.path.join(REPO, "nodes")
 
 
@@ -151,6 +155,9 @@ class ComfyServer:
         env = dict(os.environ, DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         if self.torch_threads:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)
+        pinned = os.path.join(self.comfyui_dir, PINNED_PACKAGES_DIR)
+        if os.path.isdir(pinned):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (pinned, env.get("PYTHONPATH")) if p)
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             # a new session makes the server a process-group leader, so stop() can end all of it

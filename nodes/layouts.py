@@ -1,0 +1,99 @@
+"""Layout nodes: entities from a painted colour layout, or from boxes written as text."""
+
+from comfy_api.latest import io
+
+from ..core import conditioning as entity_conds
+from ..core import layouts
+
+CATEGORY = "EliGen/entities"
+Entities = io.Custom("ELIGEN_ENTITIES")
+
+
+def _text_length_input():
+    return io.Combo.Input("text_length", options=list(entity_conds.TEXT_LENGTHS), default="padded_512",
+                          tooltip="FLUX T5 length of the entity prompts: padded_512 = what the released EliGen "
+                          "adapter saw; real_length = no padding. Qwen-Image prompts are never padded.")
+
+
+def _previous_input():
+    return Entities.Input("previous", optional=True,
+                          tooltip="Entities defined before these (kept first; at most 16 in all).")
+
+
+class EliGenPaintedLayout(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenPaintedLayout",
+            display_name="EliGen Painted Layout",
+            category=CATEGORY,
+            description="Entities from an image painted with one flat colour per entity. Soft (anti-aliased) "
+            "edges are fine: only colours with a solid area count, edge pixels join the nearest colour.",
+            inputs=[
+                io.Image.Input("layout", tooltip="The painted layout: one flat colour per entity on a background "
+                               "colour, at the aspect ratio of the image to generate."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used for every entity prompt."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="One entity prompt per line. Either in the order the colours first appear "
+                                "(reading rows from the top, each left to right), or as a legend where every "
+                                "line starts with its colour: '#ff0000: a red apple'."),
+                io.String.Input("background", default="largest",
+                                tooltip="The colour that is no entity: 'largest' = the colour covering the most "
+                                "pixels, '#rrggbb' = that colour, 'none' = every colour is an entity."),
+                io.Float.Input("min_area_percent", default=0.5, min=0.01, max=40.0, step=0.01,
+                               tooltip="A colour needs at least this share of the image (in solid pixels) to be "
+                               "an entity; smaller specks join the nearest colour."),
+                _text_length_input(),
+                _previous_input(),
+            ],
+            outputs=[Entities.Output(display_name="entities"),
+                     io.Mask.Output(display_name="masks"),
+                     io.String.Output(display_name="colours")],
+        )
+
+    @classmethod
+    def execute(cls, layout, clip, prompts, background="largest", min_area_percent=0.5,
+                text_length="padded_512", previous=None) -> io.NodeOutput:
+        masks, texts, colours = layouts.painted_layout(layout, prompts, background, min_area_percent / 100.0)
+        entities = layouts.entities_from_layout(masks, texts, clip, text_length, previous)
+        legend = "\n".join(f"{colour}: {text}" for colour, text in zip(colours, texts))
+        return io.NodeOutput(entities, masks, legend)
+
+
+class EliGenBoxLayout(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenBoxLayout",
+            display_name="EliGen Box Layout",
+            category=CATEGORY,
+            description="Entities from boxes written as text, one 'x, y, w, h' line per entity (for API and "
+                        "headless use).",
+            inputs=[
+                io.String.Input("boxes", multiline=True, default="",
+                                tooltip="One box per line: 'x, y, w, h' (left, top, width, height), in pixels "
+                                "or as fractions of the image size (see units)."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="One entity prompt per line, in the order of the boxes."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, used for every entity prompt."),
+                io.Int.Input("width", default=1024, min=8, max=16384, step=8,
+                             tooltip="Width of the image to generate, in pixels."),
+                io.Int.Input("height", default=1024, min=8, max=16384, step=8,
+                             tooltip="Height of the image to generate, in pixels."),
+                io.Combo.Input("units", options=list(layouts.UNITS), default="auto",
+                               tooltip="pixels, fractions of the width/height, or auto: fractions when every "
+                               "number is at most 1, else pixels."),
+                _text_length_input(),
+                _previous_input(),
+            ],
+            outputs=[Entities.Output(display_name="entities"), io.Mask.Output(display_name="masks")],
+        )
+
+    @classmethod
+    def execute(cls, boxes, prompts, clip, width=1024, height=1024, units="auto", text_length="padded_512",
+                previous=None) -> io.NodeOutput:
+        masks, texts = layouts.boxes_layout(boxes, prompts, width, height, units)
+        return io.NodeOutput(layouts.entities_from_layout(masks, texts, clip, text_length, previous), masks)
+
+
+NODES = [EliGenPaintedLayout, EliGenBoxLayout]

@@ -1,0 +1,274 @@
+"""The entity attention methods without an S x S mask (auto, the default; augmented; grouped) against the
+dense masked attention (the reference form).
+
+float64 throughout where the comparison must be exact (max abs difference below 1e-10): the bare
+override on ComfyUI's own attention functions, then whole forward passes of tiny FLUX.1 and Qwen-Image
+models (every double and single block's attention goes through the override), then real sampling with
+comfy.sample.sample. Cases: 1-8 entities, overlapping masks, masks that cover no token at the latent
+size, odd latent sizes, batch rows with different masks, reference latents, CFG with a negative without
+entities or with the entities copied, another attention override installed after EliGen.
+"""
+
+import pytest
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.sample
+from comfyui_eligen.core import attention, conditioning, patch
+from comfyui_eligen.core.adapters import adapter_for
+from test_entities_attention import Recorder
+from test_entities_sampling import entities, prompts
+from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
+
+FAMILIES = {"flux": tiny_flux, "qwen_image": tiny_qwen_image}
+EXACT = 1e-10
+FAST = [m for m in attention.METHODS if m != attention.DENSE]
+
+
+def token_masks(generator, batch, entities, tokens, empty=(), full=()):
+    """Random overlapping masks ``[batch, entities, tokens]`` (about 40 % coverage each)."""
+    masks = torch.rand(batch, entities, tokens, generator=generator) < 0.4
+    for k in empty:
+        masks[:, k] = False
+    for k in full:
+        masks[:, k] = True
+    return masks
+
+
+def run_override(entity, func, q, k, v, heads, skip_reshape, extra=None):
+    options = {attention.OPTIONS_KEY: entity, "optimized_attention_override": attention.entity_attention_override(extra)}
+    return func(q, k, v, heads, skip_reshape=skip_reshape, transformer_options=options)
+
+
+def masked_softmax_attention(q, k, v, allowed):
+    """Plain float64 attention with a bool mask ``[B|1, S, S]``: the definition, written out."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+# ---------------------------------------------------------------------------------------------
+# The bare override on ComfyUI's attention functions
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_methods_equal_dense_on_comfy_attention_functions(count):
+    generator = torch.Generator().manual_seed(count)
+    heads, dim = 2, 8
+    lengths = [int(n) for n in torch.randint(1, 6, (count,), generator=generator)] + [4]
+    tokens = 7 * 5  # an odd latent grid
+    masks = token_masks(generator, 2, count, tokens, empty=(0,) if count > 2 else (), full=(1,) if count > 3 else ())
+    masks[1, -1] = ~masks[1, -1]  # the two batch rows differ
+    sequence = sum(lengths) + tokens
+    q, k, v = (torch.randn(2, heads, sequence, dim, generator=generator, dtype=torch.float64) for _ in range(3))
+    dense = attention.EntityAttention(lengths, masks, attention.DENSE)
+    expected = masked_softmax_attention(q, k, v, dense.allowed)
+    for func in (comfy_attention.attention_pytorch, comfy_attention.attention_basic,
+                 comfy_attention.attention_sub_quad, comfy_attention.attention_split):
+        for skip_reshape, method in [(s, m) for s in (True, False) for m in FAST]:
+            args = (q, k, v) if skip_reshape else tuple(t.transpose(1, 2).reshape(2, sequence, heads * dim) for t in (q, k, v))
+            ours = run_override(attention.EntityAttention(lengths, masks, method), func, *args, heads, skip_reshape)
+            reference = run_override(dense, func, *args, heads, skip_reshape)
+            assert ours.shape == reference.shape
+            assert (ours - reference).abs().max().item() < EXACT, (func.__name__, skip_reshape, method)
+            ours = ours.view(2, sequence, heads, dim).transpose(1, 2)  # [B, S, H*D] in both layouts
+            assert (ours - expected).abs().max().item() < EXACT
+
+
+def test_grouped_calls_never_carry_a_mask_and_stay_below_the_joint_length():
+    """What an attention override installed before EliGen sees: pieces, each unmasked, none of them the
+    full joint sequence when there are entities; the work equals one joint call's (every query once)."""
+    generator = torch.Generator().manual_seed(0)
+    lengths, tokens = [3, 4, 5], 30
+    masks = token_masks(generator, 1, 2, tokens)
+    entity = attention.EntityAttention(lengths, masks, attention.AUTO)  # another override: auto groups
+    sequence = sum(lengths) + tokens
+    q, k, v = (torch.randn(1, 2, sequence, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    recorder = Recorder()
+    run_override(entity, comfy_attention.attention_pytorch, q, k, v, 2, True, extra=recorder)
+    assert recorder.calls and all(call["mask"] is None and call["sequence"] < sequence for call in recorder.calls)
+    assert sum(call["sequence"] for call in recorder.calls) == sequence
+
+
+def test_another_mask_on_the_call_falls_back_to_the_dense_sum():
+    generator = torch.Generator().manual_seed(3)
+    lengths, tokens = [2, 3, 4], 20
+    masks = token_masks(generator, 1, 2, tokens)
+    sequence = sum(lengths) + tokens
+    q, k, v = (torch.randn(1, 2, sequence, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    other = torch.randn(1, sequence, sequence, generator=generator, dtype=torch.float64)
+    outputs = []
+    for method in attention.METHODS:
+        entity = attention.EntityAttention(lengths, masks, method)
+        options = {attention.OPTIONS_KEY: entity, "optimized_attention_override": attention.entity_attention_override()}
+        outputs.append(comfy_attention.attention_pytorch(q, k, v, 2, mask=other, skip_reshape=True, transformer_options=options))
+    expected = comfy_attention.attention_pytorch(q, k, v, 2, mask=other + attention.additive_mask(
+        attention.entity_attention_mask(lengths, masks), torch.float64), skip_reshape=True)
+    assert torch.equal(outputs[0], outputs[1]) and (outputs[0] - expected).abs().max().item() < EXACT
+
+
+def test_augmented_keeps_blocked_pairs_at_zero_weight_in_half_precision():
+    """fp16/bf16 (GPU dtypes, run here on the CPU): the extra dimensions stay finite and blocked pairs get
+    no weight, so the result is the dense one up to the dtype's rounding."""
+    generator = torch.Generator().manual_seed(5)
+    lengths, tokens = [3, 4, 5, 6], 48
+    masks = token_masks(generator, 1, 3, tokens)
+    sequence = sum(lengths) + tokens
+    q, k, v = (4 * torch.randn(1, 2, sequence, 64, generator=generator) for _ in range(3))
+    dense = masked_softmax_attention(q.double(), k.double(), v.double(), attention.entity_attention_mask(lengths, masks))
+    for dtype in (torch.float16, torch.bfloat16):
+        entity = attention.EntityAttention(lengths, masks, attention.AUGMENTED)
+        out = run_override(entity, comfy_attention.attention_pytorch, q.to(dtype), k.to(dtype), v.to(dtype), 2, True)
+        out = out.view(1, sequence, 2, 64).transpose(1, 2).double()
+        assert torch.isfinite(out).all()
+        assert (out - dense).abs().max().item() < 0.05 * dense.abs().max().item(), dtype
+
+
+def test_auto_groups_under_a_quantizing_kernel():
+    from comfyui_eligen.core import host
+
+    assert host.is_quantized_attention(comfy_attention.attention_sage)
+    assert host.is_quantized_attention(comfy_attention.attention_sage.__wrapped__)
+    assert not host.is_quantized_attention(comfy_attention.attention_pytorch.__wrapped__)
+
+
+def test_auto_picks_grouped_for_padded_text_and_augmented_for_short_prompts():
+    """Padded entity text: most query-key pairs are blocked, grouped computes only the allowed ones; short
+    prompts: augmented's one call beats grouped's many."""
+    masks = torch.zeros(1, 8, 12, 12, dtype=torch.bool)
+    for k in range(8):
+        masks[0, k, k % 6:k % 6 + 4, k // 2:k // 2 + 4] = True
+    masks = masks.flatten(2)
+    padded = attention.EntityAttention([512] * 8 + [32], masks)
+    short = attention.EntityAttention([8] * 8 + [32], masks)
+    assert padded.auto_method("cpu", 64) == attention.GROUPED
+    assert short.auto_method("cpu", 64) == attention.AUGMENTED
+
+
+def test_unknown_method_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="'sparse'"):
+        attention.EntityAttention([2, 3], torch.ones(1, 1, 4, dtype=torch.bool), "sparse")
+    with pytest.raises(ValueError, match="'sparse'"):
+        patch.patch_model(tiny_flux(), attention="sparse")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole forward passes of the tiny models (float64): every block's joint attention
+
+def forward(model, x, sigma, context, pooled, condition, ref_latents=None):
+    """The diffusion model's forward as training calls it, optionally with reference latents."""
+    adapter = adapter_for(model)
+    base_model = model.model
+    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    diffusion_model = base_model.diffusion_model
+    timestep = base_model.model_sampling.timestep(sigma).to(x.dtype)
+    kwargs = adapter.forward_kwargs(diffusion_model, pooled, x.shape[0])
+    if ref_latents is not None:
+        kwargs["ref_latents"] = ref_latents
+    return diffusion_model(x, timestep, context, transformer_options=options, eligen=condition, **kwargs)
+
+
+FORWARD_CASES = [
+    # id, family, latent (h, w), entity lengths, global length, batch, rows differ, reference latent (h, w)
+    ("flux-1", "flux", (8, 8), [3], 4, 1, False, None),
+    ("flux-3-odd", "flux", (9, 13), [2, 5, 3], 4, 2, True, None),
+    ("flux-8-odd", "flux", (11, 7), [3, 1, 4, 1, 5, 2, 6, 2], 5, 2, True, None),
+    ("flux-4-reference", "flux", (8, 12), [2, 3, 2, 3], 4, 2, False, (6, 8)),
+    ("qwen-2", "qwen_image", (8, 10), [3, 6], 5, 2, True, None),
+    ("qwen-6-odd", "qwen_image", (13, 9), [2, 3, 4, 5, 6, 1], 4, 1, False, None),
+    ("qwen-3-reference", "qwen_image", (10, 8), [4, 2, 3], 3, 2, True, (7, 9)),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_model_forward_equals_dense(case):
+    name, family, latent_hw, lengths, global_length, batch, rows_differ, reference_hw = case
+    generator = torch.Generator().manual_seed(len(name))
+    base = FAMILIES[family](dtype=torch.float64)
+    count = len(lengths)
+    h, w = latent_hw
+    masks = (torch.rand(batch, count, 4 * h, 4 * w, generator=generator) < 0.5).double()
+    masks = torch.nn.functional.avg_pool2d(masks, 5, 1, 2).round()  # blobs, overlapping between entities
+    masks[:, 0] = 0
+    masks[:, 0, :2 * h, :2 * w] = 1  # a box
+    if count > 2:
+        masks[:, 1] = 0
+        masks[:, 1, 0, 0] = 1  # one pixel in 8x8: inside no token at the latent size ("empty on the grid")
+    if not rows_differ:
+        masks = masks[:1].expand(batch, -1, -1, -1)
+    frames = (1,) if family == "qwen_image" else ()
+    x = torch.randn((batch, 16) + frames + latent_hw, generator=generator, dtype=torch.float64)
+    context = torch.randn(batch, sum(lengths) + global_length, TEXT_WIDTH, generator=generator, dtype=torch.float64)
+    pooled = torch.randn(batch, TEXT_WIDTH, generator=generator, dtype=torch.float64)
+    sigma = torch.rand(batch, generator=generator, dtype=torch.float64)
+    references = None
+    if reference_hw is not None:
+        references = [torch.randn((batch, 16) + frames + reference_hw, generator=generator, dtype=torch.float64)]
+    condition = conditioning.EntityCondition.for_training(lengths + [global_length], masks)
+    outputs = {}
+    for method in attention.METHODS:
+        model = patch.patch_model(base, attention=method)
+        outputs[method] = forward(model, x, sigma, context, pooled, condition, references)
+    plain = forward(base, x, sigma, context, pooled, None, references)
+    for method in FAST:
+        assert (outputs[method] - outputs[attention.DENSE]).abs().max().item() < EXACT, method
+    assert (outputs[attention.DENSE] - plain).abs().max().item() > 1e-4  # the rule matters in this case
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (comfy.sample.sample): the same images as the dense path
+
+def sample(model, positive, negative, latent_shape, cfg, steps=2, later_override=None):
+    if later_override is not None:
+        model = model.clone()
+        model.model_options["transformer_options"]["optimized_attention_override"] = later_override
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative,
+                               torch.zeros(latent_shape), disable_pbar=True, seed=0)
+
+
+SAMPLING_CASES = [
+    # id, family, entities, latent (h, w), batch, cfg, on_negative, reference latent (h, w)
+    ("flux-cfg-plain-negative", "flux", 3, (10, 14), 2, 3.0, False, None),
+    ("flux-on-negative", "flux", 2, (9, 13), 1, 2.5, True, None),
+    ("flux-reference", "flux", 2, (8, 12), 1, 1.0, False, (4, 6)),
+    ("qwen-cfg-plain-negative", "qwen_image", 4, (12, 8), 2, 3.0, False, None),
+    ("qwen-on-negative-reference", "qwen_image", 2, (8, 12), 1, 2.0, True, (6, 8)),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=[c[0] for c in SAMPLING_CASES])
+def test_sampling_gives_the_dense_images(case):
+    name, family, count, latent_hw, batch, cfg, on_negative, reference_hw = case
+    base = FAMILIES[family]()
+    positive, negative = prompts()
+    if reference_hw is not None:
+        frames = (1,) if family == "qwen_image" else ()
+        reference = torch.randn((1, 16) + frames + reference_hw, generator=torch.Generator().manual_seed(5))
+        positive[0][1]["reference_latents"] = [reference]
+    h, w = latent_hw
+    applied = conditioning.apply_entities(positive, entities(count, (8 * h, 8 * w), lengths=(3, 5, 2)), negative, on_negative=on_negative)
+    shape = (batch, 16) + ((1,) if family == "qwen_image" else ()) + latent_hw
+    dense = sample(patch.patch_model(base, attention="dense"), *applied, shape, cfg)
+    plain = sample(base, positive, negative, shape, cfg)
+    assert not torch.allclose(dense, plain, atol=1e-3)
+    for method in FAST:
+        torch.testing.assert_close(sample(patch.patch_model(base, attention=method), *applied, shape, cfg), dense,
+                                   rtol=1e-5, atol=1e-5, msg=method)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_override_added_after_eligen_still_runs_on_every_piece(family):
+    base = FAMILIES[family]()
+    positive, negative = prompts()
+    applied = conditioning.apply_entities(positive, entities(3, (64, 96), lengths=(3, 5, 2)), negative)
+    shape = (1, 16) + ((1,) if family == "qwen_image" else ()) + (8, 12)
+    recorder = Recorder()
+    grouped = sample(patch.patch_model(base), *applied, shape, 2.0, later_override=recorder)  # auto: grouped
+    dense = sample(patch.patch_model(base, attention="dense"), *applied, shape, 2.0)
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-5)
+    augmented = sample(patch.patch_model(base, attention="augmented"), *applied, shape, 2.0, later_override=Recorder())
+    torch.testing.assert_close(augmented, dense, rtol=1e-5, atol=1e-5)
+    joint = 3 + 5 + 2 + 6 + 4 * 6
+    assert recorder.calls and all(call["mask"] is None for call in recorder.calls)
+    pieces = [call for call in recorder.calls if call["sequence"] < joint and call["sequence"] != 4 + 4 * 6]
+    assert pieces  # the entity branch ran as pieces, each through the later override

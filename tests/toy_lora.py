@@ -1,0 +1,25 @@
+"""One trained toy EliGen LoRA per test session, shared by the tests that need a trained LoRA in a real
+server (painted layouts, the browser test): trained in-process with the project's trainer on the
+shipped toy base (the toy-world training test's recipe), then written into the server's models/loras."""
+
+import os
+
+from comfyui_eligen.core.lora_formats import save_lora
+from comfyui_eligen.toyworld import evaluate, models
+from comfyui_eligen.toyworld.workflows import LORA_NAME
+
+TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256)
+_trained = {}
+
+
+def trained_toy_lora(server, name=LORA_NAME):
+    """The LoRA file name in ``server.models_dir/loras`` (trained once per session, FLUX toy base)."""
+    if "flux" not in _trained:
+        model, clip, vae = models.load_toy_models("flux", "pretrained")
+        lora, _, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
+        _trained["flux"] = lora
+    path = os.path.join(server.models_dir, "loras", name)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_lora(path, _trained["flux"])
+    return name

@@ -1,0 +1,154 @@
+"""Held-out layout groups harder than the training distribution (data.GROUPS describes each).
+
+Every generator takes the layout's own numpy Generator (data._rng keyed by split, seed, index and
+group), so a layout is a pure function of (group, split, seed, index). A draw that cannot meet the
+group's promise (say, six shapes that do not fit) is redrawn from the same generator.
+"""
+
+import numpy as np
+
+from .data import BACKGROUNDS, EXTENT, GAP, PALETTE, RADIUS_RANGE, SHAPES, SIZE, Entity, render, shape_mask
+
+SMALL_TOKENS = (2, 4)  # tokens of the 8x8 grid (128 px, 8x VAE, 2x2 patches) a small entity's mask covers
+TOKEN_PIXELS = 16  # one token of that grid, in pixels
+BORDER_VISIBLE = (0.25, 0.75)  # share of a cut entity that stays inside the image
+MAX_OVERLAP = 0.4  # touching group: at most this share of either mask lies under the other
+REDRAWS = 100
+
+
+def token_count(mask, token_pixels=TOKEN_PIXELS):
+    """Tokens of the grid that the package's mask rule (core.attention.mask_to_token_grid) marks for
+    this mask at 128 px with the 8x VAE: nearest resize to the latent, then any pixel per 2x2 patch."""
+    import torch
+
+    from ..core.attention import mask_to_token_grid
+
+    latent = (mask.shape[0] * 2 // token_pixels, mask.shape[1] * 2 // token_pixels)
+    return int(mask_to_token_grid(torch.from_numpy(mask.astype(np.float32)), latent).sum())
+
+
+def _inside_centre(rng, reach, size):
+    return tuple(float(c) for c in rng.uniform(reach, size - reach, size=2))
+
+
+def _separate(centre, reach, placed):
+    return all(np.hypot(centre[0] - p.centre[0], centre[1] - p.centre[1]) >= reach + p.radius * EXTENT[p.shape] + GAP
+               for p in placed)
+
+
+def _place_separate(rng, colours, shapes, radius_range, size, placed=None, accept=None, attempts=200):
+    """Non-overlapping shapes inside the image, as data.make_layout places them."""
+    placed = list(placed or [])
+    for colour, shape in zip(colours, shapes):
+        for _ in range(attempts):
+            radius = float(rng.uniform(*radius_range)) * size
+            reach = radius * EXTENT[shape]
+            centre = _inside_centre(rng, reach, size)
+            if _separate(centre, reach, placed):
+                entity = Entity(str(colour), str(shape), centre, radius, shape_mask(shape, centre, radius, size))
+                if accept is None or accept(entity):
+                    placed.append(entity)
+                    break
+    return placed
+
+
+def _many(rng, size):
+    count = int(rng.integers(5, 7))
+    colours = rng.choice(list(PALETTE), size=count, replace=False)
+    shapes = rng.choice(SHAPES, size=count)
+    placed = _place_separate(rng, colours, shapes, (0.08, 0.15), size)
+    return placed if len(placed) == count else None
+
+
+def _same_colour(rng, size):
+    count = int(rng.integers(2, 4))
+    colour = str(rng.choice(list(PALETTE)))
+    shapes = rng.choice(SHAPES, size=count, replace=False)
+    placed = _place_separate(rng, [colour] * count, shapes, RADIUS_RANGE, size)
+    return placed if len(placed) == count else None
+
+
+def _small(rng, size):
+    count = int(rng.integers(2, 5))
+    colours = rng.choice(list(PALETTE), size=count, replace=False)
+    shapes = rng.choice(SHAPES, size=count)
+    low, high = SMALL_TOKENS
+    placed = _place_separate(rng, colours, shapes, (0.04, 0.11), size,
+                             accept=lambda entity: low <= token_count(entity.mask) <= high)
+    return placed if len(placed) == count else None
+
+
+def _touches(mask, others):
+    """True when the mask shares or borders (4-neighbour) a pixel of `others`."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return bool((grown & others).any())
+
+
+def _touching(rng, size):
+    count = int(rng.integers(2, 5))
+    colours = rng.choice(list(PALETTE), size=count, replace=False)
+    placed = []
+    for colour in colours:
+        for _ in range(200):
+            shape = str(rng.choice(SHAPES))
+            radius = float(rng.uniform(*RADIUS_RANGE)) * size * 0.8
+            reach = radius * EXTENT[shape]
+            if placed:
+                anchor = placed[int(rng.integers(len(placed)))]
+                angle = rng.uniform(0, 2 * np.pi)
+                distance = (reach + anchor.radius * EXTENT[anchor.shape]) * rng.uniform(0.55, 0.95)
+                centre = (anchor.centre[0] + distance * np.cos(angle), anchor.centre[1] + distance * np.sin(angle))
+                if not all(reach <= c <= size - reach for c in centre):
+                    continue
+            else:
+                centre = _inside_centre(rng, reach, size)
+            mask = shape_mask(shape, centre, radius, size)
+            if placed:
+                if not _touches(mask, np.any([p.mask for p in placed], axis=0)):
+                    continue
+                if any((mask & p.mask).sum() > MAX_OVERLAP * min(mask.sum(), p.mask.sum()) for p in placed):
+                    continue
+            placed.append(Entity(str(colour), shape, (float(centre[0]), float(centre[1])), radius, mask))
+            break
+    return placed if len(placed) == count else None
+
+
+def _border(rng, size):
+    count = int(rng.integers(1, 5))
+    colours = rng.choice(list(PALETTE), size=count, replace=False)
+    shapes = rng.choice(SHAPES, size=count)
+    cut = None
+    for _ in range(200):
+        radius = float(rng.uniform(*RADIUS_RANGE)) * size
+        reach = radius * EXTENT[str(shapes[0])]
+        edge = int(rng.integers(4))  # left, right, top, bottom
+        across = float(rng.uniform(-0.6, 0.6)) * reach  # centre this far inside (+) or outside (-) the edge
+        along = float(rng.uniform(reach, size - reach))
+        offset = across if edge in (0, 2) else size - across
+        centre = (offset, along) if edge < 2 else (along, offset)
+        mask = shape_mask(str(shapes[0]), centre, radius, size)
+        full = shape_mask(str(shapes[0]), (size / 2, size / 2), radius, size).sum()
+        if BORDER_VISIBLE[0] <= mask.sum() / full <= BORDER_VISIBLE[1]:
+            cut = Entity(str(colours[0]), str(shapes[0]), centre, radius, mask)
+            break
+    if cut is None:
+        return None
+    placed = _place_separate(rng, colours[1:], shapes[1:], RADIUS_RANGE, size, placed=[cut])
+    return placed if len(placed) == count else None
+
+
+GENERATORS = {"many": _many, "same_colour": _same_colour, "small": _small, "touching": _touching,
+              "border": _border}
+
+
+def make_group_layout(group, rng, size=SIZE):
+    for _ in range(REDRAWS):
+        placed = GENERATORS[group](rng, size)
+        if placed:
+            background = str(rng.choice(list(BACKGROUNDS)))
+            return render(placed, background, size)
+    raise RuntimeError(f"layout group {group!r}: no layout met the group's rule in {REDRAWS} draws")

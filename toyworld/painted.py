@@ -1,0 +1,95 @@
+"""The toy world's painted-layout workflow: a layout painted as a user would (flat palette colours on
+white, soft anti-aliased edges) -> EliGen Painted Layout -> the toy model with the trained EliGen LoRA.
+
+`write_example` writes the API graph and the painted picture into example_workflows/;
+scripts/make_ui_workflow.py makes the UI twin from the API graph (docs/design.md, "Example workflows").
+"""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from . import data
+from .evaluate import SAMPLER, TEXT_LENGTH
+from .workflows import EXAMPLES_DIR, LORA_NAME
+
+NAME = "toyworld_e_painted_layout"
+LAYOUT_FILE = "eligen_toy_painted_layout.png"  # in ComfyUI's input folder
+SCALE = 4  # painted at 4x and reduced with LANCZOS: soft edges like a brush or a resized drawing
+PAPER = (255, 255, 255)
+
+
+def example_layout(seed=0, entities=3):
+    """The first held-out layout (seed ``seed``) with ``entities`` shapes."""
+    index = 0
+    while True:
+        layout = data.make_layout("heldout", seed, index)
+        if len(layout.entities) == entities:
+            return layout
+        index += 1
+
+
+def paint(layout, scale=SCALE):
+    """The layout painted on white at ``scale`` times the size, reduced with LANCZOS: PIL RGB image."""
+    size = layout.image.shape[0]
+    big = np.empty((size * scale, size * scale, 3), np.uint8)
+    big[:] = PAPER
+    for entity in layout.entities:
+        centre = (entity.centre[0] * scale, entity.centre[1] * scale)
+        big[data.shape_mask(entity.shape, centre, entity.radius * scale, size * scale)] = data.PALETTE[entity.colour]
+    return Image.fromarray(big).resize((size, size), Image.LANCZOS)
+
+
+def prompts_in_raster_order(layout):
+    """The entity prompts in the order the node pairs them with colours: first appearance, row by row."""
+    first = [int(np.flatnonzero(entity.mask.reshape(-1))[0]) for entity in layout.entities]
+    return [layout.entities[k].prompt for k in np.argsort(first, kind="stable")]
+
+
+def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="eligen_toy",
+                     sampler=SAMPLER, layout_file=LAYOUT_FILE):
+    """LoadImage (the painted layout) -> EliGen Painted Layout -> EliGen Apply with the LoRA (none when
+    ``lora_name`` is None: the base model with EliGen attention) -> KSampler -> SaveImage + metric."""
+    name = f"{prefix}/{'painted_lora' if lora_name else 'painted_base'}"
+    graph = {
+        "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": "flux", "weights": "pretrained", "seed": 0}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": layout_file}},
+        "3": {"class_type": "EliGenPaintedLayout", "inputs": {
+            "layout": ["2", 0], "clip": ["1", 1], "prompts": "\n".join(prompts_in_raster_order(layout)),
+            "background": "largest", "min_area_percent": 0.5, "text_length": TEXT_LENGTH}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": layout.caption, "clip": ["1", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": batch_size}},
+        "8": {"class_type": "EliGenApply", "inputs": {
+            "model": ["1", 0], "positive": ["4", 0], "entities": ["3", 0], "negative": ["5", 0],
+            "entities_on_negative": False, "start_percent": 0.0, "end_percent": 1.0}},
+        "9": {"class_type": "KSampler", "inputs": {
+            "model": ["8", 0], "seed": seed, "steps": sampler["steps"], "cfg": sampler["cfg"],
+            "sampler_name": sampler["sampler_name"], "scheduler": sampler["scheduler"],
+            "positive": ["8", 1], "negative": ["8", 2], "latent_image": ["6", 0], "denoise": 1.0}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": name}},
+        "12": {"class_type": "EliGenPlacementMetric", "inputs": {
+            "images": ["10", 0], "entities": ["3", 0], "filename_prefix": name}},
+        "13": {"class_type": "EliGenPreviewEntities", "inputs": {
+            "image": ["2", 0], "entities": ["3", 0], "opacity": 0.45, "labels": True}},
+    }
+    if lora_name:
+        graph["7"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}}
+        graph["8"]["inputs"]["model"] = ["7", 0]
+    return graph
+
+
+def write_example(folder=EXAMPLES_DIR):
+    """example_workflows/api/<NAME>.json and the painted picture example_workflows/inputs/<LAYOUT_FILE>
+    (copy it into ComfyUI's input folder, or upload it in the Load Image node). Returns both paths."""
+    from .files import write_json
+
+    layout = example_layout()
+    api_path = write_json(os.path.join(folder, "api", f"{NAME}.json"), painted_workflow(layout))
+    image_path = os.path.join(folder, "inputs", LAYOUT_FILE)
+    os.makedirs(os.path.dirname(image_path), exist_ok=True)
+    paint(layout).save(image_path)
+    return api_path, image_path

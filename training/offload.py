@@ -1,0 +1,429 @@
+"""Block swap: train a model larger than the device memory by streaming transformer blocks.
+
+A chosen set of transformer blocks keeps its frozen base tensors (weights, biases, fp8 scales, norms)
+in (pinned) CPU memory. Each such block is brought to the compute device just before it runs and
+released right after; the next swapped block is copied on a side CUDA stream while the current one
+computes (prefetch), and an event orders the copy before its use. In the backward pass the swapped
+blocks are recomputed (they always run under non-reentrant checkpointing, so none of their
+activations or weights has to stay on the device between forward and backward): the recomputation
+swaps the block in again, in reverse order, prefetching the previous swapped block.
+
+The peft LoRA layers (and so the optimizer state) never move: only tensors that do not require grad
+are swapped. A swapped-out tensor is replaced by an empty placeholder of its dtype on the compute
+device, so a block that ran without its swap-in fails loudly instead of computing something else.
+
+Why swapping in means installing *new* Parameter objects (not assigning ``.data``): autograd keeps
+references to the tensors a block used; releasing a block replaces the module's entry and leaves those
+references intact, so a backward that still needs them sees the real values, and the device memory is
+freed when the last reference goes.
+
+``plan_block_swap`` chooses how many blocks to swap from a memory budget (``max_vram_gb``) with an
+estimate of what stays on the device; ``describe`` says what it chose and why, for the log.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 1024 ** 3
+# Activation model (per transformer block, in units of batch * tokens * width * compute-dtype bytes):
+# a block's saved activations without checkpointing, and the working set of one block's forward and
+# backward. Calibrated on FLUX.1 at 1024 px: bf16 without checkpointing needs ~0.6 GB per block more
+# than with it, i.e. ~15 units.
+ACTIVATION_UNITS_PER_BLOCK = 16
+WORKING_UNITS = 32
+RESERVE_BYTES = int(0.75 * GIB)   # allocator fragmentation, cuBLAS workspace, small tensors
+ADAM_BYTES_PER_PARAM = 8          # two fp32 moments
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which blocks, and their sizes
+
+
+def ordered_blocks(diffusion_model, training_blocks):
+    """[(kind, index, module)] in execution order (the order of ``training_blocks``, then index)."""
+    out = []
+    for kind, (attribute, _) in training_blocks.items():
+        for index, block in enumerate(getattr(diffusion_model, attribute)):
+            out.append((kind, index, block))
+    return out
+
+
+def frozen_slots(module, trainable_ids):
+    """[(owner, "_parameters"|"_buffers", name)] of the tensors under ``module`` that are not trained."""
+    slots = []
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in getattr(owner, kind).items():
+                if tensor is None or id(tensor) in trainable_ids or tensor.requires_grad:
+                    continue
+                slots.append((owner, kind, name))
+    return slots
+
+
+def tensor_bytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+def frozen_bytes(module, trainable_ids=frozenset()):
+    return sum(tensor_bytes(getattr(owner, kind)[name]) for owner, kind, name in frozen_slots(module, trainable_ids))
+
+
+def block_width(block):
+    """The model width D: the most common ``in_features`` of the block's Linears (qkv, projections and
+    MLP inputs all read D-wide tokens)."""
+    counts = {}
+    for module in block.modules():
+        if isinstance(module, torch.nn.Linear):
+            counts[module.in_features] = counts.get(module.in_features, 0) + 1
+    if not counts:
+        raise ValueError(f"cannot estimate activations: block {type(block).__name__} has no Linear layer")
+    return max(counts, key=lambda width: (counts[width], width))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes the training step needs on the device, by kind (what the planner compares to the budget)."""
+    block_bytes: list            # frozen bytes per block, execution order
+    other_bytes: int             # frozen bytes outside the blocks (embedders, final layer)
+    lora_bytes: int              # LoRA parameters + gradients + AdamW moments
+    unit_bytes: int              # batch * tokens * width * compute bytes: one block input
+    mask_bytes: int              # the EliGen attention mask (additive, compute dtype)
+    cast_bytes: int              # compute-dtype copies of the largest block (fp8 weights are cast per layer)
+    checkpointing: bool
+
+    def device_bytes(self, swapped):
+        """Estimated peak with the blocks at positions ``swapped`` kept off the device."""
+        swapped = set(swapped)
+        resident = sum(b for i, b in enumerate(self.block_bytes) if i not in swapped)
+        # the swapped block running and the next one arriving
+        buffers = 2 * max((self.block_bytes[i] for i in swapped), default=0)
+        activations = sum(
+            self.unit_bytes if (self.checkpointing or i in swapped) else ACTIVATION_UNITS_PER_BLOCK * self.unit_bytes
+            for i in range(len(self.block_bytes))
+        ) + WORKING_UNITS * self.unit_bytes
+        return (self.other_bytes + resident + buffers + self.lora_bytes + activations + self.mask_bytes
+                + self.cast_bytes + RESERVE_BYTES)
+
+
+@dataclass
+class SwapPlan:
+    positions: list              # execution positions of the swapped blocks
+    total_blocks: int
+    budget_bytes: int | None     # None: no limit
+    estimate: MemoryEstimate | None = None
+    reason: str = ""
+    fits: bool = True
+    block_names: list = field(default_factory=list)
+
+    @property
+    def count(self):
+        return len(self.positions)
+
+
+def spread(count, total):
+    """``count`` positions out of ``total``, evenly spread, so every swapped block's copy overlaps the
+    compute of the resident blocks before it."""
+    if count <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    return sorted({int((i + 0.5) * total / count) for i in range(count)})
+
+
+def plan_block_swap(estimate, budget_bytes, fixed_count=None):
+    """The fewest evenly spread swapped blocks whose estimated peak fits ``budget_bytes``.
+
+    ``fixed_count`` (>= 0) overrides the choice. Without a budget nothing is swapped. When even swapping
+    every block does not fit, every block is swapped and ``fits`` is False (the log says so)."""
+    total = len(estimate.block_bytes)
+    if fixed_count is not None and fixed_count >= 0:
+        positions = spread(min(fixed_count, total), total)
+        need = estimate.device_bytes(positions)
+        return SwapPlan(positions, total, budget_bytes, estimate,
+                        f"blocks_to_swap = {fixed_count} was set; estimated peak {need / GIB:.2f} GiB",
+                        budget_bytes is None or need <= budget_bytes)
+    if budget_bytes is None:
+        need = estimate.device_bytes([])
+        return SwapPlan([], total, None, estimate, f"no memory limit; estimated peak {need / GIB:.2f} GiB")
+    for count in range(total + 1):
+        positions = spread(count, total)
+        need = estimate.device_bytes(positions)
+        if need <= budget_bytes:
+            why = (f"estimated peak {need / GIB:.2f} GiB <= budget {budget_bytes / GIB:.2f} GiB"
+                   + ("" if count == 0 else
+                      f"; with {count - 1} it would be {estimate.device_bytes(spread(count - 1, total)) / GIB:.2f} GiB"))
+            return SwapPlan(positions, total, budget_bytes, estimate, why)
+    need = estimate.device_bytes(list(range(total)))
+    return SwapPlan(list(range(total)), total, budget_bytes, estimate,
+                    f"even with every block swapped the estimated peak is {need / GIB:.2f} GiB > budget "
+                    f"{budget_bytes / GIB:.2f} GiB (lower the image size, batch or rank, or turn on "
+                    "gradient checkpointing)", fits=False)
+
+
+def estimate_memory(diffusion_model, training_blocks, trainable, samples, batch_size, compute_dtype,
+                    checkpointing):
+    """A ``MemoryEstimate`` for training ``diffusion_model`` with LoRA parameters ``trainable`` on
+    ``samples`` (the largest sample decides: latent ``[C, (T,) h, w]``, text and entity lengths)."""
+    trainable_ids = {id(p) for p in trainable}
+    blocks = ordered_blocks(diffusion_model, training_blocks)
+    block_bytes = [frozen_bytes(block, trainable_ids) for _, _, block in blocks]
+    other_bytes = frozen_bytes(diffusion_model, trainable_ids) - sum(block_bytes)
+    lora_bytes = sum(p.numel() * (2 * p.element_size() + ADAM_BYTES_PER_PARAM) for p in trainable)
+    width = block_width(blocks[0][2])
+    compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
+    tokens = max(_tokens(s) for s in samples) if samples else 0
+    unit = batch_size * tokens * width * compute_bytes
+    largest = max(range(len(blocks)), key=lambda i: block_bytes[i])
+    weight_dtypes = {t.dtype for t in blocks[largest][2].parameters() if t.is_floating_point()}
+    cast_bytes = 0
+    if any(d != compute_dtype for d in weight_dtypes):
+        params = sum(t.numel() for t in blocks[largest][2].parameters() if id(t) not in trainable_ids)
+        cast_bytes = params * compute_bytes
+    return MemoryEstimate(block_bytes, other_bytes, lora_bytes, unit, batch_size * tokens * tokens * compute_bytes,
+                          cast_bytes, checkpointing)
+
+
+def _tokens(sample):
+    latent = sample.latent
+    grid = 1
+    for size in latent.shape[-2:]:
+        grid *= -(-int(size) // 2)  # patch 2
+    frames = latent.shape[1] if latent.ndim == 4 else 1
+    text = sample.context.shape[1] + sum(e.shape[1] for e in sample.entity_embeds)
+    return grid * frames + text
+
+
+def describe(plan):
+    """One log line: what was chosen and why."""
+    if plan.estimate is None:
+        return f"block swap: {plan.count} of {plan.total_blocks} blocks ({plan.reason})"
+    e = plan.estimate
+    parts = (f"weights {(e.other_bytes + sum(e.block_bytes)) / GIB:.2f} GiB in {plan.total_blocks} blocks "
+             f"(largest {max(e.block_bytes) / GIB:.3f} GiB), LoRA+AdamW {e.lora_bytes / GIB:.3f} GiB, "
+             f"activation unit {e.unit_bytes / 2**20:.1f} MiB, checkpointing {'on' if e.checkpointing else 'off'}")
+    swapped = sum(e.block_bytes[i] for i in plan.positions)
+    return (f"block swap: {plan.count} of {plan.total_blocks} blocks kept in CPU memory "
+            f"({swapped / GIB:.2f} GiB streamed per pass): {plan.reason}. Estimate from {parts}.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The swapper
+
+
+class _Slot:
+    __slots__ = ("owner", "kind", "name", "original", "store", "placeholder")
+
+
+class BlockSwapper:
+    """Keeps the frozen tensors of the blocks at ``positions`` off the device and swaps them in around
+    each run. ``blocks``: modules in execution order. ``trainable``: tensors never touched.
+
+    Use ``wrap(position, function)`` for the function that runs a block; ``close()`` puts the original
+    tensors back (also on failure). ``events`` records ("in"/"out", position, "forward"/"backward") when
+    ``record`` is true (tests check the order)."""
+
+    def __init__(self, blocks, positions, device, trainable=(), record=False):
+        self.device = torch.device(device)
+        self.positions = sorted(positions)
+        self.record = record
+        self.events = []
+        self.use_streams = self.device.type == "cuda" and torch.cuda.is_available()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.use_streams else None
+        self._pending = {}      # position -> (event, {slot index: device tensor}) prefetched
+        self._resident = {}     # position -> count of active runs
+        trainable_ids = {id(t) for t in trainable}
+        self.slots = {}
+        try:
+            for position in self.positions:
+                slots = []
+                for owner, kind, name in frozen_slots(blocks[position], trainable_ids):
+                    slot = _Slot()
+                    slot.owner, slot.kind, slot.name = owner, kind, name
+                    slot.original = getattr(owner, kind)[name]
+                    slot.store = self._host_copy(slot.original)
+                    slot.placeholder = self._wrap_like(slot.original, torch.empty(0, dtype=slot.original.dtype,
+                                                                                  device=self.device))
+                    slots.append(slot)
+                self.slots[position] = slots
+                self._install(position, [s.placeholder for s in slots])
+        except BaseException:
+            self.close()
+            raise
+
+    # -- storage --------------------------------------------------------------------------------
+    def _host_copy(self, tensor):
+        data = tensor.detach()
+        if not self.use_streams:
+            return data if data.device.type == "cpu" else data.to("cpu")
+        if data.device.type == "cpu" and data.is_pinned():
+            return data
+        return data.to("cpu").contiguous().pin_memory()
+
+    @staticmethod
+    def _wrap_like(original, data):
+        if isinstance(original, torch.nn.Parameter):
+            return torch.nn.Parameter(data, requires_grad=False)
+        return data
+
+    def _install(self, position, tensors):
+        for slot, tensor in zip(self.slots[position], tensors):
+            getattr(slot.owner, slot.kind)[slot.name] = tensor
+
+    def _copy_to_device(self, position):
+        slots = self.slots[position]
+        if not self.use_streams:
+            return None, [s.store.to(self.device) for s in slots]
+        with torch.cuda.stream(self._copy_stream):
+            tensors = [s.store.to(self.device, non_blocking=True) for s in slots]
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return event, tensors
+
+    @property
+    def bytes_swapped(self):
+        return sum(tensor_bytes(s.store) for slots in self.slots.values() for s in slots)
+
+    # -- swapping -------------------------------------------------------------------------------
+    def _direction(self):
+        # Inside backward (checkpoint recomputation) the autograd engine runs a graph task.
+        return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+
+    def prefetch(self, position):
+        if position is None or position in self._pending or self._resident.get(position):
+            return
+        self._pending[position] = self._copy_to_device(position)
+
+    def swap_in(self, position):
+        direction = self._direction()
+        if self._resident.get(position):
+            self._resident[position] += 1
+            return
+        event, tensors = self._pending.pop(position, None) or self._copy_to_device(position)
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for tensor in tensors:
+                # memory made on the copy stream is used on the compute stream: keep it until then
+                tensor.record_stream(compute)
+        self._install(position, [self._wrap_like(s.original, t) for s, t in zip(self.slots[position], tensors)])
+        self._resident[position] = 1
+        if self.record:
+            self.events.append(("in", position, direction))
+        self.prefetch(self._neighbour(position, direction))
+
+    def swap_out(self, position):
+        self._resident[position] -= 1
+        if self._resident[position]:
+            return
+        del self._resident[position]
+        self._install(position, [s.placeholder for s in self.slots[position]])
+        if self.record:
+            self.events.append(("out", position, self._direction()))
+
+    def _neighbour(self, position, direction):
+        index = self.positions.index(position)
+        index += 1 if direction == "forward" else -1
+        return self.positions[index] if 0 <= index < len(self.positions) else None
+
+    def wrap(self, position, function):
+        """``function`` with the block at ``position`` swapped in while it runs (forward, validation and
+        checkpoint recomputation alike). Swap-out sits in ``finally``: checkpoint recomputation stops
+        the function early once it has what backward needs."""
+        if position not in self.slots:
+            return function
+
+        def run(*args, **kwargs):
+            self.swap_in(position)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.swap_out(position)
+
+        return run
+
+    def close(self):
+        """Original tensors back in every swapped block; pending copies dropped."""
+        if self.use_streams:
+            self._copy_stream.synchronize()
+        self._pending.clear()
+        self._resident.clear()
+        for position, slots in self.slots.items():
+            self._install(position, [s.original for s in slots])
+        self.slots = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading a model for block swap (used by training/loop.py TrainingModel)
+
+
+@dataclass
+class MemoryRequest:
+    """What the trainer asks of block swap: a device budget (GiB, 0 = none) or a fixed block count
+    (-1 = choose from the budget), and what the activation estimate needs."""
+    max_vram_gb: float = 0.0
+    blocks_to_swap: int = -1
+    samples: list = field(default_factory=list)
+    batch_size: int = 1
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def active(self):
+        return self.max_vram_gb > 0 or self.blocks_to_swap >= 0
+
+
+class SwapSession:
+    """The model side of block swap for one training run.
+
+    ``load``: every other model leaves the device, the ModelPatcher's weight patches are applied with
+    all weights on its offload device (CPU). ``start`` (after the LoRA layers exist): plan, keep the
+    swapped blocks' frozen tensors in pinned CPU memory, move everything else (LoRA included) to the
+    device. ``close``: original tensors back, weight patches undone, model on the offload device."""
+
+    def __init__(self, model_patcher, device, request, record=False):
+        self.patcher, self.device, self.request, self.record = model_patcher, torch.device(device), request, record
+        self.plan, self.swapper, self._loaded = None, None, False
+
+    def load(self):
+        from ..core import host
+
+        host.unload_models_on(self.device)
+        host.patch_weights_on_offload_device(self.patcher)
+        self._loaded = True
+
+    def start(self, diffusion_model, training_blocks, trainable, compute_dtype, checkpointing):
+        import logging
+
+        request = self.request
+        dtype = request.autocast_dtype or compute_dtype
+        estimate = estimate_memory(diffusion_model, training_blocks, trainable, request.samples,
+                                   request.batch_size, dtype, checkpointing)
+        budget = int(request.max_vram_gb * GIB) if request.max_vram_gb > 0 else None
+        fixed = request.blocks_to_swap if request.blocks_to_swap >= 0 else None
+        self.plan = plan_block_swap(estimate, budget, fixed)
+        blocks = ordered_blocks(diffusion_model, training_blocks)
+        self.plan.block_names = [f"{kind} {index}" for kind, index, _ in (blocks[i] for i in self.plan.positions)]
+        (logging.info if self.plan.fits else logging.warning)("EliGen training: %s", describe(self.plan))
+        self.swapper = BlockSwapper([b for _, _, b in blocks], self.plan.positions, self.device, trainable,
+                                    record=self.record)
+        self.patcher.model.to(self.device)  # the resident part, LoRA layers and the placeholders
+
+    def block_wrapper(self, position):
+        if self.swapper is None or position not in self.swapper.slots:
+            return None
+        return lambda function: self.swapper.wrap(position, function)
+
+    def close_swapper(self):
+        if self.swapper is not None:
+            self.swapper.close()
+
+    def unload(self):
+        from ..core import host
+
+        if self._loaded:
+            self._loaded = False
+            host.unpatch_weights(self.patcher)
