@@ -487,14 +487,19 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         return result.checkpoint
 
     started, first_step = time.monotonic(), result.step
+    writer_dir = run_dir if distributed is None or distributed.rank == 0 else None  # only rank 0 writes
+    last_finite = checkpoints.LastFiniteWeights(writer_dir)
     while result.step < settings.steps:
         step = result.step
         try:
             loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt,
-                                   distributed)
+                                   distributed, before_update=last_finite.remember)
         except TrainingStopped as error:
             # The weights of `step` gave the non-finite value: keep the checkpoint before them.
-            result.checkpoint = checkpoints.keep_last_finite(run_dir, step)
+            result.checkpoint = last_finite.save(
+                step, checkpoints.keep_last_finite(writer_dir, step),
+                torch.optim.AdamW(model.parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay),
+                scheduler.state_dict(), _run_info(settings, lora_settings, family, [l for l in result.losses if l[0] < step], info))
             where = (f"; last checkpoint with a finite loss: {result.checkpoint}" if result.checkpoint else
                      "; no checkpoint before it was kept (set checkpoint_every to keep some)")
             result.stopped = str(error)
@@ -539,9 +544,11 @@ def use_learning_rate(optimizer, scheduler, settings):
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None):
+def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None,
+              before_update=None):
     """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss
-    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way)."""
+    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way).
+    ``before_update(step, named LoRA parameters)`` is called once the loss and gradients are finite."""
     generator = step_generator(settings.seed, step, purpose=0)
     rank = 0 if distributed is None else distributed.rank
     optimizer.zero_grad(set_to_none=True)
@@ -583,6 +590,8 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     if not torch.isfinite(norm) and not scaler.is_enabled():
         raise TrainingStopped(f"the gradients became non-finite (norm {norm.item()}) at step {step + 1}")
+    if before_update is not None:  # loss and gradients of these weights were finite
+        before_update(step, lora.named_lora_parameters(model.diffusion_model))
     scaler.step(optimizer)  # with fp16 loss scaling, an overflowing step is skipped and the scale lowered
     scaler.update()
     return total
