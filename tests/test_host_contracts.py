@@ -385,3 +385,24 @@ def test_a_server_with_a_removed_capability_names_it(tmp_path):
         assert_refused(server, [p.contact for p in host.missing_capabilities()] or [REMOVED])
     finally:
         server.stop()
+
+
+def test_a_newer_version_with_every_capability_runs_with_a_notice(monkeypatch, caplog):
+    monkeypatch.setattr(host, "comfyui_version", lambda: "9.9.9")
+    with caplog.at_level(logging.WARNING, logger="comfyui_eligen"):
+        assert host.startup_report(logging.getLogger("comfyui_eligen")) == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "comfyui_eligen"]
+    assert len(lines) == 1 and "9.9.9 is newer than the newest tested version" in lines[0], lines
+    host.require_all()  # nodes run
+
+
+@pytest.mark.compat
+def test_startup_report_logs_one_line_at_most(caplog):
+    """A tested version logs nothing; a ComfyUI lacking a capability logs one error line naming it."""
+    with caplog.at_level(logging.INFO, logger="comfyui_eligen"):
+        problems = host.startup_report(logging.getLogger("comfyui_eligen"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "comfyui_eligen"]
+    if problems:
+        assert len(lines) == 1 and all(p.contact in lines[0] for p in problems), lines
+    elif host.comfyui_version() in host.TESTED_VERSIONS:
+        assert lines == []
