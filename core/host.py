@@ -344,6 +344,17 @@ def patched_weight_originals(patcher):
     return originals
 
 
+def weight_patches(patcher):
+    """``{weight key: [patch entries]}`` a ModelPatcher holds (LoRAs and other weight patches; contact point:
+    ModelPatcher.patches). Empty for anything without patches."""
+    patches = getattr(patcher, "patches", None) if patcher is not None else None
+    if patches is None:
+        return {}
+    if not isinstance(patches, dict):
+        raise missing("ModelPatcher.patches", f"patches is a {type(patches).__name__}, not a dict")
+    return patches
+
+
 def apply_lora(model, state_dict, strength=1.0):
     """A clone of ``model`` with a ComfyUI-form LoRA state dict applied the stock way (what
     LoraLoaderModelOnly does; contact point: sd.load_lora_for_models)."""

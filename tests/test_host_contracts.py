@@ -47,8 +47,9 @@ def run_forward(model, options=None, entities=False):
         masks = torch.zeros(1, 1, 8, 12)
         masks[..., :4] = 1
         condition = conditioning.EntityCondition.for_training(lengths, masks)
-    return adapter.training_forward(model.model, x, torch.tensor([0.5]), context, torch.randn(1, TEXT_WIDTH),
-                                    condition, dict(options or {}))
+    pooled = torch.randn(1, TEXT_WIDTH, generator=torch.Generator().manual_seed(2))
+    return adapter.training_forward(model.model, x, torch.tensor([0.5]), context, pooled, condition,
+                                    dict(options or {}))
 
 
 # ---- one test per contact point ---------------------------------------------------------------
@@ -195,8 +196,9 @@ def test_model_patcher_backup_holds_the_originals():
     original = model.model.state_dict()[key].clone()
     lora = {f"{module}.lora_up.weight": torch.ones(original.shape[0], 2),
             f"{module}.lora_down.weight": torch.ones(2, original.shape[1])}
-    with contact("ModelPatcher.backup / sd.load_lora_for_models"):
+    with contact("ModelPatcher.backup / ModelPatcher.patches / sd.load_lora_for_models"):
         patched = host.apply_lora(model, lora, 1.0)
+        assert key in host.weight_patches(patched) and not host.weight_patches(model)
         patched.patch_model()
         try:
             assert not torch.equal(patched.model.state_dict()[key], original)
@@ -406,3 +408,17 @@ def test_startup_report_logs_one_line_at_most(caplog):
         assert len(lines) == 1 and all(p.contact in lines[0] for p in problems), lines
     elif host.comfyui_version() in host.TESTED_VERSIONS:
         assert lines == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_out_of_place_training_blocks_match_the_stock_blocks(family):
+    """core/blocks.py re-implements the FLUX blocks from their layers (img_mod, img_attn.qkv, linear1, ...):
+    the same output as ComfyUI's own blocks, or the block structure changed."""
+    from comfyui_eligen.core import blocks
+
+    model = FAMILIES[family]()
+    adapter = adapter_for(model)
+    options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, {},
+                                                  checkpointing=False)
+    with contact(f"{adapter.display_name} block structure (core/blocks.py out-of-place blocks)"):
+        torch.testing.assert_close(run_forward(model, options), run_forward(model), rtol=1e-4, atol=1e-5)

@@ -97,7 +97,7 @@ def _hash_patch_value(h, value):
 
 def patcher_fingerprint(patcher) -> str:
     """Digest of a ModelPatcher's weight patches (keys, strengths and sampled patch tensors)."""
-    patches = getattr(patcher, "patches", None) or {}
+    patches = host.weight_patches(patcher)
     h = hashlib.sha256()
     for key in sorted(patches):
         h.update(key.encode())
