@@ -9,6 +9,14 @@ AttributeError or IndexError.
 Sections are grouped by area; each function says which contact point it is.
 """
 
+import functools
+import importlib
+import inspect
+import logging
+import re
+
+import torch
+
 
 class MissingCapability(RuntimeError):
     """ComfyUI lacks something this package relies on; the message names the contact point."""
@@ -17,14 +25,6 @@ class MissingCapability(RuntimeError):
 # --- contact points (issue 9) ---
 # Each public function below is one contact point. ``CONTACTS`` lists a check per contact point; the
 # start-up report and tests/test_host_contracts.py run them all.
-
-import functools
-import importlib
-import inspect
-import logging
-import re
-
-import torch
 
 TESTED_VERSIONS = ("0.3.64", "0.3.75")  # each one runs the server tests in CI or locally (docs/readme/i9.md)
 UNKNOWN_VERSION = "unknown"
