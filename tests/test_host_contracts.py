@@ -422,3 +422,21 @@ def test_out_of_place_training_blocks_match_the_stock_blocks(family):
                                                   checkpointing=False)
     with contact(f"{adapter.display_name} block structure (core/blocks.py out-of-place blocks)"):
         torch.testing.assert_close(run_forward(model, options), run_forward(model), rtol=1e-4, atol=1e-5)
+
+
+def test_runtime_checks_name_their_contact_point():
+    """Layouts and arguments checked while the model runs fail with MissingCapability, not IndexError."""
+    with pytest.raises(host.MissingCapability, match=r"Qwen-Image pe layout: pe has shape \[1, 4, 4, 8, 2, 2\]"):
+        host.rope_sequence_axis(torch.zeros(1, 4, 4, 8, 2, 2))
+    assert host.rope_sequence_axis(torch.zeros(1, 1, 4, 8, 2, 2)) == 2
+    assert host.rope_sequence_axis(torch.zeros(1, 4, 1, 8, 2, 2)) == 1
+    with pytest.raises(host.MissingCapability, match=r"double_block arguments: .* without pe"):
+        host.check_block_args("double_block", {"img": 0, "txt": 0, "vec": 0, "transformer_options": {}})
+    with pytest.raises(host.MissingCapability, match="original_block"):
+        host.check_block_args("single_block", {"img": 0, "vec": 0, "pe": 0, "transformer_options": {}}, {})
+
+    class Backup:
+        weight = None
+
+    with pytest.raises(host.MissingCapability, match=r"ModelPatcher.backup: backup\['w'\] has no .weight"):
+        host.patched_weight_originals(type("Patcher", (), {"backup": {"w": Backup()}})())
