@@ -397,6 +397,7 @@ def lora_forms():
     (contact point: lora.load_lora key forms)."""
     contact = "lora.load_lora key forms"
     load = _attribute(_module("comfy.lora", contact), "load_lora", contact)
+    _parameters(load, ("lora", "to_load", "log_missing"), contact)
     taken = {}
     for name, suffixes in LORA_FORMS.items():
         probe = {"probe" + s: torch.ones(2, 2) for s in suffixes if s != ".reshape_weight"}
