@@ -9,6 +9,14 @@ AttributeError or IndexError.
 Sections are grouped by area; each function says which contact point it is.
 """
 
+import functools
+import importlib
+import inspect
+import logging
+import re
+
+import torch
+
 
 class MissingCapability(RuntimeError):
     """ComfyUI lacks something this package relies on; the message names the contact point."""
@@ -17,14 +25,6 @@ class MissingCapability(RuntimeError):
 # --- contact points (issue 9) ---
 # Each public function below is one contact point. ``CONTACTS`` lists a check per contact point; the
 # start-up report and tests/test_host_contracts.py run them all.
-
-import functools
-import importlib
-import inspect
-import logging
-import re
-
-import torch
 
 TESTED_VERSIONS = ("0.3.64", "0.3.75")  # each one runs the server tests in CI or locally (docs/readme/i9.md)
 UNKNOWN_VERSION = "unknown"
@@ -344,6 +344,17 @@ def patched_weight_originals(patcher):
     return originals
 
 
+def weight_patches(patcher):
+    """``{weight key: [patch entries]}`` a ModelPatcher holds (LoRAs and other weight patches; contact point:
+    ModelPatcher.patches). Empty for anything without patches."""
+    patches = getattr(patcher, "patches", None) if patcher is not None else None
+    if patches is None:
+        return {}
+    if not isinstance(patches, dict):
+        raise missing("ModelPatcher.patches", f"patches is a {type(patches).__name__}, not a dict")
+    return patches
+
+
 def apply_lora(model, state_dict, strength=1.0):
     """A clone of ``model`` with a ComfyUI-form LoRA state dict applied the stock way (what
     LoraLoaderModelOnly does; contact point: sd.load_lora_for_models)."""
@@ -386,6 +397,7 @@ def lora_forms():
     (contact point: lora.load_lora key forms)."""
     contact = "lora.load_lora key forms"
     load = _attribute(_module("comfy.lora", contact), "load_lora", contact)
+    _parameters(load, ("lora", "to_load", "log_missing"), contact)
     taken = {}
     for name, suffixes in LORA_FORMS.items():
         probe = {"probe" + s: torch.ones(2, 2) for s in suffixes if s != ".reshape_weight"}
