@@ -136,7 +136,7 @@ def dataset_case(rng, folder):
     dataset.dataset_fingerprint(folder)
     loaded = dataset.load_dataset(folder, max_pixels=rng.choice([256, 1024, 1 << 20]))
     for i, record in enumerate(loaded.records):
-        image, masks = dataset.prepare_sample(record, loaded.bucket_of(i))
+        image, masks = dataset.prepare_image(record, loaded.bucket_of(i)), dataset.prepare_masks(record, loaded.bucket_of(i))
         assert image.shape[-2:] == masks.shape[-2:] == loaded.bucket_of(i)
 
 
