@@ -1,11 +1,16 @@
-"""EliGen's regional attention: masks to the token grid, the "may attend" matrix, and the override
-that hands it to ComfyUI's attention functions.
+"""EliGen's regional attention: masks to the token grid, the "may attend" rule, and the override that
+applies it through ComfyUI's attention functions.
 
 The rule (same for FLUX.1 and Qwen-Image; the joint sequence is ``[E1 .. EN, G, image]``):
 - a text segment attends to itself; different text segments never see each other (entities are isolated
   from each other and from the global prompt G);
 - G <-> every image token; entity k <-> image token t only when t lies inside mask k (both ways);
 - image <-> image always.
+
+How it reaches attention (``METHODS``; all give the dense masked attention's result, see docs/design.md
+"Entity attention"): ``augmented`` folds the rule into extra head dimensions of one unmasked call,
+``grouped`` splits the call into unmasked pieces over the keys each group of queries may see, ``auto``
+picks between them, ``dense`` hands over the S x S additive mask (the reference form).
 """
 
 import torch
@@ -109,7 +114,8 @@ def rule_features(segment_lengths, token_masks):
 class EntityAttention:
     """What the model patch puts in ``transformer_options[OPTIONS_KEY]`` for one forward pass: the text
     segment lengths, the image-token masks ``[B or 1, N, T_img]`` and how to apply them. The grouped
-    plan and the dense mask are each built once, on first use, and reused by every block."""
+    plan, the augmented features, the dense mask and the auto choice are each built once, on first use,
+    and reused by every block."""
 
     def __init__(self, segment_lengths, token_masks, method=AUTO):
         if method not in METHODS:
@@ -122,7 +128,7 @@ class EntityAttention:
         self.text_length = sum(self.segment_lengths)
         self.sequence_length = self.text_length + token_masks.shape[-1]
         self._allowed = None
-        self._additive = {}
+        self._cache = {}
         self._plans = {}
 
     @property
@@ -134,17 +140,17 @@ class EntityAttention:
 
     def additive(self, dtype, device):
         key = (dtype, str(device))
-        if key not in self._additive:
-            self._additive[key] = additive_mask(self.allowed.to(device), dtype)[:, None]  # [B, 1, S, S]
-        return self._additive[key]
+        if key not in self._cache:
+            self._cache[key] = additive_mask(self.allowed.to(device), dtype)[:, None]  # [B, 1, S, S]
+        return self._cache[key]
 
     def features(self, dtype, device):
         """``rule_features`` scaled for the augmented method, cached per dtype and device."""
         key = ("features", dtype, str(device))
-        if key not in self._additive:
+        if key not in self._cache:
             query, key_features = rule_features(self.segment_lengths, self.token_masks.to(device))
-            self._additive[key] = ((query * BLOCKED_PRODUCT).to(dtype)[:, None], key_features.to(dtype)[:, None])
-        return self._additive[key]
+            self._cache[key] = ((query * BLOCKED_PRODUCT).to(dtype)[:, None], key_features.to(dtype)[:, None])
+        return self._cache[key]
 
     def auto_method(self, device, head_dim):
         """augmented or grouped, whichever the work estimate says is cheaper: augmented computes all S x S
@@ -152,12 +158,12 @@ class EntityAttention:
         a cost per call. Padded entity text (many text tokens, each seeing few image tokens) favours
         grouped; short entity prompts favour augmented's single call."""
         key = ("auto", str(device), head_dim)
-        if key not in self._additive:
+        if key not in self._cache:
             plan = self.plan(device)
             width = augmented_width(head_dim, len(self.segment_lengths) - 1)
             augmented = len(plan.rows) * self.sequence_length ** 2 * width / head_dim
-            self._additive[key] = GROUPED if plan.cost < augmented else AUGMENTED
-        return self._additive[key]
+            self._cache[key] = GROUPED if plan.cost < augmented else AUGMENTED
+        return self._cache[key]
 
     def plan(self, device):
         key = str(device)

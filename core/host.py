@@ -9,6 +9,14 @@ AttributeError or IndexError.
 Sections are grouped by area; each function says which contact point it is.
 """
 
+import functools
+import importlib
+import inspect
+import logging
+import re
+
+import torch
+
 
 class MissingCapability(RuntimeError):
     """ComfyUI lacks something this package relies on; the message names the contact point."""
@@ -17,14 +25,6 @@ class MissingCapability(RuntimeError):
 # --- contact points (issue 9) ---
 # Each public function below is one contact point. ``CONTACTS`` lists a check per contact point; the
 # start-up report and tests/test_host_contracts.py run them all.
-
-import functools
-import importlib
-import inspect
-import logging
-import re
-
-import torch
 
 TESTED_VERSIONS = ("0.3.64", "0.3.75")  # each one runs the server tests in CI or locally (docs/readme/i9.md)
 UNKNOWN_VERSION = "unknown"
@@ -344,6 +344,17 @@ def patched_weight_originals(patcher):
     return originals
 
 
+def weight_patches(patcher):
+    """``{weight key: [patch entries]}`` a ModelPatcher holds (LoRAs and other weight patches; contact point:
+    ModelPatcher.patches). Empty for anything without patches."""
+    patches = getattr(patcher, "patches", None) if patcher is not None else None
+    if patches is None:
+        return {}
+    if not isinstance(patches, dict):
+        raise missing("ModelPatcher.patches", f"patches is a {type(patches).__name__}, not a dict")
+    return patches
+
+
 def apply_lora(model, state_dict, strength=1.0):
     """A clone of ``model`` with a ComfyUI-form LoRA state dict applied the stock way (what
     LoraLoaderModelOnly does; contact point: sd.load_lora_for_models)."""
@@ -386,6 +397,7 @@ def lora_forms():
     (contact point: lora.load_lora key forms)."""
     contact = "lora.load_lora key forms"
     load = _attribute(_module("comfy.lora", contact), "load_lora", contact)
+    _parameters(load, ("lora", "to_load", "log_missing"), contact)
     taken = {}
     for name, suffixes in LORA_FORMS.items():
         probe = {"probe" + s: torch.ones(2, 2) for s in suffixes if s != ".reshape_weight"}
@@ -766,38 +778,22 @@ def _as_device(device):
 
 
 # --- headless loading (issue 12) ---
-# The headless trainer (scripts/train.py) loads models the way the stock loader nodes do, through
-# ComfyUI's own loading functions, without a server.
+# The headless trainer (scripts/train.py) loads models as the stock loader nodes do, through ComfyUI's
+# own loading functions, without a server.
 
-import os  # noqa: E402  (this section's own imports, kept with it)
-
-import torch  # noqa: E402
+import os  # noqa: E402  (this section's own import, kept with it)
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # UNETLoader's weight_dtype choices
 
 
-def _require(module, name, contact):
-    if not hasattr(module, name):
-        raise MissingCapability(f"{contact}: ComfyUI has no {module.__name__}.{name} (version {_comfy_version()})")
-    return getattr(module, name)
-
-
-def _comfy_version():
-    try:
-        import comfyui_version
-        return comfyui_version.__version__
-    except Exception:  # an old checkout without the version module
-        return "unknown"
-
-
 def model_file_path(folder, name):
-    """Absolute path of a model file as the stock loaders list it (``folder_paths`` names). Only
+    """Absolute path of a model file as the stock loaders list it (contact point: folder_paths). Only
     safetensors files are accepted: the headless trainer never unpickles."""
-    import folder_paths
-
+    contact = "folder_paths.get_full_path"
+    folder_paths = _module("folder_paths", contact)
     if not str(name).endswith(".safetensors"):
         raise ValueError(f"{folder} file {name!r}: only .safetensors files are loaded")
-    path = _require(folder_paths, "get_full_path", "model file lookup")(folder, name)
+    path = _attribute(folder_paths, "get_full_path", contact)(folder, name)
     if path is None:
         places = ", ".join(folder_paths.get_folder_paths(folder)) or "no folder"
         raise ValueError(f"{folder} file {name!r} not found (looked in {places})")
@@ -805,18 +801,17 @@ def model_file_path(folder, name):
 
 
 def add_models_dir(models_dir):
-    """Look for model files in ``models_dir/<kind>`` too (the layout of ComfyUI's models folder)."""
-    import folder_paths
-
-    add = _require(folder_paths, "add_model_folder_path", "extra models folder")
+    """Look for model files in ``models_dir/<kind>`` too, ComfyUI's models layout (contact point:
+    folder_paths.add_model_folder_path)."""
+    contact = "folder_paths.add_model_folder_path"
+    add = _attribute(_module("folder_paths", contact), "add_model_folder_path", contact)
     for kind in ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae", "loras", "embeddings"):
         add(kind, os.path.join(models_dir, kind))
 
 
 def load_diffusion_model_file(name, weight_dtype="default"):
-    """UNETLoader: a diffusion model file -> ModelPatcher."""
-    import comfy.sd
-
+    """UNETLoader: a diffusion model file -> ModelPatcher (contact point: sd.load_diffusion_model)."""
+    contact = "sd.load_diffusion_model(model_options=)"
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     options = {}
@@ -826,60 +821,85 @@ def load_diffusion_model_file(name, weight_dtype="default"):
             options["fp8_optimizations"] = True
     elif weight_dtype == "fp8_e5m2":
         options["dtype"] = torch.float8_e5m2
-    load = _require(comfy.sd, "load_diffusion_model", "diffusion model loader")
+    load = _attribute(_module("comfy.sd", contact), "load_diffusion_model", contact)
+    _parameters(load, ("model_options",), contact)
     return load(model_file_path("diffusion_models", name), model_options=options)
 
 
 def load_text_encoder_files(names, clip_type, device="default"):
-    """CLIPLoader / DualCLIPLoader: text encoder files -> comfy.sd.CLIP."""
-    import comfy.sd
-    import folder_paths
-
-    types = _require(comfy.sd, "CLIPType", "text encoder types")
+    """CLIPLoader / DualCLIPLoader: text encoder files -> CLIP (contact point: sd.load_clip, sd.CLIPType)."""
+    contact = "sd.load_clip(ckpt_paths=, clip_type=)"
+    sd = _module("comfy.sd", contact)
+    types = _attribute(sd, "CLIPType", contact)
     if not hasattr(types, str(clip_type).upper()):
         raise ValueError(f"text encoder type {clip_type!r} is not known to this ComfyUI")
     options = {}
     if device == "cpu":
         options["load_device"] = options["offload_device"] = torch.device("cpu")
-    load = _require(comfy.sd, "load_clip", "text encoder loader")
+    load = _attribute(sd, "load_clip", contact)
+    _parameters(load, ("ckpt_paths", "embedding_directory", "clip_type", "model_options"), contact)
+    folder_paths = _module("folder_paths", contact)
     return load(ckpt_paths=[model_file_path("text_encoders", n) for n in names],
                 embedding_directory=folder_paths.get_folder_paths("embeddings"),
                 clip_type=getattr(types, str(clip_type).upper()), model_options=options)
 
 
 def load_vae_file(name):
-    """VAELoader (files only): a VAE file -> comfy.sd.VAE."""
-    import comfy.sd
-    import comfy.utils
-
-    read = _require(comfy.utils, "load_torch_file", "VAE file reader")
-    vae = _require(comfy.sd, "VAE", "VAE class")(sd=read(model_file_path("vae", name), safe_load=True))
+    """VAELoader (files only): a VAE file -> VAE (contact point: utils.load_torch_file, sd.VAE)."""
+    contact = "sd.VAE(sd=)"
+    read = _attribute(_module("comfy.utils", contact), "load_torch_file", contact)
+    vae = _attribute(_module("comfy.sd", contact), "VAE", contact)(
+        sd=read(model_file_path("vae", name), safe_load=True))
     if hasattr(vae, "throw_exception_if_invalid"):
         vae.throw_exception_if_invalid()
     return vae
 
 
 def load_checkpoint_file(name):
-    """CheckpointLoaderSimple: one file -> (ModelPatcher, CLIP, VAE)."""
-    import comfy.sd
-    import folder_paths
-
-    load = _require(comfy.sd, "load_checkpoint_guess_config", "checkpoint loader")
+    """CheckpointLoaderSimple: one file -> (ModelPatcher, CLIP, VAE) (contact point:
+    sd.load_checkpoint_guess_config)."""
+    contact = "sd.load_checkpoint_guess_config"
+    load = _attribute(_module("comfy.sd", contact), "load_checkpoint_guess_config", contact)
+    folder_paths = _module("folder_paths", contact)
     out = load(model_file_path("checkpoints", name), output_vae=True, output_clip=True,
                embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return tuple(out[:3])
 
 
 def select_cuda_device(index):
-    """Make ``cuda:index`` the device ComfyUI loads models to (it uses torch's current CUDA device)."""
-    import comfy.model_management
-
-    _require(comfy.model_management, "get_torch_device", "torch device selection")
+    """Make ``cuda:index`` the device ComfyUI loads models to: it uses torch's current CUDA device
+    (contact point: model_management.get_torch_device)."""
+    contact = "model_management.get_torch_device"
+    get_device = _attribute(_module("comfy.model_management", contact), "get_torch_device", contact)
     torch.cuda.set_device(index)
-    device = comfy.model_management.get_torch_device()
+    device = get_device()
     if device.type == "cuda" and device.index not in (None, index):
-        raise MissingCapability(f"torch device selection: ComfyUI loads to {device}, not cuda:{index}")
+        raise missing(contact, f"it returns {device}, not cuda:{index}, after torch.cuda.set_device({index})")
     return device
+
+
+def _headless_check(module, name, arguments=()):
+    def check():
+        function = _attribute(_module(module, f"{module}.{name}"), name, f"{module}.{name}")
+        if arguments:
+            _parameters(function, arguments, f"{module}.{name}")
+    return check
+
+
+# Checked by tests (tests/test_run_file.py), not at start-up: only scripts/train.py needs them.
+HEADLESS_CONTACTS = {
+    "folder_paths.get_full_path": _headless_check("folder_paths", "get_full_path"),
+    "folder_paths.add_model_folder_path": _headless_check("folder_paths", "add_model_folder_path"),
+    "sd.load_diffusion_model": _headless_check("comfy.sd", "load_diffusion_model", ("model_options",)),
+    "sd.load_clip": _headless_check("comfy.sd", "load_clip",
+                                    ("ckpt_paths", "embedding_directory", "clip_type", "model_options")),
+    "sd.CLIPType": _headless_check("comfy.sd", "CLIPType"),
+    "sd.VAE": _headless_check("comfy.sd", "VAE"),
+    "utils.load_torch_file": _headless_check("comfy.utils", "load_torch_file", ("safe_load",)),
+    "sd.load_checkpoint_guess_config": _headless_check("comfy.sd", "load_checkpoint_guess_config",
+                                                       ("output_vae", "output_clip", "embedding_directory")),
+    "model_management.get_torch_device": _headless_check("comfy.model_management", "get_torch_device"),
+}
 
 
 # --- progress text (issue 13) ---

@@ -180,7 +180,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     release_encoders(clip, vae)
     validation = []
     if settings.validation_every:
-        validation = [validation_sample(samples[0], validation_positive, validation_entities)]
+        validation = [validation_sample(samples[0], validation_positive, validation_entities, adapter.latent_scale)]
 
     progress = host.progress_bar(settings.steps, node_id=node_id)
     result = train(
@@ -213,7 +213,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     }
 
 
-def validation_sample(first, positive=None, entities=None):
+def validation_sample(first, positive=None, entities=None, latent_scale=8):
     """What validation samples: the given prompt/entities at the first record's size, else the first record."""
     if positive is None and entities is None:
         return first
@@ -226,7 +226,7 @@ def validation_sample(first, positive=None, entities=None):
     if entities is not None:
         size = tuple(first.masks.shape[-2:]) if first.masks.numel() else None
         if size is None:
-            size = tuple(int(s) * 8 for s in first.latent.shape[-2:])
+            size = tuple(int(s) * latent_scale for s in first.latent.shape[-2:])
         embeds = [e.embeds for e in entities]
         masks = torch.stack([resize_nearest(e.mask.float(), size) for e in entities]) \
             if entities else torch.zeros(0, *size)

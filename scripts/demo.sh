@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 echo "[demo] setting up (scripts/setup.sh)"
 bash scripts/setup.sh
 export DO_NOT_TRACK=1
-exec .venv/bin/python scripts/toyworld.py demo "$@"
+exec "${ELIGEN_VENV:-.venv}/bin/python" scripts/toyworld.py demo "$@"

@@ -10,11 +10,11 @@ from PIL import Image
 
 from comfyui_eligen.training.dataset import (
     DatasetError,
-    bucketize,
     dataset_from_images,
     load_dataset,
     parse_entity_prompts,
-    prepare_sample,
+    prepare_image,
+    prepare_masks,
     read_mask,
     target_size,
 )
@@ -85,13 +85,13 @@ def test_load_good_folder_with_plain_record(good_folder):
     assert ds.records[0].entity_prompts == ["a red circle", "a blue square"]
     assert ds.records[2].prompt == "just a picture"
     # A plain record prepares to an empty mask stack, not a crash.
-    image, masks = prepare_sample(ds.records[2], ds.bucket_of(2))
+    image, masks = prepare_image(ds.records[2], ds.bucket_of(2)), prepare_masks(ds.records[2], ds.bucket_of(2))
     assert image.shape == (3, 48, 64) and masks.shape == (0, 48, 64)
     # Masks in L, RGB and RGBA all read as white = inside.
-    _, masks_a = prepare_sample(ds.records[0], ds.bucket_of(0))
+    masks_a = prepare_masks(ds.records[0], ds.bucket_of(0))
     assert masks_a[0, :, :32].min() == 1 and masks_a[0, :, 32:].max() == 0
     assert masks_a[1, :, 32:].min() == 1 and masks_a[1, :, :32].max() == 0
-    _, masks_b = prepare_sample(ds.records[1], ds.bucket_of(1))
+    masks_b = prepare_masks(ds.records[1], ds.bucket_of(1))
     assert masks_b[0].sum() == 32 * 32
 
 
@@ -268,7 +268,7 @@ def test_resize_and_crop_are_centred_and_masks_follow(tmp_path):
     write_metadata(tmp_path, [record("im.png", entities=[("right", "m.png")])])
     ds = load_dataset(str(tmp_path), max_pixels=5000)
     assert ds.bucket_of(0) == (48, 96)
-    pixels, masks = prepare_sample(ds.records[0], ds.bucket_of(0))
+    pixels, masks = prepare_image(ds.records[0], ds.bucket_of(0)), prepare_masks(ds.records[0], ds.bucket_of(0))
     assert pixels.shape == (3, 48, 96) and masks.shape == (1, 48, 96)
     assert pixels.min() >= 0 and pixels.max() <= 1
     # Scale = max(96/200, 48/100) = 0.48 -> 96x48 exactly: the colour border stays in the middle.
@@ -284,35 +284,10 @@ def test_crop_removes_equal_margins(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "im.png")
     write_metadata(tmp_path, [record("im.png")])
     ds = load_dataset(str(tmp_path))
-    pixels, _ = prepare_sample(ds.records[0], ds.bucket_of(0))
+    pixels = prepare_image(ds.records[0], ds.bucket_of(0))
     out = (pixels * 255).round().to(torch.int64)
     index = out[0] + 256 * out[1]
     assert torch.equal(index, torch.from_numpy(image[3:67]))
-
-
-def test_bucketize_groups_sizes_and_is_reproducible(tmp_path):
-    sizes = [(64, 48)] * 5 + [(48, 64)] * 4 + [(32, 32)] * 1
-    items = []
-    for i, (w, h) in enumerate(sizes):
-        save_image(tmp_path / f"{i}.png", w, h, seed=i)
-        items.append(record(f"{i}.png"))
-    write_metadata(tmp_path, items)
-    ds = load_dataset(str(tmp_path))
-    batches = bucketize(ds, batch_size=2, seed=7, epoch=0)
-    assert sorted(i for b in batches for i in b) == list(range(10))  # every record exactly once
-    for batch in batches:
-        assert len({ds.bucket_of(i) for i in batch}) == 1
-    assert sorted(len(b) for b in batches) == [1, 1, 2, 2, 2, 2]
-    assert bucketize(ds, 2, seed=7, epoch=0) == batches
-    orders = {tuple(map(tuple, bucketize(ds, 2, seed=7, epoch=e))) for e in range(6)}
-    assert len(orders) > 1  # a new epoch reshuffles
-    assert all(len(b) == 2 for b in bucketize(ds, 2, seed=7, drop_last=True))
-    # keys refine the buckets: records with different keys never share a batch
-    keys = [i % 2 for i in range(10)]
-    for batch in bucketize(ds, 3, seed=1, keys=keys):
-        assert len({keys[i] for i in batch}) == 1
-    with pytest.raises(ValueError, match="batch_size"):
-        bucketize(ds, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,7 +309,7 @@ def test_dataset_from_images_mapping():
     assert [r.prompt for r in ds.records] == ["first caption", "second caption"]
     assert [r.entity_prompts for r in ds.records] == [["red circle", "blue square"], ["green cross"]]
     assert ds.records[1].entities[0].mask[:16].all() and not ds.records[1].entities[0].mask[16:].any()
-    pixels, prepared = prepare_sample(ds.records[0], ds.bucket_of(0))
+    pixels, prepared = prepare_image(ds.records[0], ds.bucket_of(0)), prepare_masks(ds.records[0], ds.bucket_of(0))
     assert torch.allclose(pixels, images[0].permute(2, 0, 1), atol=1 / 255)
     assert torch.equal(prepared, masks[:2])
     # shared prompt, no entities at all: plain samples

@@ -272,3 +272,25 @@ def test_an_override_added_after_eligen_still_runs_on_every_piece(family):
     assert recorder.calls and all(call["mask"] is None for call in recorder.calls)
     pieces = [call for call in recorder.calls if call["sequence"] < joint and call["sequence"] != 4 + 4 * 6]
     assert pieces  # the entity branch ran as pieces, each through the later override
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_training_after_sampling_in_inference_mode_backpropagates(method):
+    """Validation samples under inference mode; the plan and features built there must not reach the
+    training step that follows (inference tensors cannot be saved for backward)."""
+    model = patch.patch_model(tiny_flux(), attention=method)
+    positive, negative = prompts()
+    chosen = entities(3, (64, 96), lengths=(3, 5, 2))
+    with torch.inference_mode():
+        sample(model, *conditioning.apply_entities(positive, chosen, negative), (1, 16, 8, 12), 1.0, steps=1)
+    x = torch.randn(1, 16, 8, 12, requires_grad=True)
+    context = torch.randn(1, 3 + 5 + 2 + 6, TEXT_WIDTH)
+    condition = conditioning.EntityCondition.for_training([3, 5, 2, 6], conditioning.stack_masks(chosen)[0][None])
+    from comfyui_eligen.core import blocks
+
+    adapter = adapter_for(model)
+    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, options, False)
+    out = adapter.training_forward(model.model, x, torch.tensor([0.5]), context, torch.randn(1, TEXT_WIDTH), condition, options)
+    out.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -47,8 +47,9 @@ def run_forward(model, options=None, entities=False):
         masks = torch.zeros(1, 1, 8, 12)
         masks[..., :4] = 1
         condition = conditioning.EntityCondition.for_training(lengths, masks)
-    return adapter.training_forward(model.model, x, torch.tensor([0.5]), context, torch.randn(1, TEXT_WIDTH),
-                                    condition, dict(options or {}))
+    pooled = torch.randn(1, TEXT_WIDTH, generator=torch.Generator().manual_seed(2))
+    return adapter.training_forward(model.model, x, torch.tensor([0.5]), context, pooled, condition,
+                                    dict(options or {}))
 
 
 # ---- one test per contact point ---------------------------------------------------------------
@@ -195,8 +196,9 @@ def test_model_patcher_backup_holds_the_originals():
     original = model.model.state_dict()[key].clone()
     lora = {f"{module}.lora_up.weight": torch.ones(original.shape[0], 2),
             f"{module}.lora_down.weight": torch.ones(2, original.shape[1])}
-    with contact("ModelPatcher.backup / sd.load_lora_for_models"):
+    with contact("ModelPatcher.backup / ModelPatcher.patches / sd.load_lora_for_models"):
         patched = host.apply_lora(model, lora, 1.0)
+        assert key in host.weight_patches(patched) and not host.weight_patches(model)
         patched.patch_model()
         try:
             assert not torch.equal(patched.model.state_dict()[key], original)
@@ -385,3 +387,56 @@ def test_a_server_with_a_removed_capability_names_it(tmp_path):
         assert_refused(server, [p.contact for p in host.missing_capabilities()] or [REMOVED])
     finally:
         server.stop()
+
+
+def test_a_newer_version_with_every_capability_runs_with_a_notice(monkeypatch, caplog):
+    monkeypatch.setattr(host, "comfyui_version", lambda: "9.9.9")
+    with caplog.at_level(logging.WARNING, logger="comfyui_eligen"):
+        assert host.startup_report(logging.getLogger("comfyui_eligen")) == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "comfyui_eligen"]
+    assert len(lines) == 1 and "9.9.9 is newer than the newest tested version" in lines[0], lines
+    host.require_all()  # nodes run
+
+
+@pytest.mark.compat
+def test_startup_report_logs_one_line_at_most(caplog):
+    """A tested version logs nothing; a ComfyUI lacking a capability logs one error line naming it."""
+    with caplog.at_level(logging.INFO, logger="comfyui_eligen"):
+        problems = host.startup_report(logging.getLogger("comfyui_eligen"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "comfyui_eligen"]
+    if problems:
+        assert len(lines) == 1 and all(p.contact in lines[0] for p in problems), lines
+    elif host.comfyui_version() in host.TESTED_VERSIONS:
+        assert lines == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_out_of_place_training_blocks_match_the_stock_blocks(family):
+    """core/blocks.py re-implements the FLUX blocks from their layers (img_mod, img_attn.qkv, linear1, ...):
+    the same output as ComfyUI's own blocks, or the block structure changed."""
+    from comfyui_eligen.core import blocks
+
+    model = FAMILIES[family]()
+    adapter = adapter_for(model)
+    options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, {},
+                                                  checkpointing=False)
+    with contact(f"{adapter.display_name} block structure (core/blocks.py out-of-place blocks)"):
+        torch.testing.assert_close(run_forward(model, options), run_forward(model), rtol=1e-4, atol=1e-5)
+
+
+def test_runtime_checks_name_their_contact_point():
+    """Layouts and arguments checked while the model runs fail with MissingCapability, not IndexError."""
+    with pytest.raises(host.MissingCapability, match=r"Qwen-Image pe layout: pe has shape \[1, 4, 4, 8, 2, 2\]"):
+        host.rope_sequence_axis(torch.zeros(1, 4, 4, 8, 2, 2))
+    assert host.rope_sequence_axis(torch.zeros(1, 1, 4, 8, 2, 2)) == 2
+    assert host.rope_sequence_axis(torch.zeros(1, 4, 1, 8, 2, 2)) == 1
+    with pytest.raises(host.MissingCapability, match=r"double_block arguments: .* without pe"):
+        host.check_block_args("double_block", {"img": 0, "txt": 0, "vec": 0, "transformer_options": {}})
+    with pytest.raises(host.MissingCapability, match="original_block"):
+        host.check_block_args("single_block", {"img": 0, "vec": 0, "pe": 0, "transformer_options": {}}, {})
+
+    class Backup:
+        weight = None
+
+    with pytest.raises(host.MissingCapability, match=r"ModelPatcher.backup: backup\['w'\] has no .weight"):
+        host.patched_weight_originals(type("Patcher", (), {"backup": {"w": Backup()}})())

@@ -86,9 +86,10 @@ def test_loader_applies_internal_names_like_the_stock_loader_applies_kohya(serve
 def test_loader_names_keys_the_model_has_no_place_for(server):
     internal, _ = toy_flux_loras()
     internal["blocks.0.attn.a_to_nowhere.lora_A.default.weight"] = torch.zeros(RANK, 128)
+    internal["blocks.0.attn.a_to_nowhere.lora_B.default.weight"] = torch.zeros(128, RANK)
     lf.save_lora(os.path.join(server.models_dir, "loras", "toy_bad.safetensors"), internal)
     with pytest.raises(ServerError) as error:
         server.run_workflow(graph("EliGenLoraLoader", "toy_bad.safetensors"))
     message = str(error.value)
     assert "EliGenLoraLoader" in message and "toy_bad.safetensors" in message
-    assert "'blocks.0.attn.a_to_nowhere.lora_A.default.weight'" in message and "1 key(s)" in message
+    assert "'blocks.0.attn.a_to_nowhere.lora_A.default.weight'" in message and "2 key(s)" in message

@@ -427,3 +427,47 @@ def test_the_suite_has_at_least_80_cases():
     tables = [FOLDER_CASES, GRAPH_CASES, ENTITY_CASES, LORA_CASES, LORA_FILE_CASES, SETTINGS_CASES,
               LORA_SETTINGS_CASES, NAME_CASES, TRAINING_INPUT_CASES, CHECKPOINT_CASES]
     assert sum(len(t) for t in tables) >= 80
+
+
+# ---------------------------------------------------------------------------------------------------
+# A few of the cases through a real server: the message reaches the user and names the item.
+
+SERVER_LORA_CASES = [
+    ("up-without-down", {"double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(384, 2)}, "has no lora_down"),
+    ("nan-alpha", {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(384, 2),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
+                   "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float("nan"))}, "NaN or inf"),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", SERVER_LORA_CASES, ids=[c[0] for c in SERVER_LORA_CASES])
+def test_bad_lora_files_through_the_server(comfy_server, case):
+    from comfy_server import ServerError
+    from test_lora_formats_server import graph
+
+    name, state_dict, expected = case
+    file_name = f"bad_{name}.safetensors"
+    lora_formats.save_lora(os.path.join(comfy_server.models_dir, "loras", file_name), state_dict)
+    with pytest.raises(ServerError) as error:
+        comfy_server.run_workflow(graph("EliGenLoraLoader", file_name))
+    message = str(error.value)
+    assert "EliGenLoraLoader" in message and file_name in message and expected in message
+    assert "KeyError" not in message
+
+
+@pytest.mark.server
+def test_bad_lora_name_is_refused_by_the_training_node_before_training(comfy_server):
+    from comfy_server import ServerError
+    from test_reliability_kill import make_dataset
+    from test_training_server import common_nodes, train_node
+
+    make_dataset(comfy_server.input_dir, "reliability_set")  # its own folder on the shared server
+    nodes = common_nodes()
+    nodes["2"]["inputs"]["folder"] = "reliability_set"
+    nodes["10"] = train_node("n" * 300, steps=50)
+    with pytest.raises(ServerError) as error:
+        comfy_server.run_workflow(nodes)
+    message = str(error.value)
+    assert "EliGenTrain" in message and "lora_name is 300 characters long" in message
+    assert "EliGen training: step" not in comfy_server.log_text()[-20000:]

@@ -115,6 +115,11 @@ def test_model_files_are_safetensors_only_and_found_in_a_models_dir(tmp_path):
     assert host.model_file_path("vae", "mine.safetensors") == str(tmp_path / "vae" / "mine.safetensors")
 
 
+@pytest.mark.parametrize("name", list(host.HEADLESS_CONTACTS))
+def test_headless_contact_points_exist_in_this_comfyui(name):
+    host.HEADLESS_CONTACTS[name]()
+
+
 def test_headless_one_process_trains_and_resumes(tmp_path, dataset_folder):
     """Four steps in one go equal two steps, then two more resumed from the checkpoint."""
     run = exported(dataset_folder, entity_text_length="real_length")

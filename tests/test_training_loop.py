@@ -145,12 +145,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint_with_a_finite_loss(
     assert resumed.step == kept.step + 3
     assert all(math.isfinite(loss) for _, loss in resumed.losses[kept.step:])
 
-    # At 1e6 the first update already blows up: its weights are set aside and nothing is kept.
-    run = str(tmp_path / "nan_first")
-    settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=1, seed=3, learning_rate=1e6, max_grad_norm=0.0)
-    with pytest.raises(TrainingStopped, match=r"at step 2; .*no checkpoint before it was kept"):
-        train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
-    assert checkpoints.latest_checkpoint(run) is None and sorted(os.listdir(run)) == ["step_000001.nonfinite"]
+    # At 1e6 (issue 8) the first update already blows up: its weights are set aside and the weights
+    # before it (kept in memory) become step 0; resuming from them at 1e-4 trains on.
+    for every in (1, 0):
+        run = str(tmp_path / f"nan_first_{every}")
+        settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=every, seed=3, learning_rate=1e6, max_grad_norm=0.0)
+        with pytest.raises(TrainingStopped, match=r"at step 2; .*last checkpoint with a finite loss: .*step_000000"):
+            train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
+        kept = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run))
+        assert kept.step == 0 and max(float(t.abs().max()) for t in kept.lora.values()) < 10
+        resumed = train(tiny_flux(seed=0), samples_for("flux", count=2), LORA,
+                        TrainSettings(steps=3, batch_size=1, seed=3, learning_rate=1e-4), run_dir=run, resume="latest")
+        assert resumed.step == 3 and all(math.isfinite(loss) for _, loss in resumed.losses)
 
 
 def test_non_finite_training_data_is_refused_naming_the_sample():

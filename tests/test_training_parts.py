@@ -13,6 +13,8 @@ import comfy.model_patcher
 import comfy.sd
 from comfyui_eligen.core import blocks
 from comfyui_eligen.core.adapters import adapter_for
+from comfyui_eligen.core.adapters.flux import FluxAdapter
+from comfyui_eligen.core.adapters.qwen_image import QwenImageAdapter
 from comfyui_eligen.core.lora_formats import stock_unmatched_keys, model_key_map
 from comfyui_eligen.toyworld.models import build_diffusion_model, init_weights
 from comfyui_eligen.training import checkpoints, lora, loss
@@ -109,24 +111,24 @@ def test_training_replacement_wraps_an_existing_replacement():
 
 
 def test_reference_schedules():
-    flux = loss.reference_sigmas("flux")
+    flux = loss.reference_sigmas(FluxAdapter.reference_schedule)
     s = torch.linspace(1.0, 0.003 / 1.002, 1000, dtype=torch.float64)
     assert len(flux) == 1000 and flux[0] == pytest.approx(1.0)
     assert flux[500].item() == pytest.approx((3 * s[500] / (1 + 2 * s[500])).item())
     assert (flux[1:] < flux[:-1]).all()
-    qwen = loss.reference_sigmas("qwen_image")
+    qwen = loss.reference_sigmas(QwenImageAdapter.reference_schedule)
     assert len(qwen) == 1000 and qwen[0] == pytest.approx(1.0) and qwen[-1] == pytest.approx(0.02)
     assert (qwen[1:] < qwen[:-1]).all()
     weights = loss.reference_weights()
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights.argmax().item() in (499, 500) and weights.min().item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="sdxl"):
-        loss.reference_sigmas("sdxl")
+        loss.reference_sigmas({"kind": "sdxl"})
 
 
 @pytest.mark.parametrize("kind", loss.TIMESTEP_SAMPLERS)
 def test_timestep_samplers_are_seeded(kind):
-    sampler = loss.TimestepSampler(kind, family="flux")
+    sampler = loss.TimestepSampler(kind, schedule=FluxAdapter.reference_schedule)
     a = sampler(64, torch.Generator().manual_seed(3))
     b = sampler(64, torch.Generator().manual_seed(3))
     c = sampler(64, torch.Generator().manual_seed(4))

@@ -121,7 +121,8 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
     lora_settings = LoraSettings(rank=rank, alpha=float(rank), preset=TRAIN_FIXED["preset"])
     settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                              schedule=TRAIN_FIXED["schedule"], warmup_steps=warmup_steps,
-                             timestep_sampling=TRAIN_FIXED["timestep_sampling"], seed=seed)
+                             timestep_sampling=TRAIN_FIXED["timestep_sampling"], seed=seed,
+                             precision="fp32", gradient_checkpointing=False)  # as the toy workflows
     started = time.time()
     def progress(step, total, loss, left, previews):
         if log is not None and (step % 25 == 0 or step == total):

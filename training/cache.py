@@ -21,7 +21,6 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,40 +28,11 @@ from safetensors.torch import load_file, save_file
 from ..core import host
 from ..core.files import atomic_path
 from .dataset import EliGenDataset, prepare_image, prepare_masks
+from .sample import Sample
 
 CACHE_VERSION = 1
 RESIZE_RULE = "cover-bilinear-centre-crop/exif"  # part of the latent key: change it when the rule changes
 FINGERPRINT_SAMPLES = 64  # elements sampled from each weight tensor
-
-
-@dataclass
-class EncodedSample:
-    index: int  # position in the dataset
-    latent: torch.Tensor  # [C, h, w] after latent_format.process_in ([C, T, h, w] for video-style VAEs)
-    context: torch.Tensor  # [1, L, D] global prompt embeddings
-    pooled: torch.Tensor | None  # [1, Dp] pooled global prompt (FLUX) or None
-    entity_embeds: list[torch.Tensor]  # one [1, Lk, D] per entity, each encoded on its own
-    masks: torch.Tensor  # [N, H, W] float32 in {0, 1} at the training size, image pixels
-    prompt: str = ""
-    entity_prompts: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.masks.shape[-2:])
-
-    def batch_key(self) -> tuple:
-        """Samples with equal keys can be stacked into one batch (same latent shape and text lengths)."""
-        return (tuple(self.latent.shape), self.context.shape[1], tuple(e.shape[1] for e in self.entity_embeds))
-
-    def to(self, device=None, dtype=None) -> "EncodedSample":
-        """A copy on ``device`` / ``dtype`` made outside inference mode, so autograd may use it."""
-        def move(t):
-            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None).clone()
-
-        with torch.inference_mode(False):
-            return EncodedSample(self.index, move(self.latent), move(self.context), move(self.pooled),
-                                 [move(e) for e in self.entity_embeds], move(self.masks), self.prompt,
-                                 list(self.entity_prompts))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,7 +97,7 @@ def _hash_patch_value(h, value):
 
 def patcher_fingerprint(patcher) -> str:
     """Digest of a ModelPatcher's weight patches (keys, strengths and sampled patch tensors)."""
-    patches = getattr(patcher, "patches", None) or {}
+    patches = host.weight_patches(patcher)
     h = hashlib.sha256()
     for key in sorted(patches):
         h.update(key.encode())
@@ -337,8 +307,8 @@ def _text_entries(texts_and_options, clip, cache: EncodingCache, progress):
 
 def encode_dataset(dataset: EliGenDataset, vae, clip, latent_format=None, cache: EncodingCache | None = None,
                    entity_tokenizer_options: dict | None = None, prompt_tokenizer_options: dict | None = None,
-                   vae_batch_size: int = 4, progress=None) -> list[EncodedSample]:
-    """An EncodedSample for every record, running the encoders only for what the cache lacks.
+                   vae_batch_size: int = 4, progress=None) -> list[Sample]:
+    """A Sample for every record, running the encoders only for what the cache lacks.
 
     vae: comfy.sd.VAE (``encode(pixels [B, H, W, 3])``); clip: comfy.sd.CLIP; latent_format: a
     LatentFormat, a MODEL whose latent format to use, or None (latents as the VAE returns them).
@@ -396,8 +366,8 @@ def encode_dataset(dataset: EliGenDataset, vae, clip, latent_format=None, cache:
         masks = prepare_masks(record, dataset.bucket_of(i))
         glob = texts[(record.prompt, json.dumps(prompt_options, sort_keys=True))]
         entity_embeds = [texts[(e.prompt, json.dumps(entity_options, sort_keys=True))]["cond"] for e in record.entities]
-        samples.append(EncodedSample(i, found[keys[i]], glob["cond"], glob.get("pooled"), entity_embeds, masks,
-                                     record.prompt, record.entity_prompts))
+        samples.append(Sample(found[keys[i]], glob["cond"], glob.get("pooled"), entity_embeds, masks, index=i,
+                              prompt=record.prompt, entity_prompts=record.entity_prompts))
     if progress is not None:
         progress(total, total)
     return samples

@@ -200,3 +200,30 @@ class Checkpoint:
         if self._scheduler_state is not None:
             # LambdaLR stores its lambdas as None: the functions are rebuilt from the settings.
             scheduler.load_state_dict(dict(self._scheduler_state))
+
+
+class LastFiniteWeights:
+    """A CPU copy of the LoRA weights of the last step whose loss and gradients were finite, taken just
+    before that step's update: when the very next step is non-finite and no checkpoint holds these
+    weights, ``save`` writes them (with a fresh optimizer state), so a run that blows up at once still
+    leaves a checkpoint to resume from. Only kept when the run has a folder."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.step = None
+        self.lora = None
+
+    def remember(self, step, named_parameters):
+        if self.run_dir is not None:
+            self.step = step
+            self.lora = {name: p.detach().to("cpu", copy=True) for name, p in named_parameters.items()}
+
+    def save(self, bad_step, kept, fresh_optimizer, scheduler_state, info):
+        """The checkpoint of step ``bad_step - 1`` from the copy, unless ``kept`` (the path
+        ``keep_last_finite`` returned) already is that step or no copy of that step exists."""
+        step = bad_step - 1
+        if self.lora is None or self.step != step or (kept and kept.endswith(f"step_{step:06d}.safetensors")):
+            return kept
+        state = dict(scheduler_state, last_epoch=step)
+        scheduler = type("SchedulerState", (), {"state_dict": lambda _: state})()
+        return save_checkpoint(self.run_dir, step, self.lora, fresh_optimizer, scheduler, info, keep_last=0)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,11 +164,6 @@ def prepare_masks(record: Record, bucket: tuple[int, int]) -> torch.Tensor:
     masks = [resize_mask(entity.load_mask(), bucket) for entity in record.entities]
     stacked = np.stack(masks) if masks else np.zeros((0,) + tuple(bucket), dtype=bool)
     return torch.from_numpy(stacked.astype(np.float32))
-
-
-def prepare_sample(record: Record, bucket: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image float32 [3, H, W] in [0, 1], masks float32 [N, H, W]) of one record at its bucket size."""
-    return prepare_image(record, bucket), prepare_masks(record, bucket)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,37 +510,3 @@ def dataset_from_images(images, masks, prompts, entity_prompts, max_pixels: int 
     if problems:
         raise DatasetError(problems, "the graph inputs")
     return EliGenDataset(records, None, max_pixels, multiple, f"{batch} graph images")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Aspect buckets
-
-
-def bucketize(dataset: EliGenDataset, batch_size: int, seed: int = 0, epoch: int = 0,
-              keys: list | None = None, drop_last: bool = False) -> list[list[int]]:
-    """Batches of record positions; every batch holds one training size (and one ``keys`` value if given).
-
-    The order is shuffled reproducibly from (seed, epoch): the same arguments give the same batches, a
-    new epoch gives a new order. A bucket's remainder forms a smaller batch unless ``drop_last``.
-    ``keys`` (one hashable per record) refines the buckets, e.g. by entity count or text length when
-    those must match inside a batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if keys is not None and len(keys) != len(dataset):
-        raise ValueError(f"keys: {len(keys)} keys for {len(dataset)} records")
-    rng = random.Random(f"eligen-buckets:{seed}:{epoch}")
-    groups: dict = {}
-    for i in range(len(dataset)):
-        group = (dataset.bucket_of(i),) if keys is None else (dataset.bucket_of(i), keys[i])
-        groups.setdefault(group, []).append(i)
-    batches = []
-    for group in sorted(groups, key=repr):  # a fixed order before shuffling keeps runs reproducible
-        members = groups[group]
-        rng.shuffle(members)
-        for start in range(0, len(members), batch_size):
-            batch = members[start:start + batch_size]
-            if len(batch) == batch_size or not drop_last:
-                batches.append(batch)
-    rng.shuffle(batches)
-    return batches

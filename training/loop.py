@@ -23,6 +23,7 @@ from ..core.conditioning import EntityCondition
 from ..core.patch import patch_model
 from . import checkpoints, lora, offload
 from .faults import check_finite_samples
+from .sample import Sample  # noqa: F401 - the sample type train() takes, importable from here too
 from .loss import (TIMESTEP_SAMPLERS, TimestepSampler, entity_region_weight, flow_matching_loss, noisy_latent,
                    velocity_target)
 
@@ -105,24 +106,11 @@ class TrainSettings:
             problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        try:
-            TimestepSampler(self.timestep_sampling, family="flux")
-        except ValueError as error:
-            problems.append(str(error))
+        if self.timestep_sampling not in TIMESTEP_SAMPLERS:
+            problems.append(f"timestep sampling {self.timestep_sampling!r} is not one of {', '.join(TIMESTEP_SAMPLERS)}")
         if problems:
             raise ValueError("training settings: " + "; ".join(problems))
         return self
-
-
-@dataclass
-class Sample:
-    """One encoded training (or validation) example. ``latent`` is ``latent_format.process_in``-ed;
-    ``masks`` [N, H, W] float at image resolution, one per entity embedding."""
-    latent: torch.Tensor
-    context: torch.Tensor
-    pooled: torch.Tensor | None
-    entity_embeds: list
-    masks: torch.Tensor
 
 
 @dataclass
@@ -158,16 +146,6 @@ def lr_lambda(settings):
         return 1.0
 
     return factor
-
-
-def as_sample(encoded):
-    """Anything with the EncodedSample fields -> ``Sample`` (tensors cloned out of inference mode)."""
-    def own(t):
-        return None if t is None else t.detach().clone()
-    return Sample(
-        latent=own(encoded.latent), context=own(encoded.context), pooled=own(encoded.pooled),
-        entity_embeds=[own(e) for e in encoded.entity_embeds], masks=own(encoded.masks).float(),
-    )
 
 
 def step_generator(seed, step, purpose):
@@ -409,10 +387,10 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
           decode=None, empty_condition=None, on_progress=None, check_interrupt=None, info=None, distributed=None):
     """Train an EliGen LoRA on ``model_patcher`` (left unmodified) and return a ``TrainResult``.
 
-    samples:         EncodedSample-like objects (latent, context, pooled, entity_embeds, masks).
+    samples:         ``Sample`` objects (training/sample.py; what encode_dataset returns).
     run_dir:         folder for checkpoints (None: no checkpoints).
     resume:          None, "latest" or a checkpoint file name inside run_dir.
-    validation:      EncodedSample-like objects to sample every ``validation_every`` steps.
+    validation:      ``Sample`` objects to sample every ``validation_every`` steps.
     decode:          latent [B, C, h, w] (model space, process_out applied by us) -> images [B, H, W, 3].
     empty_condition: (context, pooled) of the empty prompt, for caption dropout (zeros if None).
     on_progress:     callback(step, total, loss, seconds_left, preview_images or None).
@@ -427,8 +405,8 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
         raise ValueError("resume needs a checkpoint folder (run_dir)")
     check_finite_samples(samples)
     check_finite_samples(validation or [], "validation")
-    samples = [as_sample(s) for s in samples]
-    validation = [as_sample(s) for s in (validation or [])]
+    samples = [s.to() for s in samples]  # out of inference mode (nodes encode under it)
+    validation = [s.to() for s in (validation or [])]
     if empty_condition is None:
         first = samples[0]
         empty_condition = (torch.zeros_like(first.context[:, :1]),
@@ -447,7 +425,7 @@ def train(model_patcher, samples, lora_settings, settings, run_dir=None, resume=
 def _train(model, samples, lora_settings, settings, run_dir, resume, validation, decode, empty,
            on_progress, check_interrupt, info, distributed=None):
     family = model.adapter.family
-    sampler = TimestepSampler(settings.timestep_sampling, family=family)
+    sampler = TimestepSampler(settings.timestep_sampling, schedule=model.adapter.reference_schedule)
     optimizer = torch.optim.AdamW(model.parameters, lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
@@ -487,14 +465,19 @@ def _train(model, samples, lora_settings, settings, run_dir, resume, validation,
         return result.checkpoint
 
     started, first_step = time.monotonic(), result.step
+    writer_dir = run_dir if distributed is None or distributed.rank == 0 else None  # only rank 0 writes
+    last_finite = checkpoints.LastFiniteWeights(writer_dir)
     while result.step < settings.steps:
         step = result.step
         try:
             loss_value = _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt,
-                                   distributed)
+                                   distributed, before_update=last_finite.remember)
         except TrainingStopped as error:
             # The weights of `step` gave the non-finite value: keep the checkpoint before them.
-            result.checkpoint = checkpoints.keep_last_finite(run_dir, step)
+            result.checkpoint = last_finite.save(
+                step, checkpoints.keep_last_finite(writer_dir, step),
+                torch.optim.AdamW(model.parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay),
+                scheduler.state_dict(), _run_info(settings, lora_settings, family, [l for l in result.losses if l[0] < step], info))
             where = (f"; last checkpoint with a finite loss: {result.checkpoint}" if result.checkpoint else
                      "; no checkpoint before it was kept (set checkpoint_every to keep some)")
             result.stopped = str(error)
@@ -539,9 +522,11 @@ def use_learning_rate(optimizer, scheduler, settings):
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None):
+def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, check_interrupt, distributed=None,
+              before_update=None):
     """Accumulate gradients over the micro-batches of ``step`` and apply one update. Returns the loss
-    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way)."""
+    (under torchrun: of the whole step, summed over ranks; the gradients are summed the same way).
+    ``before_update(step, named LoRA parameters)`` is called once the loss and gradients are finite."""
     generator = step_generator(settings.seed, step, purpose=0)
     rank = 0 if distributed is None else distributed.rank
     optimizer.zero_grad(set_to_none=True)
@@ -583,6 +568,8 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
     if not torch.isfinite(norm) and not scaler.is_enabled():
         raise TrainingStopped(f"the gradients became non-finite (norm {norm.item()}) at step {step + 1}")
+    if before_update is not None:  # loss and gradients of these weights were finite
+        before_update(step, lora.named_lora_parameters(model.diffusion_model))
     scaler.step(optimizer)  # with fp16 loss scaling, an overflowing step is skipped and the scale lowered
     scaler.update()
     return total

@@ -11,22 +11,20 @@ import torch.nn.functional as F
 
 TIMESTEP_SAMPLERS = ("reference", "logit_normal", "uniform")
 
-# The reference's 1000-step training schedules (DiffSynth FlowMatchScheduler, training mode), per family.
+# The reference's 1000-step training schedules (DiffSynth FlowMatchScheduler, training mode); each family
+# adapter holds its own (``adapter.reference_schedule``):
 # "linear": s' = shift*s / (1 + (shift-1)*s) on linspace(1, sigma_min, N).
 # "exponential": s' = e^mu / (e^mu + 1/s - 1) on linspace(1, 0, N+1)[:-1], then stretched so the last
 # sigma is `terminal`.
-REFERENCE_SCHEDULES = {
-    "flux": {"kind": "linear", "shift": 3.0, "sigma_min": 0.003 / 1.002},
-    "qwen_image": {"kind": "exponential", "mu": 0.8, "terminal": 0.02},
-}
+SCHEDULE_KINDS = ("linear", "exponential")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def reference_sigmas(family, steps=NUM_TRAIN_TIMESTEPS):
-    """The reference's discrete training sigmas for a model family, from high to low noise (float64)."""
-    if family not in REFERENCE_SCHEDULES:
-        raise ValueError(f"no reference timestep schedule for model family {family!r}")
-    spec = REFERENCE_SCHEDULES[family]
+def reference_sigmas(spec, steps=NUM_TRAIN_TIMESTEPS):
+    """The reference's discrete training sigmas for a schedule spec (an adapter's ``reference_schedule``),
+    from high to low noise (float64)."""
+    if not isinstance(spec, dict) or spec.get("kind") not in SCHEDULE_KINDS:
+        raise ValueError(f"no reference timestep schedule: {spec!r} is not one of the kinds {', '.join(SCHEDULE_KINDS)}")
     if spec["kind"] == "linear":
         s = torch.linspace(1.0, spec["sigma_min"], steps, dtype=torch.float64)
         return spec["shift"] * s / (1 + (spec["shift"] - 1) * s)
@@ -48,18 +46,19 @@ def reference_weights(steps=NUM_TRAIN_TIMESTEPS):
 class TimestepSampler:
     """Draws (sigma, loss weight) per batch element from a torch.Generator.
 
-    reference:    index uniform over the family's 1000 shifted sigmas, Gaussian-bump loss weight.
+    reference:    index uniform over the 1000 shifted sigmas of ``schedule`` (the family adapter's
+                  ``reference_schedule``), Gaussian-bump loss weight.
     logit_normal: sigma = sigmoid(N(mean, std)), weight 1.
     uniform:      sigma ~ U(0, 1), weight 1.
     """
 
-    def __init__(self, kind, family=None, logit_mean=0.0, logit_std=1.0):
+    def __init__(self, kind, schedule=None, logit_mean=0.0, logit_std=1.0):
         if kind not in TIMESTEP_SAMPLERS:
             raise ValueError(f"timestep sampling {kind!r} is not one of {', '.join(TIMESTEP_SAMPLERS)}")
         self.kind = kind
         self.logit_mean, self.logit_std = logit_mean, logit_std
         if kind == "reference":
-            self.sigmas = reference_sigmas(family).float()
+            self.sigmas = reference_sigmas(schedule).float()
             self.weights = reference_weights().float()
 
     def __call__(self, batch, generator):

@@ -17,6 +17,8 @@ class Adapter:
     family = ""            # short id: "flux", "qwen_image"
     display_name = ""      # for messages: "FLUX.1", "Qwen-Image"
     patch_size = 2
+    latent_scale = 8            # image pixels per latent cell along each side (the family's VAE)
+    reference_schedule = {}     # the reference's training sigma schedule (training/loss.py reference_sigmas)
     base_model_class = ""       # host.MODEL_CLASSES names of the family's BaseModel and diffusion model
     diffusion_model_class = ""
     LORA_TARGETS = {}      # preset name -> module-name regexes (full match, ComfyUI names)

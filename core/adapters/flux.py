@@ -17,6 +17,7 @@ _SINGLE = r"single_blocks\.\d+\."
 class FluxAdapter(Adapter):
     family = "flux"
     display_name = "FLUX.1"
+    reference_schedule = {"kind": "linear", "shift": 3.0, "sigma_min": 0.003 / 1.002}
     base_model_class = "Flux model"
     diffusion_model_class = "Flux diffusion model"
     LORA_TARGETS = {

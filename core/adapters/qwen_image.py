@@ -19,6 +19,7 @@ _ATTENTION = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|
 class QwenImageAdapter(Adapter):
     family = "qwen_image"
     display_name = "Qwen-Image"
+    reference_schedule = {"kind": "exponential", "mu": 0.8, "terminal": 0.02}
     base_model_class = "QwenImage model"
     diffusion_model_class = "QwenImage diffusion model"
     LORA_TARGETS = {
