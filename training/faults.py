@@ -9,7 +9,8 @@ from ..core.mask_rule import aspect_problem
 
 def sample_name(index, sample):
     prompt = getattr(sample, "prompt", "")
-    record = getattr(sample, "index", index)
+    record = getattr(sample, "index", -1)
+    record = index if record is None or record < 0 else record  # -1: not from a dataset record
     return f"training sample {record}" + (f' ("{prompt[:40]}")' if prompt else "")
 
 
