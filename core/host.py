@@ -656,24 +656,49 @@ def require_all():
 ATTENTION_PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 
+ATTENTION_CALL = "attention call arguments (q, k, v, heads, mask, skip_reshape, skip_output_reshape)"
+
+
 def attention_call_arguments(args, kwargs):
     """All arguments of one attention call by name (keyword arguments ComfyUI adds are kept)."""
     if len(args) > len(ATTENTION_PARAMETERS):
-        raise MissingCapability(f"attention call with {len(args)} positional arguments; expected at most "
-                                f"{len(ATTENTION_PARAMETERS)} ({', '.join(ATTENTION_PARAMETERS)})")
+        raise missing(ATTENTION_CALL, f"{len(args)} positional arguments; expected at most {len(ATTENTION_PARAMETERS)}")
     named = dict(zip(ATTENTION_PARAMETERS, args))
     for name, value in kwargs.items():
         if name in named:
-            raise MissingCapability(f"attention call passes {name!r} both by position and by name")
+            raise missing(ATTENTION_CALL, f"{name!r} passed both by position and by name")
         named[name] = value
-    missing = [name for name in ATTENTION_PARAMETERS[:4] if name not in named]
-    if missing:
-        raise MissingCapability(f"attention call without {', '.join(missing)} (expected q, k, v, heads)")
+    absent = [name for name in ATTENTION_PARAMETERS[:4] if name not in named]
+    if absent:
+        raise missing(ATTENTION_CALL, f"a call without {', '.join(absent)}")
     expected = 4 if named.get("skip_reshape", False) else 3
     if named["q"].ndim != expected:
-        raise MissingCapability(f"attention call with q of {named['q'].ndim} dimensions; expected {expected} "
-                                f"(skip_reshape={named.get('skip_reshape', False)})")
+        raise missing(ATTENTION_CALL, f"q has {named['q'].ndim} dimensions with skip_reshape="
+                                      f"{named.get('skip_reshape', False)}; expected {expected}")
     return named
+
+
+@functools.lru_cache(maxsize=None)
+def check_attention_layouts():
+    """ComfyUI's chosen attention function takes ``[B, H, S, D]`` with skip_reshape and returns it with
+    skip_output_reshape (the entity attention methods call it on pieces in that layout). Checked on tiny
+    tensors (contact point: ATTENTION_CALL)."""
+    attention = _module("comfy.ldm.modules.attention", ATTENTION_CALL)
+    function = _attribute(attention, "optimized_attention", ATTENTION_CALL)
+    q = torch.zeros(1, 2, 3, 4)
+    try:
+        heads_layout = function(q, q, q, 2, skip_reshape=True, skip_output_reshape=True)
+        joined = function(q, q, q, 2, skip_reshape=True, skip_output_reshape=False)
+    except TypeError as error:
+        raise missing(ATTENTION_CALL, f"the attention function does not take skip_reshape/skip_output_reshape "
+                                      f"({error})") from None
+    if tuple(heads_layout.shape) != (1, 2, 3, 4) or tuple(joined.shape) != (1, 3, 8):
+        raise missing(ATTENTION_CALL, f"outputs {tuple(heads_layout.shape)} and {tuple(joined.shape)} for "
+                                      f"[1, 2, 3, 4] inputs; expected (1, 2, 3, 4) and (1, 3, 8)")
+    return True
+
+
+CONTACTS[ATTENTION_CALL] = check_attention_layouts
 
 
 def attention_sequence_length(named):

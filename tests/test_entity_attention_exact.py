@@ -294,3 +294,25 @@ def test_training_after_sampling_in_inference_mode_backpropagates(method):
     out = adapter.training_forward(model.model, x, torch.tensor([0.5]), context, torch.randn(1, TEXT_WIDTH), condition, options)
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_an_attention_function_with_another_layout_is_a_missing_capability(monkeypatch):
+    """Where ComfyUI's attention function stops honouring skip_output_reshape, the start-up check names
+    the contact point instead of the methods failing on shapes."""
+    from comfyui_eligen.core import host
+
+    def joined_only(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        return comfy_attention.attention_basic(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
+
+    monkeypatch.setattr(comfy_attention, "optimized_attention", joined_only)
+    host.check_attention_layouts.cache_clear()
+    try:
+        with pytest.raises(host.MissingCapability, match=r"expected \(1, 2, 3, 4\) and \(1, 3, 8\)"):
+            host.check_attention_layouts()
+    finally:
+        host.check_attention_layouts.cache_clear()
+    q = torch.zeros(1, 4, 8)
+    with pytest.raises(host.MissingCapability, match="without v, heads"):
+        host.attention_call_arguments((q, q), {})
+    with pytest.raises(host.MissingCapability, match="3 dimensions with skip_reshape=True"):
+        host.attention_call_arguments((q, q, q, 2), {"skip_reshape": True})
