@@ -201,7 +201,10 @@ def _match_legend(legend, colours, labels, entity_indices):
             raise ValueError(f"line {number}: colour {match.group(1)} has no prompt after the ':'")
         distance = torch.linalg.vector_norm(colours - wanted, dim=-1)
         nearest = int(distance.argmin())
-        if float(distance[nearest]) > LEGEND_DISTANCE or nearest not in entity_indices:
+        if float(distance[nearest]) <= LEGEND_DISTANCE and nearest not in entity_indices:
+            raise ValueError(f"line {number}: colour {match.group(1)} is the background; choose another "
+                             f"background or remove the line")
+        if float(distance[nearest]) > LEGEND_DISTANCE:
             raise ValueError(
                 f"line {number}: colour {match.group(1)} covers no pixel of the layout; the entity colours "
                 f"are {_describe_colours(colours, labels, entity_indices)}")

@@ -12,6 +12,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ELIGEN_VENV:-$REPO/.venv}"
 
 bash "$REPO/scripts/setup.sh" || { echo "[tests] set-up failed" >&2; exit 2; }
+bash "$REPO/scripts/setup_browser.sh" || { echo "[tests] browser set-up failed (tests/test_browser.py needs it)" >&2; exit 2; }
 
 cd "$REPO"
 "$VENV/bin/python" -m pytest -q "$@"

@@ -104,6 +104,7 @@ def test_legend_orders_by_colour_and_background_choices():
     ("#dc1e1e: red\n#28b43c: green", "largest", "painted colours without a legend line: #1e3cdc"),
     ("#dc1e1e: red\n#dd1e1e: red again\n#1e3cdc: b\n#28b43c: g", "largest", "line 2: colour #dd1e1e names the same"),
     (PROMPTS, "#00ffff", "background colour #00ffff covers no pixel"),
+    ("#ffffff: paper\n#dc1e1e: r\n#1e3cdc: b\n#28b43c: g", "largest", "line 1: colour #ffffff is the background"),
     (PROMPTS, "teal", "background: 'teal' is not a colour"),
     ("", "largest", "no entity prompts"),
 ])
