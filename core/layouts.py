@@ -201,7 +201,10 @@ def _match_legend(legend, colours, labels, entity_indices):
             raise ValueError(f"line {number}: colour {match.group(1)} has no prompt after the ':'")
         distance = torch.linalg.vector_norm(colours - wanted, dim=-1)
         nearest = int(distance.argmin())
-        if float(distance[nearest]) > LEGEND_DISTANCE or nearest not in entity_indices:
+        if float(distance[nearest]) <= LEGEND_DISTANCE and nearest not in entity_indices:
+            raise ValueError(f"line {number}: colour {match.group(1)} is the background; choose another "
+                             f"background or remove the line")
+        if float(distance[nearest]) > LEGEND_DISTANCE:
             raise ValueError(
                 f"line {number}: colour {match.group(1)} covers no pixel of the layout; the entity colours "
                 f"are {_describe_colours(colours, labels, entity_indices)}")
@@ -229,7 +232,8 @@ def parse_boxes(text, width, height, units="auto"):
     """``x, y, w, h`` per line -> [(line number, (x0, y0, x1, y1) in pixels, clipped to the image)].
 
     units: "pixels", "fractions" (of the image width and height) or "auto": fractions when every number
-    of every line is at most 1, else pixels. Empty lines are skipped; errors name the line.
+    of every line is at most 1, pixels when every line has a bigger one (a mix is refused). Empty lines
+    are skipped; errors name the line.
     """
     if units not in UNITS:
         raise ValueError(f"units must be one of {', '.join(UNITS)}, not {units!r}")
@@ -252,7 +256,12 @@ def parse_boxes(text, width, height, units="auto"):
     if not rows:
         raise ValueError("no boxes: write one 'x, y, w, h' line per entity")
     if units == "auto":
-        units = "fractions" if all(abs(v) <= 1.0 for _, _, values in rows for v in values) else "pixels"
+        small = [(number, line) for number, line, values in rows if all(abs(v) <= 1.0 for v in values)]
+        if small and len(small) < len(rows):
+            big = next((number, line) for number, line, values in rows if (number, line) not in small)
+            raise ValueError(f"line {small[0][0]} ({small[0][1]!r}) reads as fractions (every number at most 1) "
+                             f"but line {big[0]} ({big[1]!r}) as pixels; write all lines one way or set units")
+        units = "fractions" if small else "pixels"
     boxes = []
     for number, line, (x, y, w, h) in rows:
         if units == "fractions":

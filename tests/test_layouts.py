@@ -104,6 +104,7 @@ def test_legend_orders_by_colour_and_background_choices():
     ("#dc1e1e: red\n#28b43c: green", "largest", "painted colours without a legend line: #1e3cdc"),
     ("#dc1e1e: red\n#dd1e1e: red again\n#1e3cdc: b\n#28b43c: g", "largest", "line 2: colour #dd1e1e names the same"),
     (PROMPTS, "#00ffff", "background colour #00ffff covers no pixel"),
+    ("#ffffff: paper\n#dc1e1e: r\n#1e3cdc: b\n#28b43c: g", "largest", "line 1: colour #ffffff is the background"),
     (PROMPTS, "teal", "background: 'teal' is not a colour"),
     ("", "largest", "no entity prompts"),
 ])
@@ -148,6 +149,7 @@ def test_boxes_in_pixels_and_fractions():
     ("0, 0, 10, 10\n100, 100, 10, 10", "a\nb", "line 2 ('100, 100, 10, 10'): the box lies outside the 64x48"),
     ("0, 0, 10, 10\n5, 5, 10, 10", "only one", "2 boxes but 1 prompt lines"),
     ("", "a", "no boxes"),
+    ("0, 0, 0.5, 0.5\n32, 0, 32, 48", "a\nb", "line 1 ('0, 0, 0.5, 0.5') reads as fractions (every number at most 1) but line 2"),
 ])
 def test_bad_boxes_are_named(boxes, prompts, message):
     with pytest.raises(ValueError) as error:

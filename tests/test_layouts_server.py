@@ -65,3 +65,42 @@ def test_shipped_painted_workflow_is_the_builder_graph(comfy_server):
                                                   for k, v in graph.items()}
     shipped = np.asarray(Image.open(os.path.join(painted.EXAMPLES_DIR, "inputs", painted.LAYOUT_FILE)).convert("RGB"))
     assert np.array_equal(shipped, np.asarray(painted.paint(layout)))
+
+
+def box_graph(boxes):
+    """Boxes as text -> EliGen Apply -> stock KSampler, and EliGen Preview Entities on an empty canvas."""
+    return {
+        "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": "flux", "weights": "pretrained", "seed": 0}},
+        "2": {"class_type": "EliGenBoxLayout", "inputs": {
+            "boxes": boxes, "prompts": "red circle\nblue square", "clip": ["1", 1], "width": 128, "height": 128,
+            "units": "auto", "text_length": "real_length"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle and a blue square", "clip": ["1", 1]}},
+        "4": {"class_type": "EliGenApply", "inputs": {"model": ["1", 0], "positive": ["3", 0], "entities": ["2", 0]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["4", 0], "seed": 1, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["4", 1], "negative": ["4", 2], "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "boxes_test/out"}},
+        "9": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 1, "color": 0}},
+        "10": {"class_type": "EliGenPreviewEntities", "inputs": {
+            "image": ["9", 0], "entities": ["2", 0], "opacity": 0.5, "labels": False}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "boxes_test/preview"}},
+    }
+
+
+def test_box_layout_feeds_apply_and_preview_and_names_bad_lines(comfy_server):
+    import numpy as np
+    from PIL import Image
+
+    from comfy_server import ServerError
+
+    entry = comfy_server.run_workflow(box_graph("0, 0, 0.5, 0.5\n0.5, 0.5, 0.5, 0.5"))
+    [preview] = [p for p in comfy_server.output_files(entry) if "preview_" in os.path.basename(p)]
+    drawn = np.asarray(Image.open(preview).convert("RGB")).astype(int)
+    # the preview tints each box (and nothing outside them) on the black canvas
+    assert drawn[10:50, 10:50].sum() > 0 and drawn[80:120, 80:120].sum() > 0
+    assert drawn[10:50, 80:120].sum() == 0 and drawn[80:120, 10:50].sum() == 0
+    assert len([p for p in comfy_server.output_files(entry) if os.path.basename(p).startswith("out_")]) == 1
+    with pytest.raises(ServerError, match=r"line 2 \('0.5, 0.5, 0.5'\): expected 4 numbers"):
+        comfy_server.run_workflow(box_graph("0, 0, 0.5, 0.5\n0.5, 0.5, 0.5"))

@@ -4,6 +4,8 @@ shipped toy base (the toy-world training test's recipe), then written into the s
 
 import os
 
+import torch
+
 from comfyui_eligen.core.lora_formats import save_lora
 from comfyui_eligen.toyworld import evaluate, models
 from comfyui_eligen.toyworld.workflows import LORA_NAME
@@ -15,8 +17,15 @@ _trained = {}
 def trained_toy_lora(server, name=LORA_NAME):
     """The LoRA file name in ``server.models_dir/loras`` (trained once per session, FLUX toy base)."""
     if "flux" not in _trained:
-        model, clip, vae = models.load_toy_models("flux", "pretrained")
-        lora, _, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
+        # one thread, as the autouse fixture gives tests (module fixtures run before it): several
+        # threads on busy cores make tiny-model steps many times slower
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model, clip, vae = models.load_toy_models("flux", "pretrained")
+            lora, _, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
+        finally:
+            torch.set_num_threads(threads)
         _trained["flux"] = lora
     path = os.path.join(server.models_dir, "loras", name)
     if not os.path.exists(path):
