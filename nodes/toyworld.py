@@ -95,7 +95,8 @@ class EliGenPlacementMetric(io.ComfyNode):
             display_name="EliGen Placement Metric",
             category=CATEGORY,
             description="Per entity: IoU between where its colour appears and its mask, share of its colour "
-            "outside the mask, success (IoU > 0.5). For toy-world images (palette colours).",
+            "outside the mask, success (IoU > 0.5). Entities of one colour are told apart by their masks (a "
+            "pixel outside all of them counts for the nearest). For toy-world images (palette colours).",
             is_input_list=True,
             is_output_node=True,
             inputs=[
