@@ -11,9 +11,12 @@ Sections are grouped by area; each function says which contact point it is.
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
 import re
+import sys
 
 import torch
 
@@ -530,11 +533,32 @@ def init_pixel_space_vae(vae, dtype):
             raise missing(contact, f"the VAE built from a pixel_space_vae state dict has no {name}")
 
 
+def _comfy_nodes(contact):
+    """ComfyUI's own ``nodes`` module (the V1 built-in nodes). Inside the server it is loaded; elsewhere
+    it is loaded from beside ``folder_paths``, because a bare ``import nodes`` can find this package's
+    ``nodes/`` folder first when the repository folder is on ``sys.path``."""
+    module = sys.modules.get("nodes")
+    if module is not None and hasattr(module, "NODE_CLASS_MAPPINGS"):
+        return module
+    root = os.path.dirname(_attribute(_module("folder_paths", contact), "__file__", contact))
+    spec = importlib.util.spec_from_file_location("nodes", os.path.join(root, "nodes.py"))
+    if spec is None or not os.path.isfile(os.path.join(root, "nodes.py")):
+        raise missing(contact, f"no nodes.py beside folder_paths in {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["nodes"]
+        raise
+    return module
+
+
 def encode_prompt(clip, text):
     """CONDITIONING of a prompt, the way the stock CLIP Text Encode node makes it (contact point: the
     V1 node class nodes.CLIPTextEncode)."""
     contact = "nodes.CLIPTextEncode.encode"
-    node = _attribute(_module("nodes", contact), "CLIPTextEncode", contact)
+    node = _attribute(_comfy_nodes(contact), "CLIPTextEncode", contact)
     return _attribute(node(), "encode", contact)(clip, text)[0]
 
 
@@ -542,7 +566,7 @@ def empty_latent(model, width, height, batch=1):
     """An empty latent for ``model`` (stock EmptyLatentImage, channels fixed for the model the way
     KSampler does; contact point: nodes.EmptyLatentImage, sample.fix_empty_latent_channels)."""
     contact = "nodes.EmptyLatentImage.generate"
-    node = _attribute(_module("nodes", contact), "EmptyLatentImage", contact)
+    node = _attribute(_comfy_nodes(contact), "EmptyLatentImage", contact)
     latent = _attribute(node(), "generate", contact)(width, height, batch)[0]["samples"]
     fix = _attribute(_module("comfy.sample", "sample.fix_empty_latent_channels"), "fix_empty_latent_channels",
                      "sample.fix_empty_latent_channels")
