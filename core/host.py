@@ -454,6 +454,20 @@ def interrupt_check():
     return _attribute(_module("comfy.model_management", contact), "throw_exception_if_processing_interrupted", contact)
 
 
+def send_progress_text(text, node_id):
+    """Show ``text`` on node ``node_id`` in the browser (contact point: server.PromptServer
+    .send_progress_text). Cosmetic: without a server, or in a ComfyUI without the method, it does nothing."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:  # plain use without a server: the log line is enough
+        return
+    send = getattr(getattr(PromptServer, "instance", None), "send_progress_text", None)
+    if send is not None:
+        send(text, node_id)
+
+
 def regular_cond_class():
     """``comfy.conds.CONDRegular``: the base of per-conditioning data that reaches the diffusion model as a
     keyword argument (contact point: conds.CONDRegular)."""

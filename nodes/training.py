@@ -241,12 +241,7 @@ def progress_reporter(progress, node_id):
         progress.update_absolute(step, total, preview)
         text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
         logging.info("EliGen training: %s", text)
-        try:
-            from server import PromptServer
-            if node_id is not None and PromptServer.instance is not None:
-                PromptServer.instance.send_progress_text(text, node_id)
-        except Exception:  # no server (plain use): the log line is enough
-            pass
+        host.send_progress_text(text, node_id)
     return report
 
 
