@@ -468,6 +468,28 @@ def send_progress_text(text, node_id):
         send(text, node_id)
 
 
+def vae_identity_parts(vae):
+    """``(weights module, ModelPatcher or None, details)`` that identify a ``comfy.sd.VAE`` for cache keys
+    (contact point: sd.VAE first_stage_model / patcher / vae_dtype). Without the module a cache key could
+    not see the weights, so its absence is a MissingCapability, not a silent None."""
+    module = getattr(vae, "first_stage_model", None)
+    if not isinstance(module, torch.nn.Module):
+        raise missing("sd.VAE.first_stage_model", f"{type(vae).__name__} has no first_stage_model module")
+    return module, getattr(vae, "patcher", None), {"vae": type(vae).__qualname__,
+                                                   "dtype": getattr(vae, "vae_dtype", None)}
+
+
+def clip_identity_parts(clip):
+    """``(text encoder module, ModelPatcher or None, details)`` that identify a ``comfy.sd.CLIP`` for cache
+    keys (contact point: sd.CLIP cond_stage_model / tokenizer / layer_idx / tokenizer_options)."""
+    module = getattr(clip, "cond_stage_model", None)
+    if not isinstance(module, torch.nn.Module):
+        raise missing("sd.CLIP.cond_stage_model", f"{type(clip).__name__} has no cond_stage_model module")
+    return module, getattr(clip, "patcher", None), {
+        "clip": type(module).__qualname__, "tokenizer": type(getattr(clip, "tokenizer", None)).__qualname__,
+        "layer_idx": getattr(clip, "layer_idx", None), "tokenizer_options": getattr(clip, "tokenizer_options", {})}
+
+
 def regular_cond_class():
     """``comfy.conds.CONDRegular``: the base of per-conditioning data that reaches the diffusion model as a
     keyword argument (contact point: conds.CONDRegular)."""
