@@ -11,9 +11,12 @@ Sections are grouped by area; each function says which contact point it is.
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
+import os
 import re
+import sys
 
 import torch
 
@@ -451,6 +454,42 @@ def interrupt_check():
     return _attribute(_module("comfy.model_management", contact), "throw_exception_if_processing_interrupted", contact)
 
 
+def send_progress_text(text, node_id):
+    """Show ``text`` on node ``node_id`` in the browser (contact point: server.PromptServer
+    .send_progress_text). Cosmetic: without a server, or in a ComfyUI without the method, it does nothing."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:  # plain use without a server: the log line is enough
+        return
+    send = getattr(getattr(PromptServer, "instance", None), "send_progress_text", None)
+    if send is not None:
+        send(text, node_id)
+
+
+def vae_identity_parts(vae):
+    """``(weights module, ModelPatcher or None, details)`` that identify a ``comfy.sd.VAE`` for cache keys
+    (contact point: sd.VAE first_stage_model / patcher / vae_dtype). Without the module a cache key could
+    not see the weights, so its absence is a MissingCapability, not a silent None."""
+    module = getattr(vae, "first_stage_model", None)
+    if not isinstance(module, torch.nn.Module):
+        raise missing("sd.VAE.first_stage_model", f"{type(vae).__name__} has no first_stage_model module")
+    return module, getattr(vae, "patcher", None), {"vae": type(vae).__qualname__,
+                                                   "dtype": getattr(vae, "vae_dtype", None)}
+
+
+def clip_identity_parts(clip):
+    """``(text encoder module, ModelPatcher or None, details)`` that identify a ``comfy.sd.CLIP`` for cache
+    keys (contact point: sd.CLIP cond_stage_model / tokenizer / layer_idx / tokenizer_options)."""
+    module = getattr(clip, "cond_stage_model", None)
+    if not isinstance(module, torch.nn.Module):
+        raise missing("sd.CLIP.cond_stage_model", f"{type(clip).__name__} has no cond_stage_model module")
+    return module, getattr(clip, "patcher", None), {
+        "clip": type(module).__qualname__, "tokenizer": type(getattr(clip, "tokenizer", None)).__qualname__,
+        "layer_idx": getattr(clip, "layer_idx", None), "tokenizer_options": getattr(clip, "tokenizer_options", {})}
+
+
 def regular_cond_class():
     """``comfy.conds.CONDRegular``: the base of per-conditioning data that reaches the diffusion model as a
     keyword argument (contact point: conds.CONDRegular)."""
@@ -530,11 +569,32 @@ def init_pixel_space_vae(vae, dtype):
             raise missing(contact, f"the VAE built from a pixel_space_vae state dict has no {name}")
 
 
+def _comfy_nodes(contact):
+    """ComfyUI's own ``nodes`` module (the V1 built-in nodes). Inside the server it is loaded; elsewhere
+    it is loaded from beside ``folder_paths``, because a bare ``import nodes`` can find this package's
+    ``nodes/`` folder first when the repository folder is on ``sys.path``."""
+    module = sys.modules.get("nodes")
+    if module is not None and hasattr(module, "NODE_CLASS_MAPPINGS"):
+        return module
+    root = os.path.dirname(_attribute(_module("folder_paths", contact), "__file__", contact))
+    spec = importlib.util.spec_from_file_location("nodes", os.path.join(root, "nodes.py"))
+    if spec is None or not os.path.isfile(os.path.join(root, "nodes.py")):
+        raise missing(contact, f"no nodes.py beside folder_paths in {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["nodes"]
+        raise
+    return module
+
+
 def encode_prompt(clip, text):
     """CONDITIONING of a prompt, the way the stock CLIP Text Encode node makes it (contact point: the
     V1 node class nodes.CLIPTextEncode)."""
     contact = "nodes.CLIPTextEncode.encode"
-    node = _attribute(_module("nodes", contact), "CLIPTextEncode", contact)
+    node = _attribute(_comfy_nodes(contact), "CLIPTextEncode", contact)
     return _attribute(node(), "encode", contact)(clip, text)[0]
 
 
@@ -544,7 +604,7 @@ def empty_latent(model, width, height, batch=1, downscale_ratio=8):
     assumes an 8x VAE; for another ``downscale_ratio`` (toy VAEs) the same zeros are made at that ratio."""
     if downscale_ratio == 8:
         contact = "nodes.EmptyLatentImage.generate"
-        node = _attribute(_module("nodes", contact), "EmptyLatentImage", contact)
+        node = _attribute(_comfy_nodes(contact), "EmptyLatentImage", contact)
         latent = _attribute(node(), "generate", contact)(width, height, batch)[0]["samples"]
     else:
         latent = torch.zeros([batch, 4, height // downscale_ratio, width // downscale_ratio])
@@ -925,17 +985,3 @@ HEADLESS_CONTACTS = {
                                                        ("output_vae", "output_clip", "embedding_directory")),
     "model_management.get_torch_device": _headless_check("comfy.model_management", "get_torch_device"),
 }
-
-
-# --- progress text (issue 13) ---
-
-def send_progress_text(text, node_id):
-    """A text line under the node in the browser (contact point: server.PromptServer.send_progress_text);
-    does nothing without a running server (plain use)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if node_id is not None and instance is not None and hasattr(instance, "send_progress_text"):
-        instance.send_progress_text(text, node_id)

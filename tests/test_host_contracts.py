@@ -273,7 +273,7 @@ def test_node_plumbing():
 
 
 def test_toy_world_contacts():
-    with contact("toy world: supported_models, ModelPatcher, sd.CLIP, sd.VAE, V1 nodes, sample"):
+    with contact("toy world and cache keys: supported_models, ModelPatcher, sd.CLIP, sd.VAE, V1 nodes, sample"):
         from comfyui_eligen.toyworld import models
 
         assert host.prompt_weight_segments("a (red:1.5) circle") == [("a ", 1.0), ("red", 1.5), (" circle", 1.0)]
@@ -282,6 +282,8 @@ def test_toy_world_contacts():
         latent = host.empty_latent(model, 32, 32)
         samples = host.sample_latent(model, latent, 0, 1, 1.0, "euler", "simple", positive, positive)
         assert samples.shape == latent.shape and isinstance(vae, host.vae_class())
+        assert isinstance(host.vae_identity_parts(vae)[0], torch.nn.Module)
+        assert isinstance(host.clip_identity_parts(clip)[0], torch.nn.Module)
 
 
 # ---- a capability removed -------------------------------------------------------------------------

@@ -122,25 +122,19 @@ def latent_format_of(latent_format):
 
 
 def vae_identity(vae, latent_format=None) -> str:
-    module = getattr(vae, "first_stage_model", None)
+    module, patcher, extra = host.vae_identity_parts(vae)
     latent_format = latent_format_of(latent_format)
     fmt = None
     if latent_format is not None:
         fmt = {"class": type(latent_format).__qualname__,
                "scale": getattr(latent_format, "scale_factor", None),
                "shift": getattr(latent_format, "shift_factor", None)}
-    extra = {"vae": type(vae).__qualname__, "dtype": getattr(vae, "vae_dtype", None), "latent_format": fmt}
-    return _model_identity("vae", module if isinstance(module, torch.nn.Module) else None,
-                           getattr(vae, "patcher", None), extra)
+    return _model_identity("vae", module, patcher, {**extra, "latent_format": fmt})
 
 
 def clip_identity(clip) -> str:
-    module = getattr(clip, "cond_stage_model", None)
-    extra = {"clip": type(module).__qualname__, "tokenizer": type(getattr(clip, "tokenizer", None)).__qualname__,
-             "layer_idx": getattr(clip, "layer_idx", None),
-             "tokenizer_options": getattr(clip, "tokenizer_options", {})}
-    return _model_identity("clip", module if isinstance(module, torch.nn.Module) else None,
-                           getattr(clip, "patcher", None), extra)
+    module, patcher, extra = host.clip_identity_parts(clip)
+    return _model_identity("clip", module, patcher, extra)
 
 
 def make_key(**parts) -> str:
