@@ -119,6 +119,25 @@ def test_attention_override_sees_every_attention_call(family):
         assert len(calls) >= 2
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_override_arguments(family):
+    """core/attention.py reads the override's arguments as (q, k, v, heads[, mask]) plus keyword arguments
+    (mask=, skip_reshape=, transformer_options=)."""
+    seen = []
+
+    def override(func, *args, **kwargs):
+        seen.append((args, kwargs))
+        return func(*args, **kwargs)
+
+    with contact("attention override arguments (q, k, v, heads, mask)"):
+        run_forward(FAMILIES[family](), {"optimized_attention_override": override})
+        for args, kwargs in seen:
+            assert len(args) >= 4, f"the override got {len(args)} positional arguments"
+            q, k, v, heads = args[:4]
+            assert all(isinstance(t, torch.Tensor) for t in (q, k, v)) and isinstance(heads, int)
+            assert isinstance(kwargs.get("transformer_options"), dict)
+
+
 def test_flux_block_internals():
     with contact("FLUX block modulation / single block MLP width"):
         diffusion_model = tiny_flux().model.diffusion_model
