@@ -985,3 +985,53 @@ HEADLESS_CONTACTS = {
                                                        ("output_vae", "output_clip", "embedding_directory")),
     "model_management.get_torch_device": _headless_check("comfy.model_management", "get_torch_device"),
 }
+
+
+# --- model and output folders (issue 9) ---
+# ComfyUI's folder_paths: where inputs, outputs and LoRA files live. Nodes reach it only through here.
+
+FOLDER_PATHS = "folder_paths"
+
+
+def _folder_function(name):
+    return _attribute(_module("folder_paths", FOLDER_PATHS), name, f"{FOLDER_PATHS}.{name}")
+
+
+def input_directory():
+    return _folder_function("get_input_directory")()
+
+
+def output_directory():
+    return _folder_function("get_output_directory")()
+
+
+def lora_folder():
+    """The first folder ComfyUI lists LoRAs from (models/loras, or the user's first extra path)."""
+    folders = _folder_function("get_folder_paths")("loras")
+    if not folders:
+        raise missing(f"{FOLDER_PATHS}.get_folder_paths('loras')", "ComfyUI lists no LoRA folder")
+    return folders[0]
+
+
+def lora_file_names():
+    return _folder_function("get_filename_list")("loras")
+
+
+def lora_path(name):
+    """The full path of a LoRA file ComfyUI lists (its own error when the file is gone)."""
+    return _folder_function("get_full_path_or_raise")("loras", name)
+
+
+def save_image_path(prefix, folder):
+    """(folder, file name stem, counter) for a numbered output image, as ComfyUI's SaveImage picks them."""
+    folder, name, counter, _, _ = _folder_function("get_save_image_path")(prefix, folder)
+    return folder, name, counter
+
+
+def _check_folder_paths():
+    for name in ("get_input_directory", "get_output_directory", "get_folder_paths", "get_filename_list",
+                 "get_full_path_or_raise", "get_save_image_path"):
+        _folder_function(name)
+
+
+CONTACTS[FOLDER_PATHS] = _check_folder_paths

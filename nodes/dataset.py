@@ -2,9 +2,9 @@
 
 import os
 
-import folder_paths
 from comfy_api.latest import io
 
+from ..core import host
 from ..training.dataset import DEFAULT_MAX_PIXELS, SIDE_MULTIPLE, dataset_fingerprint, dataset_from_images, load_dataset
 
 ELIGEN_DATASET = io.Custom("ELIGEN_DATASET")
@@ -22,7 +22,7 @@ def resolve_folder(folder: str) -> str:
     folder = folder.strip()
     if not folder:
         raise ValueError("folder is empty: give a dataset folder (absolute, or relative to ComfyUI's input directory)")
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+    return folder if os.path.isabs(folder) else os.path.join(host.input_directory(), folder)
 
 
 def _dataset_outputs():

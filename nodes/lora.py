@@ -2,7 +2,6 @@
 
 import logging
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..core import host, lora_formats
@@ -28,7 +27,7 @@ class EliGenLoraLoader(io.ComfyNode):
                         "DiffSynth-Studio's internal FLUX names) and names every key the model has no place for.",
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 or Qwen-Image model the LoRA is applied to."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                io.Combo.Input("lora_name", options=host.lora_file_names(),
                                tooltip="The LoRA file in models/loras (safetensors only)."),
                 io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly the LoRA changes the model; 1.0 is the trained strength."),
@@ -40,7 +39,7 @@ class EliGenLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength):
         if strength == 0:
             return io.NodeOutput(model)
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        path = host.lora_path(lora_name)
         return io.NodeOutput(load_eligen_lora(model, path, strength, source=lora_name))
 
 

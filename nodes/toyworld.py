@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-import folder_paths
 
+from ..core import host
 from ..core import conditioning as entity_conds
 from ..toyworld import data, files, metric, models
 
@@ -118,7 +118,7 @@ class EliGenPlacementMetric(io.ComfyNode):
         summary = metric.format_summary(result["summary"])
         prefix = (filename_prefix[0] if filename_prefix else "").strip()
         if prefix:
-            folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+            folder, name, counter = host.save_image_path(prefix, host.output_directory())
             files.write_json(os.path.join(folder, f"{name}_{counter:05}_.json"), result)
         figures = result["summary"]
         return io.NodeOutput(summary, figures["mean_iou"], figures["success_rate"], ui=ui.PreviewText(summary))

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..core import conditioning as entity_conds
@@ -162,8 +161,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     if entity_text_length not in entity_conds.TEXT_LENGTHS:
         raise ValueError(f"entity_text_length {entity_text_length!r} is not one of {', '.join(entity_conds.TEXT_LENGTHS)}")
     resume = (resume or "").strip()
-    runs = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER)
-    run_dir = start_run(name, folder_paths.get_folder_paths("loras")[0], runs, resume)
+    runs = os.path.join(host.output_directory(), RUNS_FOLDER)
+    run_dir = start_run(name, host.lora_folder(), runs, resume)
     if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
         export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
                    lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
@@ -194,7 +193,7 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     metadata = {"eligen_training": {"family": adapter.family, "lora": lora_settings.to_dict(),
                                     "train": asdict(settings), "steps_done": result.step,
                                     "final_loss": result.losses[-1][1] if result.losses else None}}
-    loras = folder_paths.get_folder_paths("loras")[0]
+    loras = host.lora_folder()
     path = save_lora(os.path.join(loras, name + ".safetensors"), result.lora, metadata)
     if write_reference_format:
         save_lora(os.path.join(loras, name + "_reference.safetensors"),
