@@ -202,6 +202,17 @@ def check_block_args(kind, args, extra=None):
 
 # -- attention -------------------------------------------------------------------------------------
 
+ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
+
+
+def with_attention_override(transformer_options, make):
+    """A copy of ``transformer_options`` whose attention override is ``make(existing override or None)``
+    (contact point: transformer_options['optimized_attention_override'])."""
+    options = dict(transformer_options)
+    options[ATTENTION_OVERRIDE_KEY] = make(options.get(ATTENTION_OVERRIDE_KEY))
+    return options
+
+
 @functools.lru_cache(maxsize=None)
 def check_attention_override():
     """ComfyUI's attention functions call ``transformer_options["optimized_attention_override"]`` (added

@@ -131,9 +131,8 @@ class EntityWrapper:
 
         ref_latents = args[adapter.REF_LATENTS_INDEX] if len(args) > adapter.REF_LATENTS_INDEX else None
         attention = self.attention_for(entity, x, ref_latents)
-        options = dict(options)
+        options = host.with_attention_override(options, entity_attention_override)
         options[OPTIONS_KEY] = attention
-        options["optimized_attention_override"] = entity_attention_override(options.get("optimized_attention_override"))
         options = adapter.text_position_options(executor.class_obj, options, entity.segment_lengths)
         if len(args) > index:
             args[index] = options
