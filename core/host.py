@@ -580,6 +580,29 @@ def init_pixel_space_vae(vae, dtype):
             raise missing(contact, f"the VAE built from a pixel_space_vae state dict has no {name}")
 
 
+VAE_FIRST_STAGE_ATTRIBUTES = ("first_stage_model", "patcher", "downscale_ratio", "upscale_ratio", "latent_channels",
+                              "latent_dim", "memory_used_encode", "memory_used_decode")
+
+
+def install_vae_first_stage(vae, module, ratio, latent_channels, latent_dim, bytes_per_pixel=64):
+    """Make ``module`` (encode/decode) the first stage of a VAE initialised by ``init_pixel_space_vae``:
+    its patcher, scale ratio, latent shape and memory estimates (contact point: sd.VAE attributes that
+    encode/decode read; each must exist on the stock VAE, so a renamed one is named, not ignored)."""
+    contact = "sd.VAE first-stage attributes"
+    absent = [name for name in VAE_FIRST_STAGE_ATTRIBUTES if not hasattr(vae, name)]
+    if absent:
+        raise missing(contact, f"the stock VAE has no {', '.join(absent)}")
+    vae.first_stage_model = module
+    vae.patcher = wrap_in_patcher(module, "vae", load_device=vae.device)
+    vae.downscale_ratio = vae.upscale_ratio = ratio
+    vae.latent_channels = latent_channels
+    vae.latent_dim = latent_dim
+    vae.not_video = True  # a batch of images stays a batch (5-D latents get a time axis of 1)
+    vae.memory_used_encode = lambda shape, dtype: bytes_per_pixel * shape[-2] * shape[-1]
+    vae.memory_used_decode = lambda shape, dtype: bytes_per_pixel * shape[-2] * shape[-1] * ratio * ratio
+    vae.size = None
+
+
 def _comfy_nodes(contact):
     """ComfyUI's own ``nodes`` module (the V1 built-in nodes). Inside the server it is loaded; elsewhere
     it is loaded from beside ``folder_paths``, because a bare ``import nodes`` can find this package's

@@ -275,15 +275,8 @@ class ToyVAE(host.vae_class()):
         # The pixel-space entry point sets device, dtype, output device and patcher the stock way.
         host.init_pixel_space_vae(self, dtype=torch.float32)
         latent_format = host.supported_model_config(family_spec(family)["model_class"]).latent_format()
-        self.first_stage_model = ToyPoolAutoencoder(latent_format, pool).eval()
-        self.patcher = host.wrap_in_patcher(self.first_stage_model, "vae", load_device=self.device)
-        self.downscale_ratio = self.upscale_ratio = pool
-        self.latent_channels = LATENT_CHANNELS
-        self.latent_dim = latent_format.latent_dimensions
-        self.not_video = True  # a batch of images stays a batch (5-D latents get a time axis of 1)
-        self.memory_used_encode = lambda shape, dtype: 64 * shape[-2] * shape[-1]
-        self.memory_used_decode = lambda shape, dtype: 64 * shape[-2] * shape[-1] * pool * pool
-        self.size = None
+        host.install_vae_first_stage(self, ToyPoolAutoencoder(latent_format, pool).eval(), pool, LATENT_CHANNELS,
+                                     latent_format.latent_dimensions)
 
 
 # ---------------------------------------------------------------------------------------------
