@@ -155,7 +155,7 @@ req_hash="$( { cat "$COMFY/requirements.txt"; printf '%s\n' "${deps[@]}"; } | sh
 if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$req_hash" ]; then
   say "installing ComfyUI and ComfyUI-EliGen requirements"
   filtered="$VENV/.eligen-comfyui-requirements.txt"
-  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel|comfyui-)' "$COMFY/requirements.txt" > "$filtered"
+  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b|^comfyui-' "$COMFY/requirements.txt" > "$filtered"
   "${PIP[@]}" -r "$filtered" requests "${deps[@]}"
   # Pinned frontend packages: into the venv when it has none yet, else (another version) beside ComfyUI.
   pins=(); overlay=()
