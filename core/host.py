@@ -29,7 +29,7 @@ class MissingCapability(RuntimeError):
 # Each public function below is one contact point. ``CONTACTS`` lists a check per contact point; the
 # start-up report and tests/test_host_contracts.py run them all.
 
-TESTED_VERSIONS = ("0.3.64", "0.3.75")  # each one runs the server tests in CI or locally (docs/readme/i9.md)
+TESTED_VERSIONS = ("0.3.64", "0.3.75")  # each one runs the server tests in CI or locally (README, "ComfyUI versions")
 UNKNOWN_VERSION = "unknown"
 
 
