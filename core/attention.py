@@ -73,8 +73,8 @@ METHODS = (AUTO, AUGMENTED, GROUPED, DENSE)
 # fp16's max); divided by the kernel's sqrt(head dim <= 256) it is <= -2048: exp() gives exactly 0.
 BLOCKED_PRODUCT = 2.0 ** 15
 # auto's estimate of one grouped attention call's overhead (launch, gathering its keys), in query-key
-# pairs: CALL_COST_PAIRS + CALL_COST_PER_KEY * S. Set from the CPU figures in the README (Benchmarks, "Entity attention methods");
-# bench/bench_entities.py measures every method, so the GPU figures can correct it.
+# pairs: CALL_COST_PAIRS + CALL_COST_PER_KEY * S. Set from the CPU figures in the README (Benchmarks,
+# "Entity attention methods"); bench/bench_entities.py measures every method, so the GPU figures can correct it.
 CALL_COST_PAIRS = 2 ** 16
 CALL_COST_PER_KEY = 128
 
