@@ -145,15 +145,10 @@ class EliGenTrain(io.ComfyNode):
 # The work behind the node (plain functions)
 
 
-def checked_lora_name(name):
-    """A bare file name for models/loras (".safetensors" optional); see training/outputs.py."""
-    return plain_lora_name(name)
-
-
 def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
                  write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
                  validation_positive=None, validation_entities=None, node_id=None, graph=None):
-    name = checked_lora_name(lora_name)
+    name = plain_lora_name(lora_name)
     adapter = adapter_for(model)
     lora_settings.validate(adapter)
     if cache_mode not in CACHE_MODES:

@@ -10,7 +10,8 @@ import torch
 import comfy.sd
 import folder_paths
 from comfyui_eligen.core import lora_formats
-from comfyui_eligen.nodes.training import EliGenLoraConfig, checked_lora_name, run_training
+from comfyui_eligen.nodes.training import EliGenLoraConfig, run_training
+from comfyui_eligen.training.outputs import plain_lora_name
 from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import lora
 from comfyui_eligen.training.dataset import dataset_from_images
@@ -84,8 +85,8 @@ def test_run_training_saves_and_applies_the_lora(comfy_folders):
 @pytest.mark.parametrize("name", ["", "../evil", "sub/dir", ".hidden", "a:b"])
 def test_bad_lora_names_are_refused(name):
     with pytest.raises(ValueError, match="lora_name .* must be a plain file name"):
-        checked_lora_name(name)
-    assert checked_lora_name("fine_name.safetensors") == "fine_name"
+        plain_lora_name(name)
+    assert plain_lora_name("fine_name.safetensors") == "fine_name"
 
 
 def test_node_input_errors_name_the_input(comfy_folders):
