@@ -62,6 +62,9 @@ class EliGenToyLayouts(io.ComfyNode):
                 io.Combo.Input("text_length", options=list(entity_conds.TEXT_LENGTHS), default="real_length",
                                tooltip="Entity prompt length (as in EliGen Entity); the toy world trains "
                                "with real_length."),
+                io.Int.Input("size", default=data.SIZE, min=64, max=1024, step=16, optional=True,
+                             tooltip=f"Image side in px; match EmptyLatentImage. {data.SIZE}: 16x16 image tokens "
+                             f"(the toy world's default); {data.QUICK_SIZE}: 8x8 tokens, about 4x cheaper to train."),
             ],
             outputs=[
                 io.String.Output(display_name="prompt", is_output_list=True,
@@ -76,9 +79,9 @@ class EliGenToyLayouts(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, split, count, seed, start, text_length) -> io.NodeOutput:
+    def execute(cls, clip, split, count, seed, start, text_length, size=data.SIZE) -> io.NodeOutput:
         encode = lambda text: entity_conds.encode_entity_text(clip, text, text_length)
-        items = data.layouts(split, seed, count, start)
+        items = data.layouts(split, seed, count, start, size)
         return io.NodeOutput(
             [item.caption for item in items],
             [data.layout_entities(item, encode) for item in items],

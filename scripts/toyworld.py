@@ -6,6 +6,7 @@
     .venv/bin/python scripts/toyworld.py compare [--seeds 0 1 2 ...] [--groups all]  (a)/(b)/(d) placement
                                                                           figures with bound, ceiling, intervals
     .venv/bin/python scripts/toyworld.py style [--seeds 0 ...]          (d) with a stacked style LoRA
+    .venv/bin/python scripts/toyworld.py ablations [--family F ...]     recipe ablations (one setting at a time)
     .venv/bin/python scripts/toyworld.py demo [--out demo_out]            README command 1 (scripts/demo.sh)
     .venv/bin/python scripts/toyworld.py workflows                        rewrite example_workflows/toyworld_*
 
@@ -25,6 +26,7 @@ COMMANDS = {
     "metric": "toyworld.metric",
     "compare": "toyworld.compare",
     "style": "toyworld.style",
+    "ablations": "toyworld.ablations",
     "demo": "toyworld.demo",
     "workflows": "toyworld.workflows",
 }

@@ -20,7 +20,7 @@ import shutil
 
 import pytest
 
-from comfyui_eligen.toyworld import painted
+from comfyui_eligen.toyworld import data, painted
 from toy_lora import trained_toy_lora
 
 pytestmark = pytest.mark.server
@@ -171,7 +171,7 @@ def test_painted_layout_workflow_runs_from_the_run_button(page, comfy_server):
         const w = n.widgets.find(w => w.name == 'steps'); w.value = 10; w.callback && w.callback(10); } }""")
     page.get_by_role("button", name="Run", exact=True).click()
     page.wait_for_function("""() => window.app.graph._nodes.some(n => n.type == 'SaveImage' && n.imgs
-        && n.imgs.length == 4 && n.imgs.every(i => i.complete && i.naturalWidth == 128))""", timeout=300_000)
+        && n.imgs.length == 4 && n.imgs.every(i => i.complete && i.naturalWidth == %d))""" % data.SIZE, timeout=300_000)
     page.get_by_role("button", name="Fit View (.)").click()
     page.wait_for_timeout(1000)
     page.screenshot(path=os.path.join(artifacts_dir(), f"{painted.NAME}_run.png"))

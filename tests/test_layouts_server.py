@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from comfyui_eligen.toyworld import painted
+from comfyui_eligen.toyworld import data, painted
 from comfyui_eligen.toyworld.evaluate import SAMPLER
 from toy_lora import trained_toy_lora
 
@@ -27,7 +27,7 @@ def run_painted(server, layout, lora_name, prefix):
 
 
 def test_painted_layout_with_trained_lora_places_entities(comfy_server):
-    layout = painted.example_layout()
+    layout = painted.example_layout(size=data.QUICK_SIZE)  # the size the shared test LoRA trained at
     painted.paint(layout).save(os.path.join(comfy_server.input_dir, painted.LAYOUT_FILE))
     lora = trained_toy_lora(comfy_server)
 

@@ -8,7 +8,7 @@ import pytest
 import safetensors
 import torch
 
-from comfyui_eligen.toyworld import build_weights, models
+from comfyui_eligen.toyworld import build_weights, data, models
 
 
 def _tensors(path):
@@ -44,7 +44,14 @@ def test_shipped_weights_stay_small():
 def test_shipped_weights_fit_and_state_their_recipe(family):
     tensors, metadata = _tensors(models.weights_path(family))
     info = json.loads(metadata["toy_world"])
-    assert info["family"] == family and info["seconds"] > 0 and info["final_loss"] < 0.1 * info["first_loss"]
+    assert info["family"] == family and info["seconds"] > 0
+    assert data.SIZE in info["image_sizes"]  # trained at the world's image size (16x16 tokens)
+    # a fine-tune keeps the recipe it started from: back to the pretraining from scratch, which fitted
+    chain = [info]
+    while chain[-1].get("init_recipe"):
+        chain.append(chain[-1]["init_recipe"])
+    assert chain[-1]["family"] == family and chain[-1]["final_loss"] < 0.1 * chain[-1]["first_loss"]
+    assert info["final_loss"] < 2 * chain[-1]["final_loss"]
     model = models.load_toy_models(family, "pretrained")[0]
     assert set(model.model.diffusion_model.state_dict()) == {k[len("diffusion_model."):] for k in tensors if k.startswith("diffusion_model.")}
 

@@ -10,12 +10,13 @@ from comfyui_eligen.toyworld import data
 COUNT = 16
 
 
-def group_layouts(group, seed=0):
-    return [data.make_layout("heldout", seed, i, group=group) for i in range(COUNT)]
+def group_layouts(group, seed=0, size=data.SIZE):
+    return [data.make_layout("heldout", seed, i, size, group=group) for i in range(COUNT)]
 
 
-def tokens(mask):
-    return int(mask_to_token_grid(torch.from_numpy(mask.astype(np.float32)), (16, 16)).sum())
+def tokens(mask, grid):
+    """Tokens of a grid x grid token grid (2x2 patches of a 2*grid latent) the mask rule gives the mask."""
+    return int(mask_to_token_grid(torch.from_numpy(mask.astype(np.float32)), (2 * grid, 2 * grid)).sum())
 
 
 def check_drawn(layout):
@@ -41,9 +42,10 @@ def test_groups_are_deterministic_distinct_and_leave_the_easy_stream_alone():
         data.make_layout("heldout", 0, 0, group="hard")
 
 
+@pytest.mark.parametrize("size", [data.SIZE, data.QUICK_SIZE])
 @pytest.mark.parametrize("group", [g for g in data.GROUPS if g != "easy"])
-def test_each_group_keeps_its_promise(group):
-    layouts = group_layouts(group)
+def test_each_group_keeps_its_promise(group, size):
+    layouts = group_layouts(group, size=size)
     for layout in layouts:
         check_drawn(layout)
         entities = layout.entities
@@ -57,7 +59,9 @@ def test_each_group_keeps_its_promise(group):
             assert len({e.shape for e in entities}) == len(entities)
             assert masks.sum(axis=0).max() == 1
         elif group == "small":
-            assert 2 <= len(entities) <= 4 and all(2 <= tokens(e.mask) <= 4 for e in entities)
+            assert 2 <= len(entities) <= 4 and all(2 <= tokens(e.mask, 8) <= 4 for e in entities)
+        elif group == "tiny":  # 2-4 of the image's own tokens (16 px each)
+            assert 2 <= len(entities) <= 4 and all(2 <= tokens(e.mask, size // 16) <= 4 for e in entities)
         elif group == "touching":
             assert 2 <= len(entities) <= 4 and len(set(colours)) == len(colours)
             for k in range(1, len(entities)):
@@ -68,7 +72,7 @@ def test_each_group_keeps_its_promise(group):
             first = entities[0].mask
             edges = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]])
             assert edges.any()  # cut by the border
-            whole = data.shape_mask(entities[0].shape, (64, 64), entities[0].radius).sum()
+            whole = data.shape_mask(entities[0].shape, (size / 2, size / 2), entities[0].radius, size).sum()
             assert 0.25 <= first.sum() / whole <= 0.75
     counts = {len(layout.entities) for layout in layouts}
     assert len(counts) > 1  # the entity count varies within the group

@@ -20,7 +20,7 @@ def token_region(mask, pool=8, patch=2):
 def test_token_fill_image_scores_exactly_the_iou_of_the_masks_token_region():
     checked = 0
     for index in range(30):
-        layout = data.make_layout("heldout", 4, index)
+        layout = data.make_layout("heldout", 4, index, data.QUICK_SIZE)
         regions = [token_region(e.mask) for e in layout.entities]
         if len(regions) > 1 and np.sum(regions, axis=0).max() > 1:
             continue  # a token shared by two masks is given to one of them: checked below
@@ -48,7 +48,7 @@ def test_a_token_two_masks_reach_goes_to_the_one_covering_more_of_it():
 
 def test_references_through_the_toy_vae_and_the_models_token_grid():
     model, clip, vae = models.load_toy_models("flux", "random")
-    layouts = data.layouts("heldout", 2, 4)
+    layouts = data.layouts("heldout", 2, 4, size=data.QUICK_SIZE)
     assert evaluate.token_grid(model, vae, 128, 128) == (16, 16, 2)
     references = evaluate.score_references(model, vae, layouts)
     for i, layout in enumerate(layouts):
@@ -66,8 +66,8 @@ def test_references_through_the_toy_vae_and_the_models_token_grid():
 
 
 def same_colour_pair():
-    big = data.shape_mask("square", (34, 34), 26)
-    small = data.shape_mask("circle", (104, 104), 12)
+    big = data.shape_mask("square", (34, 34), 26, 128)
+    small = data.shape_mask("circle", (104, 104), 12, 128)
     return np.stack([big, small]), ["red square", "red circle"]
 
 
@@ -84,8 +84,8 @@ def test_entities_of_one_colour_are_told_apart_by_their_masks():
     assert [r["iou"] for r in exact] == [1.0, 1.0]  # by colour alone each would score about 0.5 or less
 
     # The two shapes swapped between the two places: both entities fail.
-    swapped_small = data.shape_mask("circle", (34, 34), 12)
-    swapped_big = data.shape_mask("square", (104, 104), 26)
+    swapped_small = data.shape_mask("circle", (34, 34), 12, 128)
+    swapped_big = data.shape_mask("square", (104, 104), 26, 128)
     swapped = metric.score_image(draw([swapped_small, swapped_big]), masks, prompts)
     assert not any(r["success"] for r in swapped)
     assert swapped[0]["iou"] == pytest.approx(swapped_small.sum() / masks[0].sum())
@@ -136,16 +136,20 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_layouts():
         metric.bootstrap_intervals([run, run[:2]])
 
 
-def test_a_finer_toy_vae_gives_16x16_tokens_and_higher_references():
-    layouts = data.layouts("heldout", 2, 6)
+@pytest.mark.parametrize("pool", [8, 4])
+def test_16x16_tokens_raise_the_references(pool):
+    """The world's 256 px with the 8x VAE, or 128 px with a 4x toy VAE: 16x16 tokens either way, and both
+    references rise well above the 8x8 grid's (128 px, 8x VAE) on the same layouts."""
+    size = data.SIZE if pool == 8 else data.QUICK_SIZE
+    layouts = data.layouts("heldout", 2, 6, size=size)
     coarse_model, _, coarse_vae = models.load_toy_models("flux", "random")
-    fine_model, _, fine_vae = models.load_toy_models("flux", "random", pool=4)
-    assert evaluate.token_grid(fine_model, fine_vae, 128, 128) == (32, 32, 2)  # 16x16 tokens
-    coarse = evaluate.score_references(coarse_model, coarse_vae, layouts)
+    fine_model, _, fine_vae = models.load_toy_models("flux", "random", pool=pool)
+    assert evaluate.token_grid(fine_model, fine_vae, size, size) == (32, 32, 2)  # 16x16 tokens
+    coarse = evaluate.score_references(coarse_model, coarse_vae, data.layouts("heldout", 2, 6, size=data.QUICK_SIZE))
     fine = evaluate.score_references(fine_model, fine_vae, layouts)
     for name in evaluate.REFERENCES:
         assert fine[name]["summary"]["mean_iou"] > coarse[name]["summary"]["mean_iou"] + 0.05
-    layout = next(l for l in (data.make_layout("heldout", 2, i) for i in range(40)) if len(l.entities) == 1)
+    layout = next(l for l in (data.make_layout("heldout", 2, i, size) for i in range(40)) if len(l.entities) == 1)
     fill = metric.token_fill_image(layout.masks, [e.prompt for e in layout.entities], (32, 32), 2)
     painted = np.all(fill == data.PALETTE[layout.entities[0].colour], axis=-1)
-    assert np.array_equal(painted, token_region(layout.entities[0].mask, pool=4))
+    assert np.array_equal(painted, token_region(layout.entities[0].mask, pool=pool))

@@ -18,7 +18,7 @@ def test_toy_sampling_workflow_runs_and_reports_placement(comfy_server, family, 
     prefix = f"toytest_{family}"
     sampler = dict(workflows.SAMPLER, steps=3)
     graph = workflows.sampling_workflow(condition, count=2, layout_seed=5, family=family, prefix=prefix,
-                                        sampler=sampler, weights="random")
+                                        sampler=sampler, weights="random", size=data.QUICK_SIZE)
     entry = comfy_server.run_workflow(graph)
 
     images = comfy_server.output_files(entry)
@@ -29,7 +29,7 @@ def test_toy_sampling_workflow_runs_and_reports_placement(comfy_server, family, 
 
     [report] = glob.glob(os.path.join(comfy_server.output_dir, prefix, f"{condition}_*_.json"))
     result = json.load(open(report))
-    layouts = data.layouts("heldout", 5, 2)
+    layouts = data.layouts("heldout", 5, 2, size=data.QUICK_SIZE)
     assert [[r["prompt"] for r in image] for image in result["images"]] == [[e.prompt for e in l.entities] for l in layouts]
     assert result["summary"]["entities"] == sum(len(l.entities) for l in layouts)
 
@@ -45,7 +45,7 @@ def test_example_workflow_a_runs_with_comfy_run(comfy_server, tmp_path):
     entry = comfy_server.comfy_run(str(path))
     images = comfy_server.output_files(entry)
     assert len(images) == 2
-    assert all(np.asarray(Image.open(p).convert("RGB")).shape == (128, 128, 3) for p in images)
+    assert all(np.asarray(Image.open(p).convert("RGB")).shape == (data.SIZE, data.SIZE, 3) for p in images)
     assert "mean IoU" in entry["outputs"]["9"]["text"][0]
 
 

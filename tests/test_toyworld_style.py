@@ -18,7 +18,7 @@ def test_style_set_has_captions_only_and_a_gradient_background(tmp_path):
         styled.append(image)
         inside = layout.masks.any(axis=0)
         assert np.array_equal(image[inside], layout.image[inside])  # the entities are untouched
-        column = image[:, :, 0][~inside.any(axis=1)[:, None].repeat(128, 1) & ~inside]
+        column = image[:, :, 0][~inside.any(axis=1)[:, None].repeat(image.shape[1], 1) & ~inside]
         assert column.min() >= style.GRADIENT[0] and column.max() <= style.GRADIENT[1]
     strength = style.gradient_strength(styled, layouts)
     assert 140 < strength < style.GRADIENT[1] - style.GRADIENT[0]

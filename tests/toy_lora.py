@@ -7,10 +7,10 @@ import os
 import torch
 
 from comfyui_eligen.core.lora_formats import save_lora
-from comfyui_eligen.toyworld import evaluate, models
+from comfyui_eligen.toyworld import data, evaluate, models
 from comfyui_eligen.toyworld.workflows import LORA_NAME
 
-TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256)
+TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256, size=data.QUICK_SIZE)
 _trained = {}
 
 

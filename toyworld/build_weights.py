@@ -46,13 +46,13 @@ class CaptionPool:
     """Pretraining data held in memory: model-space latents and encoded captions, grouped by caption
     length so a batch stacks without padding (sampling sees unpadded captions too)."""
 
-    def __init__(self, model, clip, vae, size, seed, log):
+    def __init__(self, model, clip, vae, size, seed, log, image_size=data.SIZE):
         started = time.time()
         self.latents, self.contexts, self.pooled, self.groups = [], {}, {}, {}
         chunk = 512
         for start in range(0, size, chunk):
             indices = range(start, min(size, start + chunk))
-            images, captions = data.batch_arrays("train", seed, indices)
+            images, captions = data.batch_arrays("train", seed, indices, image_size)
             pixels = torch.from_numpy(images).float() / 255.0
             self.latents.append(model.model.process_latent_in(vae.encode(pixels)))
             for index, caption in zip(indices, captions):
@@ -64,7 +64,7 @@ class CaptionPool:
         self.empty = (empty_context[0], empty_pooled[0])
         self.lengths = sorted(self.groups)
         self.weights = torch.tensor([len(self.groups[n]) for n in self.lengths], dtype=torch.float64)
-        log(f"data: {size} train layouts encoded in {time.time() - started:.1f} s; "
+        log(f"data: {size} train layouts of {image_size} px encoded in {time.time() - started:.1f} s; "
             f"caption lengths {self.lengths[0]}-{self.lengths[-1]} tokens")
 
     def batch(self, batch_size, generator, unconditional):
@@ -109,8 +109,11 @@ def _pretrain(args, log):
         model, clip, vae = models.load_toy_models(args.family, "random", seed=args.seed, pool=args.vae_pool)
         models.init_weights(model.model.diffusion_model, args.seed, spec["zero_init"])
     base_model = model.model
+    # One pool per image size; steps take the sizes in turn, so one base serves every token grid
+    # (as FLUX itself is trained at several resolutions; its positions are RoPE).
+    sizes = [int(s) for s in str(args.sizes).split(",")]
     with torch.inference_mode(False):
-        pool = CaptionPool(model, clip, vae, args.pool, args.seed, log)
+        pools = [CaptionPool(model, clip, vae, args.pool, args.seed, log, size) for size in sizes]
 
     adapter = adapter_for(base_model)
     diffusion_model = base_model.diffusion_model.to(device)
@@ -129,7 +132,7 @@ def _pretrain(args, log):
     with torch.inference_mode(False):
         for step in range(args.steps):
             unconditional = bool(torch.rand(1, generator=generator) < args.caption_dropout)
-            x0, context, pooled = pool.batch(args.batch, generator, unconditional)
+            x0, context, pooled = pools[step % len(pools)].batch(args.batch, generator, unconditional)
             noise = torch.randn(x0.shape, generator=generator)
             sigma = torch.sigmoid(torch.randn(args.batch, generator=generator))
             s = sigma.view(-1, *[1] * (x0.ndim - 1))
@@ -159,10 +162,21 @@ def _pretrain(args, log):
         "warmup": args.warmup, "pool": args.pool, "seed": args.seed, "text_seed": args.seed,
         "caption_dropout": args.caption_dropout, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
         "first_loss": losses[0], "final_loss": sum(losses[-50:]) / len(losses[-50:]), "torch": torch.__version__,
-        "unet_config": spec["unet_config"], "losses_every_10": losses[::10], "vae_pool": args.vae_pool,
+        "unet_config": spec["unet_config"], "losses_every_10": losses[::10], "vae_pool": args.vae_pool, "image_sizes": sizes,
         "init": os.path.basename(args.init) if args.init else None,
+        "init_recipe": init_recipe(args.init) if args.init else None,
     }
     return model, clip, vae, info
+
+
+def init_recipe(path):
+    """The recipe recorded in a weights file this one was fine-tuned from (so the chain back to the
+    from-scratch pretraining stays in the shipped file), or None when it records none."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        recorded = (f.metadata() or {}).get("toy_world")
+    return json.loads(recorded) if recorded else None
 
 
 def save_weights(path, model, clip, info):
@@ -187,6 +201,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vae-pool", type=int, default=models.POOL,
                         help="toy VAE downscale factor (8 = FLUX geometry, 8x8 tokens at 128 px; 4 = 16x16 tokens)")
+    parser.add_argument("--sizes", default=str(data.SIZE),
+                        help="comma-separated image sizes in px, used in turn step by step (e.g. 256,128: "
+                        "16x16 and 8x8 tokens with the 8x VAE)")
     parser.add_argument("--init", help="start from this toy weights file instead of a fresh init (fine-tune)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--out", help="output file (default: toyworld/weights/<family file>)")

@@ -195,7 +195,7 @@ def main(argv=None):
     started = time.time()
     model, clip, vae = evaluate.load_run_models(args)
     groups = parse_groups(args.groups)
-    layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, group=g) for g in groups}
+    layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, size=args.size, group=g) for g in groups}
     counts = {g: (len(ls), sum(len(l.entities) for l in ls)) for g, ls in layout_sets.items()}
     references = {g: evaluate.score_references(model, vae, ls) for g, ls in layout_sets.items()}
     for group, group_references in references.items():
@@ -203,7 +203,7 @@ def main(argv=None):
             log(f"[{group}] {evaluate.REFERENCES[name]}: {metric.format_summary(result['summary'])}")
     if args.references_only:
         payload = {"family": args.family, "vae_pool": args.vae_pool,
-                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "groups": groups,
+                   "token_grid": evaluate.token_grid(model, vae, args.size, args.size), "groups": groups,
                    "layouts": args.layouts, "layout_seed": args.layout_seed, "bootstrap": BOOTSTRAP,
                    "references": {g: {name: {"summary": r["summary"], "interval": metric.bootstrap_intervals(
                        [r["images"]], **BOOTSTRAP)} for name, r in refs.items()} for g, refs in references.items()}}
@@ -221,7 +221,7 @@ def main(argv=None):
         table = aggregate(runs, references)
         text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in runs], counts)
         payload = {"family": args.family, "vae_pool": args.vae_pool, "weights_file": args.weights_file,
-                   "token_grid": evaluate.token_grid(model, vae, data.SIZE, data.SIZE), "seeds": args.seeds,
+                   "token_grid": evaluate.token_grid(model, vae, args.size, args.size), "seeds": args.seeds,
                    "base_seeds": base_seeds, "seeds_done": [run["seed"] for run in runs], "groups": groups,
                    "layouts": args.layouts, "layout_seed": args.layout_seed,
                    "entities": {g: counts[g][1] for g in groups}, "train": train_settings, "sampler": sampler,

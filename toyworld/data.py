@@ -16,7 +16,12 @@ import numpy as np
 
 from .files import save_png, write_json
 
-SIZE = 128
+# The toy world's image side: with the 8x VAE and 2x2 patches, 256 px is a 16x16 token grid, fine
+# enough for a mask's tokens to show its shape. QUICK_SIZE (8x8 tokens, 4x cheaper to train) is what
+# the test suite trains on. Layouts scale with the side: the same (split, seed, index) is the same
+# drawing at every size.
+SIZE = 256
+QUICK_SIZE = 128
 
 # Saturated colours, pairwise far apart (the metric assigns a pixel to the nearest one within reach).
 PALETTE = {
@@ -36,11 +41,12 @@ GROUPS = {
     "easy": "1-4 separate shapes in distinct colours, radius 12-25% of the side",
     "many": "5-6 separate shapes in distinct colours, radius 8-15% of the side",
     "same_colour": "2-3 separate shapes of one colour, each a different shape",
-    "small": "2-4 separate shapes in distinct colours, each mask on 2-4 tokens of the 8x8 token grid",
+    "small": "2-4 separate shapes in distinct colours, each mask on 2-4 tokens of an 8x8 grid (the side / 8)",
+    "tiny": "2-4 separate shapes in distinct colours, each mask on 2-4 image tokens (16 px with the 8x VAE)",
     "touching": "2-4 shapes in distinct colours, each touching or overlapping an earlier one (drawn on top)",
     "border": "1-4 shapes in distinct colours, the first cut by the image border (25-75% visible)",
 }
-_GROUP_KEYS = {"many": 101, "same_colour": 102, "small": 103, "touching": 104, "border": 105}
+_GROUP_KEYS = {"many": 101, "same_colour": 102, "small": 103, "touching": 104, "border": 105, "tiny": 106}
 
 RADIUS_RANGE = (0.12, 0.25)  # shape radius as a share of the image side
 GAP = 2  # pixels between the bounding circles of two shapes

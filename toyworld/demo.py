@@ -90,7 +90,7 @@ def training_summary(lora_path):
 def write_report(out, figures_by_condition, layouts, clock, train_info):
     entities = sum(len(layout.entities) for layout in layouts)
     lines = ["# EliGen toy-world demo", "",
-             f"{len(layouts)} held-out layouts ({entities} entities), 128x128, Euler "
+             f"{len(layouts)} held-out layouts ({entities} entities), {layouts[0].image.shape[1]}x{layouts[0].image.shape[0]}, Euler "
              f"{workflows.SAMPLER['steps']} steps, cfg {workflows.SAMPLER['cfg']}.", "",
              "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
              "|---|---|---|---|---|"]
@@ -113,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--layouts", type=int, default=16, help="held-out layouts per condition")
     parser.add_argument("--layout-seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=data.SIZE,
+                        help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, faster)")
     parser.add_argument("--train-count", type=int, default=evaluate.TRAIN_DEFAULTS["count"], help="synthetic training layouts")
     parser.add_argument("--train-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -138,12 +140,13 @@ def main(argv=None):
 
         started = time.monotonic()
         dataset_dir = os.path.join(server.input_dir, workflows.DATASET_FOLDER)
-        data.write_dataset(dataset_dir, args.train_count, seed=args.seed, split="train")
+        data.write_dataset(dataset_dir, args.train_count, seed=args.seed, split="train", size=args.size)
         clock.stage("dataset", time.monotonic() - started)
         clock.log(f"wrote {args.train_count} synthetic training layouts to input/{workflows.DATASET_FOLDER}")
 
-        graphs = {c: workflows.sampling_workflow(c, args.layouts, args.layout_seed) for c in workflows.CONDITIONS}
-        graphs["c"] = workflows.training_workflow(seed=args.seed, steps=args.train_steps)
+        graphs = {c: workflows.sampling_workflow(c, args.layouts, args.layout_seed, size=args.size)
+                  for c in workflows.CONDITIONS}
+        graphs["c"] = workflows.training_workflow(seed=args.seed, steps=args.train_steps, size=args.size)
         paths = {}
         for condition, graph in graphs.items():
             paths[condition] = os.path.join(out, "workflows", f"toyworld_{condition}.json")
@@ -170,7 +173,7 @@ def main(argv=None):
     finally:
         server.stop()
 
-    layouts = data.layouts("heldout", args.layout_seed, args.layouts)
+    layouts = data.layouts("heldout", args.layout_seed, args.layouts, size=args.size)
     rows = [("layout (exact)", [layout.image for layout in layouts])]
     rows += [(f"({c}) {text}", images[c]) for c, text in workflows.CONDITIONS.items()]
     sheet = figures.contact_sheet(rows, [layout.masks for layout in layouts],

@@ -105,24 +105,27 @@ def encoded_training_samples(model, clip, vae, folder):
 
 
 def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20,
-               count=512, data_seed=0, log=None, write_dataset=data.write_dataset):
+               count=512, data_seed=0, log=None, write_dataset=data.write_dataset, size=data.SIZE, **recipe):
     """Write `count` training layouts, encode them and train an EliGen LoRA with training/loop.py (the
     EliGenTrain node's trainer, same settings as workflow c). Returns (lora state dict, losses
-    [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=)` writes the training set
-    (another writer trains another LoRA the same way, e.g. style.py's captions-only style set)."""
+    [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=, size=)` writes the training set
+    (another writer trains another LoRA the same way, e.g. style.py's captions-only style set).
+    `recipe`: other TRAIN_FIXED / TrainSettings / LoraSettings fields (ablations.py varies them)."""
     from ..training.lora import LoraSettings
     from ..training.loop import TrainSettings, train
 
     with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
-        write_dataset(folder, count, seed=data_seed, split="train")
+        write_dataset(folder, count, seed=data_seed, split="train", size=size)
         with torch.inference_mode():
             samples = encoded_training_samples(model, clip, vae, folder)
     empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
-    lora_settings = LoraSettings(rank=rank, alpha=float(rank), preset=TRAIN_FIXED["preset"])
+    recipe = dict(TRAIN_FIXED, **recipe)
+    lora_fields = {"preset", "dropout"}
+    lora_settings = LoraSettings(rank=rank, alpha=float(rank), **{k: v for k, v in recipe.items() if k in lora_fields})
     settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                             schedule=TRAIN_FIXED["schedule"], warmup_steps=warmup_steps,
-                             timestep_sampling=TRAIN_FIXED["timestep_sampling"], seed=seed,
-                             precision="fp32", gradient_checkpointing=False)  # as the toy workflows
+                             warmup_steps=warmup_steps, seed=seed, precision="fp32",
+                             gradient_checkpointing=False,  # as the toy workflows
+                             **{k: v for k, v in recipe.items() if k not in lora_fields})
     started = time.time()
     def progress(step, total, loss, left, previews):
         if log is not None and (step % 25 == 0 or step == total):
@@ -149,6 +152,9 @@ def add_run_arguments(parser, seeds, layouts):
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--layouts", type=int, default=layouts, help="held-out layouts (per group) and seed")
     parser.add_argument("--layout-seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=data.SIZE,
+                        help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, "
+                        "about 4x cheaper)")
     for name, value in TRAIN_DEFAULTS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--sample-steps", type=int, default=SAMPLER["steps"])
@@ -173,5 +179,5 @@ def run_settings(args):
     """(training settings, sampler) from add_run_arguments' options; sets torch's thread count."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return ({name: getattr(args, name) for name in TRAIN_DEFAULTS},
+    return ({name: getattr(args, name) for name in TRAIN_DEFAULTS} | {"size": args.size},
             dict(SAMPLER, steps=args.sample_steps, cfg=args.cfg))

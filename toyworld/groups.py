@@ -9,16 +9,18 @@ import numpy as np
 
 from .data import BACKGROUNDS, EXTENT, GAP, PALETTE, RADIUS_RANGE, SHAPES, SIZE, Entity, render, shape_mask
 
-SMALL_TOKENS = (2, 4)  # tokens of the 8x8 grid (128 px, 8x VAE, 2x2 patches) a small entity's mask covers
-TOKEN_PIXELS = 16  # one token of that grid, in pixels
+SMALL_TOKENS = (2, 4)  # tokens a small (or tiny) entity's mask covers
+TOKEN_PIXELS = 16  # one image token with the 8x VAE and 2x2 patches, in pixels
+SMALL_GRID = 8  # "small" counts tokens of an 8x8 grid at every image side: the same shapes at every size
 BORDER_VISIBLE = (0.25, 0.75)  # share of a cut entity that stays inside the image
 MAX_OVERLAP = 0.4  # touching group: at most this share of either mask lies under the other
 REDRAWS = 100
 
 
 def token_count(mask, token_pixels=TOKEN_PIXELS):
-    """Tokens of the grid that the package's mask rule (core.attention.mask_to_token_grid) marks for
-    this mask at 128 px with the 8x VAE: nearest resize to the latent, then any pixel per 2x2 patch."""
+    """Tokens of a grid of `token_pixels`-px tokens that the package's mask rule
+    (core.attention.mask_to_token_grid) marks for this mask: nearest resize to the latent, then any
+    pixel per 2x2 patch."""
     import torch
 
     from ..core.attention import mask_to_token_grid
@@ -68,14 +70,24 @@ def _same_colour(rng, size):
     return placed if len(placed) == count else None
 
 
-def _small(rng, size):
+def _small_shapes(rng, size, radius_range, token_pixels):
     count = int(rng.integers(2, 5))
     colours = rng.choice(list(PALETTE), size=count, replace=False)
     shapes = rng.choice(SHAPES, size=count)
     low, high = SMALL_TOKENS
-    placed = _place_separate(rng, colours, shapes, (0.04, 0.11), size,
-                             accept=lambda entity: low <= token_count(entity.mask) <= high)
+    placed = _place_separate(rng, colours, shapes, radius_range, size,
+                             accept=lambda entity: low <= token_count(entity.mask, token_pixels) <= high)
     return placed if len(placed) == count else None
+
+
+def _small(rng, size):
+    """2-4 tokens of an 8x8 grid: at 128 px the image's own tokens; at 256 px the same shapes (8-16 tokens)."""
+    return _small_shapes(rng, size, (0.04, 0.11), size // SMALL_GRID)
+
+
+def _tiny(rng, size):
+    """2-4 of the image's own tokens at any side (at 128 px the same rule as small)."""
+    return _small_shapes(rng, size, (0.04 * 128 / size, 0.11 * 128 / size), TOKEN_PIXELS)
 
 
 def _touches(mask, others):
@@ -142,7 +154,7 @@ def _border(rng, size):
 
 
 GENERATORS = {"many": _many, "same_colour": _same_colour, "small": _small, "touching": _touching,
-              "border": _border}
+              "border": _border, "tiny": _tiny}
 
 
 def make_group_layout(group, rng, size=SIZE):

@@ -20,11 +20,11 @@ SCALE = 4  # painted at 4x and reduced with LANCZOS: soft edges like a brush or 
 PAPER = (255, 255, 255)
 
 
-def example_layout(seed=0, entities=3):
+def example_layout(seed=0, entities=3, size=data.SIZE):
     """The first held-out layout (seed ``seed``) with ``entities`` shapes."""
     index = 0
     while True:
-        layout = data.make_layout("heldout", seed, index)
+        layout = data.make_layout("heldout", seed, index, size)
         if len(layout.entities) == entities:
             return layout
         index += 1
@@ -60,7 +60,8 @@ def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="
             "background": "largest", "min_area_percent": 0.5, "text_length": TEXT_LENGTH}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": layout.caption, "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": batch_size}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {
+            "width": layout.image.shape[1], "height": layout.image.shape[0], "batch_size": batch_size}},
         "8": {"class_type": "EliGenApply", "inputs": {
             "model": ["1", 0], "positive": ["4", 0], "entities": ["3", 0], "negative": ["5", 0],
             "entities_on_negative": False, "start_percent": 0.0, "end_percent": 1.0}},

@@ -20,7 +20,7 @@ import torch
 from . import data, evaluate, files, metric
 
 GRADIENT = (48, 208)  # background grey at the top and bottom rows
-EDGE_ROWS = 16  # rows at the top and bottom whose background brightness tells whether the style shows
+EDGE_ROWS = 1 / 8  # share of the rows at the top and bottom whose background tells whether the style shows
 
 
 def styled_image(layout):
@@ -34,12 +34,12 @@ def styled_image(layout):
     return image
 
 
-def write_style_dataset(folder, count, seed=0, split="train"):
+def write_style_dataset(folder, count, seed=0, split="train", size=data.SIZE):
     """`count` styled layouts with their global captions only (no entity prompts or masks)."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     records = []
     for i in range(count):
-        layout = data.make_layout(split, seed, i)
+        layout = data.make_layout(split, seed, i, size)
         name = f"images/{i:05d}.png"
         files.save_png(styled_image(layout), os.path.join(folder, name))
         records.append({"image": name, "prompt": layout.caption})
@@ -57,9 +57,10 @@ def gradient_strength(images, layouts):
         pixels = pixels * 255.0 if pixels.max() <= 1.0 else pixels
         brightness = pixels.mean(axis=-1)
         background = ~layout.masks.any(axis=0) if layout.entities else np.ones(brightness.shape, bool)
-        top, bottom = background[:EDGE_ROWS], background[-EDGE_ROWS:]
+        rows = max(1, round(EDGE_ROWS * brightness.shape[0]))
+        top, bottom = background[:rows], background[-rows:]
         if top.any() and bottom.any():
-            values.append(brightness[-EDGE_ROWS:][bottom].mean() - brightness[:EDGE_ROWS][top].mean())
+            values.append(brightness[-rows:][bottom].mean() - brightness[:rows][top].mean())
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -120,7 +121,7 @@ def main(argv=None):
     log = lambda message: print(f"[style] {message}", flush=True)
     started = time.time()
     model, clip, vae = evaluate.load_run_models(args)
-    layouts = data.layouts("heldout", args.layout_seed, args.layouts)
+    layouts = data.layouts("heldout", args.layout_seed, args.layouts, size=args.size)
     entities = sum(len(layout.entities) for layout in layouts)
     runs = [run_seed(seed, layouts, model, clip, vae, train_settings, args.style_steps, sampler, log)
             for seed in args.seeds]

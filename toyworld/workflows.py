@@ -9,6 +9,7 @@ are the same graphs. `python scripts/toyworld.py workflows` rewrites example_wor
 
 import os
 
+from .data import SIZE
 from .evaluate import SAMPLER, TEXT_LENGTH, TRAIN_DEFAULTS, TRAIN_FIXED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def _link(node, output=0):
 
 
 def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_name=LORA_NAME,
-                      prefix="eligen_toy", sampler=SAMPLER, weights="pretrained"):
+                      prefix="eligen_toy", sampler=SAMPLER, weights="pretrained", size=SIZE):
     """Held-out layouts -> stock text encode / sampler / decode -> SaveImage + placement metric."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {sorted(CONDITIONS)}, not {condition!r}")
@@ -36,10 +37,10 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
         "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": weights, "seed": 0}},
         "2": {"class_type": "EliGenToyLayouts", "inputs": {
             "clip": _link(1, 1), "split": "heldout", "count": count, "seed": layout_seed, "start": 0,
-            "text_length": TEXT_LENGTH}},
+            "text_length": TEXT_LENGTH, "size": size}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": _link(2, 0), "clip": _link(1, 1)}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": _link(1, 1)}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {
             "model": _link(1, 0), "seed": _link(2, 2), "steps": sampler["steps"], "cfg": sampler["cfg"],
             "sampler_name": sampler["sampler_name"], "scheduler": sampler["scheduler"],
@@ -63,12 +64,12 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
 
 
 def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LORA_NAME, seed=0,
-                      prefix="eligen_toy", **train):
+                      prefix="eligen_toy", size=SIZE, **train):
     """EliGenDataset (input folder) -> EliGenTrain -> the LoRA in models/loras; the loss graph saved."""
     settings = dict(TRAIN_DEFAULTS, **train)
     return {
         "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": "pretrained", "seed": 0}},
-        "2": {"class_type": "EliGenDataset", "inputs": {"folder": dataset_folder, "max_pixels": 16384}},
+        "2": {"class_type": "EliGenDataset", "inputs": {"folder": dataset_folder, "max_pixels": size * size}},
         "3": {"class_type": "EliGenLoraConfig", "inputs": {
             "rank": settings["rank"], "alpha": float(settings["rank"]), "dropout": 0.0, "init": "kaiming",
             "preset": TRAIN_FIXED["preset"], "custom_pattern": "", "dtype": "float32"}},
