@@ -99,6 +99,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=32)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--join", nargs="*", default=[], metavar="JSON",
+                        help="runs written by other ablation processes with the same settings (e.g. one seed each) "
+                        "to add to this one's table and --out")
     args = parser.parse_args(argv)
     train_settings, sampler = evaluate.run_settings(args)
     log = lambda message: print(f"[ablations] {message}", flush=True)
@@ -106,12 +109,21 @@ def main(argv=None):
     layouts = data.layouts("heldout", args.layout_seed, args.layouts, size=args.size)
     payload = {"family": args.family, "size": args.size, "layouts": args.layouts, "layout_seed": args.layout_seed,
                "train": train_settings, "fixed": evaluate.TRAIN_FIXED, "sampler": sampler, "runs": []}
+    same = ("family", "size", "layouts", "layout_seed", "train", "sampler")
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             previous = json.load(f)
-        if all(previous.get(k) == payload[k] for k in ("family", "size", "layouts", "layout_seed", "train", "sampler")):
+        if all(previous.get(k) == payload[k] for k in same):
             payload["runs"] = previous["runs"]
             log(f"resuming: {len(payload['runs'])} runs already in {args.out}")
+    for path in args.join:
+        with open(path) as f:
+            other = json.load(f)
+        different = [k for k in same if other.get(k) != payload[k]]
+        if different:
+            raise SystemExit(f"--join {path}: its {', '.join(different)} differ from this run's")
+        payload["runs"] += [r for r in other["runs"]
+                            if not any(r["variant"] == q["variant"] and r["seed"] == q["seed"] for q in payload["runs"])]
     started = time.time()
     for seed in args.seeds:
         for name in ["baseline"] + [v for v in args.variants if v != "baseline"]:

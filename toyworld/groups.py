@@ -87,7 +87,9 @@ def _small(rng, size):
 
 def _tiny(rng, size):
     """2-4 of the image's own tokens at any side (at 128 px the same rule as small)."""
-    return _small_shapes(rng, size, (0.04 * 128 / size, 0.11 * 128 / size), TOKEN_PIXELS)
+    # the radii small uses at 128 px, in pixels: shapes that cover 2-4 tokens of 16 px
+    scale = TOKEN_PIXELS * SMALL_GRID / size
+    return _small_shapes(rng, size, (0.04 * scale, 0.11 * scale), TOKEN_PIXELS)
 
 
 def _touches(mask, others):

@@ -5,8 +5,8 @@ wrapped in ``comfy.sd.CLIP`` and a parameter-free toy VAE that is a ``comfy.sd.V
 CLIPTextEncode, EmptyLatentImage, KSampler, VAEEncode and VAEDecode nodes accept them exactly as
 they accept FLUX.1-dev; only the sizes differ.
 
-Geometry matches the real models: a 128x128 image becomes a 16x16 latent (8x pool) with 16 channels,
-which the 2x2 patchify turns into 8x8 = 64 image tokens.
+Geometry matches the real models: a 256x256 image (the toy world's size) becomes a 32x32 latent (8x
+pool) with 16 channels, which the 2x2 patchify turns into 16x16 = 256 image tokens; 128 px gives 8x8.
 """
 
 import json
