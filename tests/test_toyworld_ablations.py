@@ -46,7 +46,8 @@ def test_attention_preset_wraps_a_subset_of_the_toy_recipe(toy):
 
 
 def run(variant, seed, success):
-    return {"variant": variant, "seed": seed, "success": success}
+    return {"variant": variant, "seed": seed, "success": success,
+            "iou": [[0.9 if hit else 0.1 for hit in image] for image in success]}
 
 
 def test_paired_difference_counts_entities_over_seeds_and_resamples_layouts_together():
@@ -56,6 +57,8 @@ def test_paired_difference_counts_entities_over_seeds_and_resamples_layouts_toge
     mean, (low, high) = ablations.paired_difference(runs, "rank_4", [0, 1], samples=400)
     assert mean == pytest.approx((5 - 2) / 6)
     assert low <= mean <= high and high <= 1.0 and low >= 0.0  # the variant wins on every layout
+    mean, (low, high) = ablations.paired_difference(runs, "rank_4", [0, 1], "iou", samples=400)
+    assert mean == pytest.approx(0.8 * (5 - 2) / 6) and 0.0 <= low <= mean + 1e-12 and mean <= high + 1e-12 <= 0.8
     same = [run("baseline", 0, [[True], [False]]), run("steps_100", 0, [[True], [False]])]
     assert ablations.paired_difference(same, "steps_100", [0], samples=100) == (0.0, (0.0, 0.0))
 

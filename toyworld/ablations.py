@@ -58,39 +58,43 @@ def run_variant(name, seed, layouts, model, clip, vae, train_settings, sampler, 
             "iou": [[float(r["iou"]) for r in rs] for rs in result["images"]]}
 
 
-def paired_difference(runs, name, seeds, samples=BOOTSTRAP["samples"], seed=BOOTSTRAP["seed"]):
-    """(mean change in success rate against the baseline, 95% interval): bootstrap over layouts, the same
-    resampled layouts for both, entities pooled over seeds."""
+def paired_difference(runs, name, seeds, figure="success", samples=BOOTSTRAP["samples"], seed=BOOTSTRAP["seed"]):
+    """(mean change of `figure` ("success" rate or "iou") against the baseline, 95% interval): bootstrap
+    over layouts, the same resampled layouts for both, entities pooled over seeds."""
     def per_layout(variant):
         by_seed = {r["seed"]: r for r in runs if r["variant"] == variant}
-        return [[sum(s) for s in by_seed[k]["success"]] for k in seeds], [[len(s) for s in by_seed[k]["success"]] for k in seeds]
+        values = [[sum(map(float, image)) for image in by_seed[k][figure]] for k in seeds]
+        counts = [[len(image) for image in by_seed[k][figure]] for k in seeds]
+        return np.array(values), np.array(counts, float)
 
-    hits, counts = (np.array(x, float) for x in per_layout(name))
-    base_hits, _ = (np.array(x, float) for x in per_layout("baseline"))
-    layouts = hits.shape[1]
+    values, counts = per_layout(name)
+    base_values, _ = per_layout("baseline")
+    layouts = values.shape[1]
     rng = np.random.default_rng(seed)
     picks = rng.integers(layouts, size=(samples, layouts))
     total = counts[:, picks].sum(axis=(0, 2))
-    diffs = (hits[:, picks].sum(axis=(0, 2)) - base_hits[:, picks].sum(axis=(0, 2))) / total
-    mean = (hits.sum() - base_hits.sum()) / counts.sum()
+    diffs = (values[:, picks].sum(axis=(0, 2)) - base_values[:, picks].sum(axis=(0, 2))) / total
+    mean = (values.sum() - base_values.sum()) / counts.sum()
     return float(mean), (float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)))
 
 
 def table(runs, seeds):
     """Markdown rows: variant, factor, (d) IoU and success (mean ± std over seeds), change in success."""
-    lines = ["| factor | variant | (d) mean IoU | (d) success | success vs baseline [95% interval] | train s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| factor | variant | (d) mean IoU | (d) success | IoU vs baseline [95%] | success vs baseline [95%] | train s |",
+             "|---|---|---|---|---|---|---|"]
     done = [name for name in VARIANTS if {r["seed"] for r in runs if r["variant"] == name} >= set(seeds)]
     for name in done:
         rows = [r for r in runs if r["variant"] == name and r["seed"] in seeds]
         iou = [r["summary"]["mean_iou"] for r in rows]
         success = [r["summary"]["success_rate"] for r in rows]
-        change = "-"
+        iou_change = success_change = "-"
         if name != "baseline" and "baseline" in done:
-            mean, (low, high) = paired_difference(runs, name, seeds)
-            change = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+            mean, (low, high) = paired_difference(runs, name, seeds, "iou")
+            iou_change = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+            mean, (low, high) = paired_difference(runs, name, seeds, "success")
+            success_change = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
         lines.append(f"| {VARIANTS[name][0]} | {name} | {np.mean(iou):.3f} ± {np.std(iou):.3f} | "
-                     f"{100 * np.mean(success):.1f}% ± {100 * np.std(success):.1f} | {change} | "
+                     f"{100 * np.mean(success):.1f}% ± {100 * np.std(success):.1f} | {iou_change} | {success_change} | "
                      f"{np.mean([r['train_seconds'] for r in rows]):.0f} |")
     return "\n".join(lines)
 
