@@ -137,6 +137,8 @@ def main(argv=None):
             payload["seconds"] = round(time.time() - started, 1)
             if args.out:
                 files.write_json(args.out, payload)
+    if args.out:  # also when everything came from --join or an earlier run
+        files.write_json(args.out, payload)
     text = table(payload["runs"], args.seeds)
     print(text)
     if args.markdown:
