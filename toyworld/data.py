@@ -212,8 +212,10 @@ def main(argv=None):
     parser.add_argument("--split", choices=sorted(SPLITS), default="train")
     parser.add_argument("--group", choices=list(GROUPS), default="easy",
                         help="layout group: " + "; ".join(f"{k}: {v}" for k, v in GROUPS.items()))
+    parser.add_argument("--size", type=int, default=SIZE,
+                        help=f"image side in px (default {SIZE}: 16x16 tokens; {QUICK_SIZE}: 8x8 tokens)")
     args = parser.parse_args(argv)
-    path = write_dataset(args.folder, args.count, args.seed, args.split, group=args.group)
+    path = write_dataset(args.folder, args.count, args.seed, args.split, args.size, args.group)
     print(f"wrote {args.count} {args.split} layouts ({args.group}) to {path}")
 
 
