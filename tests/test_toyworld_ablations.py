@@ -69,3 +69,16 @@ def test_table_lists_only_variants_done_for_every_seed():
     runs.append(dict(run("rank_4", 0, [[True, True]]), summary=summary, train_seconds=1.0))
     text = ablations.table(runs, [0, 1])
     assert "| baseline |" in text and "rank_4" not in text
+
+
+def test_out_file_of_other_settings_is_refused_not_overwritten(tmp_path):
+    out = tmp_path / "ablations.json"
+    ablations.main(["--size", "64", "--layouts", "1", "--seeds", "0", "--steps", "1", "--batch-size", "1", "--count", "2",
+                    "--sample-steps", "1", "--variants", "baseline", "--out", str(out)])
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="holds runs whose train"):
+        ablations.main(["--size", "64", "--layouts", "1", "--seeds", "0", "--steps", "2", "--batch-size", "1",
+                        "--count", "2", "--out", str(out)])
+    assert out.read_bytes() == before
+    with pytest.raises(SystemExit):  # argparse names the option and the rule
+        ablations.main(["--size", "100"])

@@ -26,13 +26,11 @@ VARIANTS = {
     "timesteps_reference": ("timestep sampling", {"timestep_sampling": "reference"}),
     "timesteps_uniform": ("timestep sampling", {"timestep_sampling": "uniform"}),
     "entity_weight_1": ("entity_weight", {"entity_weight": 1.0}),
-    "entity_weight_3": ("entity_weight", {"entity_weight": 3.0}),
     "rank_4": ("rank", {"rank": 4}),
     "rank_16": ("rank", {"rank": 16}),
     "preset_eligen": ("target preset", {"preset": "eligen"}),
     "preset_attention": ("target preset", {"preset": "attention"}),
     "entity_dropout_0.1": ("entity dropout", {"entity_dropout": 0.1}),
-    "entity_dropout_0.3": ("entity dropout", {"entity_dropout": 0.3}),
     "steps_100": ("steps", {"steps": 100}),
     "steps_400": ("steps", {"steps": 400}),
 }
@@ -79,7 +77,8 @@ def paired_difference(runs, name, seeds, figure="success", samples=BOOTSTRAP["sa
 
 
 def table(runs, seeds):
-    """Markdown rows: variant, factor, (d) IoU and success (mean ± std over seeds), change in success."""
+    """Markdown rows: factor, variant, (d) IoU and success (mean ± std over seeds), their paired change
+    against the baseline, training time. Only variants run for every seed are listed."""
     lines = ["| factor | variant | (d) mean IoU | (d) success | IoU vs baseline [95%] | success vs baseline [95%] | train s |",
              "|---|---|---|---|---|---|---|"]
     done = [name for name in VARIANTS if {r["seed"] for r in runs if r["variant"] == name} >= set(seeds)]
@@ -117,9 +116,12 @@ def main(argv=None):
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             previous = json.load(f)
-        if all(previous.get(k) == payload[k] for k in same):
-            payload["runs"] = previous["runs"]
-            log(f"resuming: {len(payload['runs'])} runs already in {args.out}")
+        different = [k for k in same if previous.get(k) != payload[k]]
+        if different:  # never overwrite runs measured with other settings
+            raise SystemExit(f"--out {args.out} holds runs whose {', '.join(different)} differ from this run's; "
+                             "choose another --out")
+        payload["runs"] = previous["runs"]
+        log(f"resuming: {len(payload['runs'])} runs already in {args.out}")
     for path in args.join:
         with open(path) as f:
             other = json.load(f)

@@ -99,6 +99,16 @@ def shape_mask(shape, centre, radius, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}; toy shapes are {SHAPES}")
 
 
+def image_side(text):
+    """argparse type of an image side: a multiple of 16 px (whole 2x2 patches of the 8x VAE), 32 or more."""
+    import argparse
+
+    side = int(text)
+    if side < 32 or side % 16:
+        raise argparse.ArgumentTypeError(f"image side {side} px: must be a multiple of 16, at least 32")
+    return side
+
+
 def _rng(split, seed, index, group="easy"):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
@@ -212,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--split", choices=sorted(SPLITS), default="train")
     parser.add_argument("--group", choices=list(GROUPS), default="easy",
                         help="layout group: " + "; ".join(f"{k}: {v}" for k, v in GROUPS.items()))
-    parser.add_argument("--size", type=int, default=SIZE,
+    parser.add_argument("--size", type=image_side, default=SIZE,
                         help=f"image side in px (default {SIZE}: 16x16 tokens; {QUICK_SIZE}: 8x8 tokens)")
     args = parser.parse_args(argv)
     path = write_dataset(args.folder, args.count, args.seed, args.split, args.size, args.group)

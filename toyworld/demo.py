@@ -121,7 +121,7 @@ def main(argv=None):
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--layouts", type=int, default=16, help="held-out layouts per condition")
     parser.add_argument("--layout-seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=data.SIZE,
+    parser.add_argument("--size", type=data.image_side, default=data.SIZE,
                         help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, faster)")
     parser.add_argument("--train-count", type=int, default=evaluate.TRAIN_DEFAULTS["count"], help="synthetic training layouts")
     parser.add_argument("--train-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])

@@ -152,7 +152,7 @@ def add_run_arguments(parser, seeds, layouts):
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--layouts", type=int, default=layouts, help="held-out layouts (per group) and seed")
     parser.add_argument("--layout-seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=data.SIZE,
+    parser.add_argument("--size", type=data.image_side, default=data.SIZE,
                         help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, "
                         "about 4x cheaper)")
     for name, value in TRAIN_DEFAULTS.items():
