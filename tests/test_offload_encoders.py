@@ -19,7 +19,7 @@ DEVICE = comfy.model_management.get_torch_device()
 
 
 def loaded():
-    return host.loaded_models_on(DEVICE)
+    return host.memory.loaded_models_on(DEVICE)
 
 
 def holds(patcher):
@@ -63,13 +63,13 @@ def test_encoders_leave_the_device_for_the_steps(blocks_to_swap):
 def test_memory_contact_points_are_checked():
     """The contact points block swap and unloading use are in the start-up check, and a missing one is
     refused by name (not an AttributeError)."""
-    assert host.MEMORY_MANAGEMENT in host.CONTACTS and host.PATCH_ON_OFFLOAD in host.CONTACTS
-    assert not [p for p in host.missing_capabilities() if p.contact in (host.MEMORY_MANAGEMENT, host.PATCH_ON_OFFLOAD)]
+    assert host.memory.MEMORY_MANAGEMENT in host.CONTACTS and host.memory.PATCH_ON_OFFLOAD in host.CONTACTS
+    assert not [p for p in host.missing_capabilities() if p.contact in (host.memory.MEMORY_MANAGEMENT, host.memory.PATCH_ON_OFFLOAD)]
     saved = comfy.model_management.free_memory
     del comfy.model_management.free_memory
     try:
         with pytest.raises(host.MissingCapability, match="free_memory") as error:
-            host.unload_models_on(DEVICE)
-        assert error.value.contact == host.MEMORY_MANAGEMENT
+            host.memory.unload_models_on(DEVICE)
+        assert error.value.contact == host.memory.MEMORY_MANAGEMENT
     finally:
         comfy.model_management.free_memory = saved

@@ -21,7 +21,7 @@ TEXT_LENGTH = "real_length"
 
 
 def encode_prompt(clip, text):
-    return host.encode_prompt(clip, text)
+    return host.models.encode_prompt(clip, text)
 
 
 def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER):
@@ -32,8 +32,8 @@ def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER)
         positive, negative = apply_entities(positive, entities, negative)
         model = patch_model(model)
     height, width = layout.image.shape[:2]
-    latent = host.empty_latent(model, width, height, downscale_ratio=vae.downscale_ratio)
-    samples = host.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
+    latent = host.models.empty_latent(model, width, height, downscale_ratio=vae.downscale_ratio)
+    samples = host.models.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
                                  sampler["scheduler"], positive, negative)
     return vae.decode(samples).reshape(-1, height, width, 3)
 
@@ -137,7 +137,7 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
 
 def with_lora(model, lora_sd, strength=1.0):
     """The stock path (what LoraLoaderModelOnly does), on a clone."""
-    return host.apply_lora(model, lora_sd, strength)
+    return host.weights.apply_lora(model, lora_sd, strength)
 
 
 # ---------------------------------------------------------------------------------------------

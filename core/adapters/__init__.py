@@ -19,7 +19,7 @@ class Adapter:
     patch_size = 2
     latent_scale = 8            # image pixels per latent cell along each side (the family's VAE)
     reference_schedule = {}     # the reference's training sigma schedule (training/loss.py reference_sigmas)
-    base_model_class = ""       # host.MODEL_CLASSES names of the family's BaseModel and diffusion model
+    base_model_class = ""       # host.models.MODEL_CLASSES names of the family's BaseModel and diffusion model
     diffusion_model_class = ""
     LORA_TARGETS = {}      # preset name -> module-name regexes (full match, ComfyUI names)
     lora_reference_format = ""
@@ -28,29 +28,29 @@ class Adapter:
     # -- where the diffusion model's forward puts arguments when it calls its DIFFUSION_MODEL wrappers
     @property
     def CONTEXT_INDEX(self):
-        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "context")
+        return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "context")
 
     @property
     def REF_LATENTS_INDEX(self):
-        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "ref_latents")
+        return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "ref_latents")
 
     @property
     def TRANSFORMER_OPTIONS_INDEX(self):
-        return host.forward_argument_index(host.model_class(self.diffusion_model_class), "transformer_options")
+        return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "transformer_options")
 
     # -- recognising the family -------------------------------------------------------------
     def matches_base_model(self, base_model):
         # Exact class: subclasses (FLUX.2, Chroma under model_base.Flux) are different models.
-        return (type(base_model) is host.model_class(self.base_model_class)
+        return (type(base_model) is host.models.model_class(self.base_model_class)
                 and self.matches_diffusion_model(base_model.diffusion_model))
 
     def matches_diffusion_model(self, diffusion_model):
-        return type(diffusion_model) is host.model_class(self.diffusion_model_class)
+        return type(diffusion_model) is host.models.model_class(self.diffusion_model_class)
 
     # -- shapes -----------------------------------------------------------------------------
     def context_dim(self, diffusion_model):
         """Width of the text embeddings the model takes (T5 4096 for FLUX.1, Qwen2.5-VL 3584)."""
-        return diffusion_model.txt_in.in_features
+        return host.models.context_width(diffusion_model)
 
     def latent_to_tokens(self, h, w):
         return math.ceil(h / self.patch_size), math.ceil(w / self.patch_size)
@@ -80,7 +80,7 @@ class Adapter:
         """Velocity prediction through ``diffusion_model.forward`` (so the EliGen wrapper and attention
         override in ``transformer_options["wrappers"]`` apply as in sampling). ``sigma`` is ``[B]``."""
         diffusion_model = base_model.diffusion_model
-        timestep = base_model.model_sampling.timestep(sigma).float()
+        timestep = host.models.timestep(base_model, sigma).float()
         kwargs = self.forward_kwargs(diffusion_model, pooled, x_t.shape[0], guidance)
         if entity_condition is not None:
             kwargs["eligen"] = entity_condition
@@ -96,11 +96,9 @@ def _all_adapters():
 
 def adapter_for(model):
     """The adapter of a ModelPatcher, BaseModel or diffusion model; ValueError for other families."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(model, "model_options"):  # a ModelPatcher
-        model = inner
+    model = host.models.unwrap_patcher(model)
     adapters = _all_adapters()
-    if host.is_base_model(model):
+    if host.models.is_base_model(model):
         found = [a for a in adapters if a.matches_base_model(model)]
     else:
         found = [a for a in adapters if a.matches_diffusion_model(model)]
