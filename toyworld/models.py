@@ -14,6 +14,7 @@ import os
 import re
 import zlib
 
+import safetensors
 import torch
 
 from ..core import host
@@ -288,8 +289,6 @@ def weights_path(family="flux"):
 
 def read_weights(path):
     """(diffusion state dict, text encoder state dict, metadata) from a toy weights file."""
-    import safetensors
-
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}

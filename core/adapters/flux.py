@@ -8,7 +8,7 @@ import torch
 
 from .. import host
 from ..blocks import FLUX_TRAINING_BLOCKS
-from . import Adapter
+from .base import Adapter
 
 _DOUBLE = r"double_blocks\.\d+\."
 _SINGLE = r"single_blocks\.\d+\."

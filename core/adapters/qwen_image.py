@@ -10,7 +10,7 @@ import torch
 
 from .. import host
 from ..blocks import QWEN_IMAGE_TRAINING_BLOCKS
-from . import Adapter
+from .base import Adapter
 
 _BLOCK = r"transformer_blocks\.\d+\."
 _ATTENTION = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
