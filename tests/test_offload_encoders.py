@@ -3,7 +3,6 @@ unloaded through ComfyUI's model management (its own ``current_loaded_models``),
 for validation images, and block swap keeps the diffusion model out of ComfyUI's loaded list too."""
 
 import pytest
-import torch
 
 import comfy.model_management
 from comfyui_eligen.core import host
@@ -19,7 +18,9 @@ DEVICE = comfy.model_management.get_torch_device()
 
 
 def loaded():
-    return host.memory.loaded_models_on(DEVICE)
+    """The ModelPatchers ComfyUI's model management holds loaded on the device (its own list)."""
+    return [entry.model for entry in comfy.model_management.current_loaded_models
+            if entry.device == DEVICE and entry.model is not None]
 
 
 def holds(patcher):

@@ -1,7 +1,5 @@
 """The family adapter's interface and what FLUX.1 and Qwen-Image share (core/adapters/__init__.py)."""
 
-import math
-
 import torch
 
 from .. import host
@@ -46,9 +44,6 @@ class Adapter:
     def context_dim(self, diffusion_model):
         """Width of the text embeddings the model takes (T5 4096 for FLUX.1, Qwen2.5-VL 3584)."""
         return host.models.context_width(diffusion_model)
-
-    def latent_to_tokens(self, h, w):
-        return math.ceil(h / self.patch_size), math.ceil(w / self.patch_size)
 
     def image_token_masks(self, masks, x, ref_latents=None, mask_sizes=None):
         """Entity masks ``[B, N, H, W]`` -> bool ``[B, N, T_img]`` in the model's image-token order:

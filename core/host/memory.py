@@ -52,15 +52,6 @@ def _as_device(device):
     return device
 
 
-def loaded_models_on(device):
-    """The ModelPatchers ComfyUI's model management holds loaded on ``device`` (its own
-    ``current_loaded_models`` list)."""
-    mm = _model_management()
-    device = _as_device(device)
-    return [entry.model for entry in mm.current_loaded_models
-            if _as_device(entry.device) == device and entry.model is not None]
-
-
 def unload_models_on(device, keep=()):
     """Ask ComfyUI's model management to unload every model it holds on ``device`` except the
     ModelPatchers in ``keep`` (text encoders, VAE, other diffusion models leave the device).
