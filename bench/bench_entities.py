@@ -147,11 +147,11 @@ def training_run(model, latent, context, pooled, condition, dtype):
     """One forward + backward of the diffusion model through the EliGen wrapper, as training runs it."""
     import torch
 
-    from comfyui_eligen.core import blocks, patch
+    from comfyui_eligen.core import blocks, host
     from comfyui_eligen.core.adapters import adapter_for
 
     adapter = adapter_for(model)
-    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    options = host.models.sampling_transformer_options(model)
     # The trainer's out-of-place blocks (ComfyUI's FLUX blocks update in place), no checkpointing.
     options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, options, False)
     device = model.load_device

@@ -356,13 +356,13 @@ def entity_attention_override(previous=None):
     def override(func, *args, **kwargs):
         entity = (kwargs.get("transformer_options") or {}).get(OPTIONS_KEY)
         if entity is not None:
-            named = host.attention_call_arguments(args, kwargs)
-            if host.attention_sequence_length(named) == entity.sequence_length:
+            named = host.attention.attention_call_arguments(args, kwargs)
+            if host.attention.attention_sequence_length(named) == entity.sequence_length:
                 method = entity.method
                 if method == AUTO:
                     # The extra dimensions need a kernel that computes q.k as given: not a quantizing
                     # one (SageAttention), and not an unknown one that another override may pick.
-                    if previous is not None or host.is_quantized_attention(func):
+                    if previous is not None or host.attention.is_quantized_attention(func):
                         method = GROUPED
                     else:
                         q = named["q"]

@@ -3,8 +3,9 @@
 ComfyUI 0.3.75's FLUX blocks update their inputs in place (``img += ...``). Autograd rejects that, and
 under ``torch.utils.checkpoint`` the recomputation starts from already-modified tensors, so the
 gradients come out silently wrong. The functions here compute the same maths without touching their
-inputs. Attention still goes through ComfyUI's FLUX attention with ``transformer_options`` (host.flux_attention),
-so the EliGen attention override applies exactly as in sampling.
+inputs. Attention still goes through ComfyUI's FLUX attention with ``transformer_options``
+(host.attention.flux_attention), so the EliGen attention override applies exactly as in sampling. Every
+part of a ComfyUI block they compute with is read through host.models' block-parts contact points.
 
 Qwen-Image blocks are already out-of-place: their training forward calls the stock block, and a
 replacement is installed to add checkpointing.
@@ -46,52 +47,53 @@ def _fp16_clamp(x):
 
 def flux_double_block(block, img, txt, vec, pe, attn_mask=None, transformer_options={}):
     """FLUX ``DoubleStreamBlock.forward`` (text before image), out of place."""
-    if not host.flux_block_modulated(block):
+    parts = host.models.flux_double_block_parts(block)
+    if not parts.modulated:
         raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
+    img_mod1, img_mod2 = parts.img_mod(vec)
+    txt_mod1, txt_mod2 = parts.txt_mod(vec)
 
-    img_q, img_k, img_v = _split_heads(block.img_attn.qkv(_modulate(block.img_norm1(img), img_mod1)), block.num_heads)
-    img_q, img_k = block.img_attn.norm(img_q, img_k, img_v)
-    txt_q, txt_k, txt_v = _split_heads(block.txt_attn.qkv(_modulate(block.txt_norm1(txt), txt_mod1)), block.num_heads)
-    txt_q, txt_k = block.txt_attn.norm(txt_q, txt_k, txt_v)
+    img_q, img_k, img_v = _split_heads(parts.img_attn.qkv(_modulate(parts.img_norm1(img), img_mod1)), parts.num_heads)
+    img_q, img_k = parts.img_attn.norm(img_q, img_k, img_v)
+    txt_q, txt_k, txt_v = _split_heads(parts.txt_attn.qkv(_modulate(parts.txt_norm1(txt), txt_mod1)), parts.num_heads)
+    txt_q, txt_k = parts.txt_attn.norm(txt_q, txt_k, txt_v)
 
-    if block.flipped_img_txt:
+    if parts.flipped_img_txt:
         order = (img_q, txt_q), (img_k, txt_k), (img_v, txt_v)
     else:
         order = (txt_q, img_q), (txt_k, img_k), (txt_v, img_v)
     q, k, v = (torch.cat(pair, dim=2) for pair in order)
-    attn = host.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
-    if block.flipped_img_txt:
+    attn = host.attention.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
+    if parts.flipped_img_txt:
         img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1]:]
     else:
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
-    img = img + img_mod1.gate * block.img_attn.proj(img_attn)
-    img = img + img_mod2.gate * block.img_mlp(_modulate(block.img_norm2(img), img_mod2))
-    txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
-    txt = txt + txt_mod2.gate * block.txt_mlp(_modulate(block.txt_norm2(txt), txt_mod2))
+    img = img + img_mod1.gate * parts.img_attn.proj(img_attn)
+    img = img + img_mod2.gate * parts.img_mlp(_modulate(parts.img_norm2(img), img_mod2))
+    txt = txt + txt_mod1.gate * parts.txt_attn.proj(txt_attn)
+    txt = txt + txt_mod2.gate * parts.txt_mlp(_modulate(parts.txt_norm2(txt), txt_mod2))
     return img, _fp16_clamp(txt)
 
 
 def flux_single_block(block, x, vec, pe, attn_mask=None, transformer_options={}):
     """FLUX ``SingleStreamBlock.forward``, out of place."""
-    if not host.flux_block_modulated(block):
+    parts = host.models.flux_single_block_parts(block)
+    if not parts.modulated:
         raise ValueError("EliGen training supports FLUX.1 blocks with per-block modulation only")
-    mod, _ = block.modulation(vec)
-    qkv, mlp = torch.split(
-        block.linear1(_modulate(block.pre_norm(x), mod)), [3 * block.hidden_size, host.flux_single_mlp_width(block)], dim=-1
-    )
-    q, k, v = _split_heads(qkv, block.num_heads)
-    q, k = block.norm(q, k, v)
-    attn = host.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
-    out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), 2))
+    mod, _ = parts.modulation(vec)
+    qkv, mlp = torch.split(parts.linear1(_modulate(parts.pre_norm(x), mod)), [3 * parts.hidden_size, parts.mlp_width],
+                           dim=-1)
+    q, k, v = _split_heads(qkv, parts.num_heads)
+    q, k = parts.norm(q, k, v)
+    attn = host.attention.flux_attention(q, k, v, _rope_for(pe, q), attn_mask, transformer_options)
+    out = parts.linear2(torch.cat((attn, parts.mlp_act(mlp)), 2))
     return _fp16_clamp(x + mod.gate * out)
 
 
 def _flux_double_replacement(block):
     def run(args):
-        host.check_block_args("double_block", args)
+        host.models.check_block_args("double_block", args)
         img, txt = flux_double_block(
             block, args["img"], args["txt"], args["vec"], args["pe"],
             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
@@ -102,7 +104,7 @@ def _flux_double_replacement(block):
 
 def _flux_single_replacement(block):
     def run(args):
-        host.check_block_args("single_block", args)
+        host.models.check_block_args("single_block", args)
         img = flux_single_block(
             block, args["img"], args["vec"], args["pe"],
             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"],
@@ -116,8 +118,8 @@ def _qwen_image_replacement(block):
     # closure reads the loop variable ``block`` when called, so a checkpoint recomputation in backward
     # would run the last block instead (silently wrong gradients).
     def run(args):
-        host.check_block_args("double_block", args)
-        txt, img = host.qwen_image_block(block, args["img"], args["txt"], args["vec"], args["pe"],
+        host.models.check_block_args("double_block", args)
+        txt, img = host.models.qwen_image_block(block, args["img"], args["txt"], args["vec"], args["pe"],
                                          args["transformer_options"])
         return {"img": img, "txt": txt}
     return run
@@ -167,9 +169,9 @@ def training_transformer_options(diffusion_model, training_blocks, transformer_o
     options = transformer_options
     position = 0
     for kind, (attribute, make_forward) in training_blocks.items():
-        block_list = getattr(diffusion_model, attribute)
+        block_list = host.models.block_list(diffusion_model, attribute)
         wraps = [block_wrapper(position + i) if block_wrapper is not None else None for i in range(len(block_list))]
-        options = host.with_block_replacements(
+        options = host.models.with_block_replacements(
             options, kind, len(block_list),
             lambda index, existing: _training_replacement(make_forward(block_list[index]), existing, checkpointing,
                                                           wraps[index]))

@@ -103,7 +103,7 @@ def add_entity(previous, entity):
 # ---------------------------------------------------------------------------------------------
 # The model condition
 
-class EntityCondition(host.regular_cond_class()):
+class EntityCondition(host.models.regular_cond_class()):
     """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text segment lengths
     ``[L1 .. LN, LG]``, the active step range and the entity labels.
 

@@ -9,7 +9,7 @@ Three files meet here:
 - DiffSynth-Studio's internal FLUX names (``blocks.0.attn.a_to_qkv.lora_A.default.weight``), which the stock
   loader drops. ``DIFFSYNTH_FLUX_RENAMES`` maps them to ComfyUI module names (same fused layouts).
 
-Which keys the stock loader takes comes from ComfyUI itself (core/host.py: the model's LoRA key map and the
+Which keys the stock loader takes comes from ComfyUI itself (core/host/weights.py: the model's LoRA key map and the
 loader's key forms, probed from the loader): we only rename what it would drop.
 """
 
@@ -109,13 +109,13 @@ def detect_format(state_dict):
 
 def stock_unmatched_keys(state_dict, key_map):
     """The keys ComfyUI's own LoRA loader would drop for a model with this key map, in file order
-    (computed from the key map and the loader's key forms: ``host.lora_unmatched_keys``)."""
-    return host.lora_unmatched_keys(state_dict, key_map)
+    (computed from the key map and the loader's key forms: ``host.weights.lora_unmatched_keys``)."""
+    return host.weights.lora_unmatched_keys(state_dict, key_map)
 
 
 def model_key_map(model):
     """ComfyUI's LoRA key map for a ModelPatcher or BaseModel (LoRA module name -> weight key)."""
-    return host.lora_key_map(model)
+    return host.weights.lora_key_map(model)
 
 
 def _comfy_module(module, key_map, renames):

@@ -25,12 +25,6 @@ from .mask_rule import aspect_problem
 WRAPPER_KEY = "eligen"
 
 
-def __getattr__(name):  # patch.WRAPPER_TYPE: ComfyUI's DIFFUSION_MODEL wrapper type, read through host
-    if name == "WRAPPER_TYPE":
-        return host.diffusion_model_wrapper_type()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def patch_model(model_patcher, attention=AUTO):
     """A clone of ``model_patcher`` with the EliGen wrapper (idempotent: patching twice adds nothing).
 
@@ -43,9 +37,9 @@ def patch_model(model_patcher, attention=AUTO):
     host.require_all()
     adapter = adapter_for(model_patcher)
     model = model_patcher.clone()
-    wrappers = host.diffusion_model_wrappers(model, WRAPPER_KEY)
+    wrappers = host.models.diffusion_model_wrappers(model, WRAPPER_KEY)
     if not wrappers:
-        host.add_diffusion_model_wrapper(model, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
+        host.models.add_diffusion_model_wrapper(model, WRAPPER_KEY, EntityWrapper(adapter, model_patcher.model, attention))
     elif wrappers[0].method != attention:
         raise ValueError(f"the model is already patched for EliGen with attention={wrappers[0].method!r}; "
                          f"patch the unpatched model to use attention={attention!r}")
@@ -60,9 +54,9 @@ def is_active(entity, base_model, transformer_options):
     sigmas = transformer_options.get("sigmas")
     if sigmas is None or base_model is None:
         return True
-    sampling = base_model.model_sampling
     sigma = float(sigmas.max())
-    return float(sampling.percent_to_sigma(entity.end)) <= sigma <= float(sampling.percent_to_sigma(entity.start))
+    return (host.models.percent_to_sigma(base_model, entity.end) <= sigma
+            <= host.models.percent_to_sigma(base_model, entity.start))
 
 
 def check_mask_aspect(entity, latent_hw):
@@ -131,9 +125,10 @@ class EntityWrapper:
 
         ref_latents = args[adapter.REF_LATENTS_INDEX] if len(args) > adapter.REF_LATENTS_INDEX else None
         attention = self.attention_for(entity, x, ref_latents)
-        options = host.with_attention_override(options, entity_attention_override)
+        options = host.attention.with_attention_override(options, entity_attention_override)
         options[OPTIONS_KEY] = attention
-        options = adapter.text_position_options(executor.class_obj, options, entity.segment_lengths)
+        options = adapter.text_position_options(host.models.wrapped_diffusion_model(executor), options,
+                                                entity.segment_lengths)
         if len(args) > index:
             args[index] = options
         else:

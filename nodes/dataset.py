@@ -22,7 +22,7 @@ def resolve_folder(folder: str) -> str:
     folder = folder.strip()
     if not folder:
         raise ValueError("folder is empty: give a dataset folder (absolute, or relative to ComfyUI's input directory)")
-    return folder if os.path.isabs(folder) else os.path.join(host.input_directory(), folder)
+    return folder if os.path.isabs(folder) else os.path.join(host.files.input_directory(), folder)
 
 
 def _dataset_outputs():

@@ -13,7 +13,7 @@ def load_eligen_lora(model, lora_path, strength, source):
     found = lora_formats.detect_format(state_dict)
     converted = lora_formats.to_comfy_for_model(state_dict, model, source=source)
     logging.info(f"EliGen LoRA {source}: {found} format, {len(converted)} tensors, strength {strength}")
-    return host.apply_lora(model, converted, strength)
+    return host.weights.apply_lora(model, converted, strength)
 
 
 class EliGenLoraLoader(io.ComfyNode):
@@ -27,7 +27,7 @@ class EliGenLoraLoader(io.ComfyNode):
                         "DiffSynth-Studio's internal FLUX names) and names every key the model has no place for.",
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 or Qwen-Image model the LoRA is applied to."),
-                io.Combo.Input("lora_name", options=host.lora_file_names(),
+                io.Combo.Input("lora_name", options=host.files.lora_file_names(),
                                tooltip="The LoRA file in models/loras (safetensors only)."),
                 io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
                                tooltip="How strongly the LoRA changes the model; 1.0 is the trained strength."),
@@ -39,7 +39,7 @@ class EliGenLoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength):
         if strength == 0:
             return io.NodeOutput(model)
-        path = host.lora_path(lora_name)
+        path = host.files.lora_path(lora_name)
         return io.NodeOutput(load_eligen_lora(model, path, strength, source=lora_name))
 
 

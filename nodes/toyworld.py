@@ -121,7 +121,7 @@ class EliGenPlacementMetric(io.ComfyNode):
         summary = metric.format_summary(result["summary"])
         prefix = (filename_prefix[0] if filename_prefix else "").strip()
         if prefix:
-            folder, name, counter = host.save_image_path(prefix, host.output_directory())
+            folder, name, counter = host.files.save_image_path(prefix, host.files.output_directory())
             files.write_json(os.path.join(folder, f"{name}_{counter:05}_.json"), result)
         figures = result["summary"]
         return io.NodeOutput(summary, figures["mean_iou"], figures["success_rate"], ui=ui.PreviewText(summary))

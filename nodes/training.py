@@ -156,8 +156,8 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     if entity_text_length not in entity_conds.TEXT_LENGTHS:
         raise ValueError(f"entity_text_length {entity_text_length!r} is not one of {', '.join(entity_conds.TEXT_LENGTHS)}")
     resume = (resume or "").strip()
-    runs = os.path.join(host.output_directory(), RUNS_FOLDER)
-    run_dir = start_run(name, host.lora_folder(), runs, resume)
+    runs = os.path.join(host.files.output_directory(), RUNS_FOLDER)
+    run_dir = start_run(name, host.files.lora_folder(), runs, resume)
     if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
         export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
                    lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
@@ -176,26 +176,26 @@ def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, 
     if settings.validation_every:
         validation = [validation_sample(samples[0], validation_positive, validation_entities, adapter.latent_scale)]
 
-    progress = host.progress_bar(settings.steps, node_id=node_id)
+    progress = host.files.progress_bar(settings.steps, node_id=node_id)
     result = train(
         model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
         validation=validation, decode=lambda latent: decode_and_release(vae, latent), empty_condition=empty,
         on_progress=progress_reporter(progress, node_id),
-        check_interrupt=host.interrupt_check(),
+        check_interrupt=host.files.interrupt_check(),
         info={"lora_name": name},
     )
 
     metadata = {"eligen_training": {"family": adapter.family, "lora": lora_settings.to_dict(),
                                     "train": asdict(settings), "steps_done": result.step,
                                     "final_loss": result.losses[-1][1] if result.losses else None}}
-    loras = host.lora_folder()
+    loras = host.files.lora_folder()
     path = save_lora(os.path.join(loras, name + ".safetensors"), result.lora, metadata)
     if write_reference_format:
         save_lora(os.path.join(loras, name + "_reference.safetensors"),
                   to_reference(result.lora, adapter.lora_reference_format),
                   {**metadata, "eligen_format": adapter.lora_reference_format})
     # The same path as the stock LoraLoaderModelOnly: read the file back, patch a clone.
-    trained = host.apply_lora(model.clone(), load_lora(path), 1.0)
+    trained = host.weights.apply_lora(model.clone(), load_lora(path), 1.0)
     images = [images for _, images in result.validation]
     return {
         "model": trained,
@@ -238,7 +238,7 @@ def release_encoders(clip, vae):
     """Unload the text encoder and the VAE from ComfyUI's loaded models (they go to their offload device)."""
     for patcher in (getattr(clip, "patcher", None), getattr(vae, "patcher", None)):
         if patcher is not None:
-            host.unload_model(patcher)
+            host.memory.unload_model(patcher)
 
 
 def decode_and_release(vae, latent):
@@ -247,7 +247,7 @@ def decode_and_release(vae, latent):
         return decode_images(vae, latent)
     finally:
         if getattr(vae, "patcher", None) is not None:
-            host.unload_model(vae.patcher)
+            host.memory.unload_model(vae.patcher)
 
 
 def progress_reporter(progress, node_id):
@@ -260,7 +260,7 @@ def progress_reporter(progress, node_id):
         progress.update_absolute(step, total, preview)
         text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
         logging.info("EliGen training: %s", text)
-        host.send_progress_text(text, node_id)  # no server (plain use): the log line is enough
+        host.files.send_progress_text(text, node_id)  # no server (plain use): the log line is enough
     return report
 
 

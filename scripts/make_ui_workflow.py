@@ -109,7 +109,7 @@ def api_to_ui(graph, object_info, notes=()):
     graph = {str(k): v for k, v in graph.items()}
     ids, depths = _numeric_ids(graph), _depths(graph)
     order = sorted(graph, key=lambda k: (depths[k], ids[k]))
-    nodes, links, out_links = {}, [], {}
+    nodes, links = {}, []
     for key in order:
         api_node = graph[key]
         class_type = api_node["class_type"]

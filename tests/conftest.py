@@ -70,11 +70,17 @@ def comfy_server(tmp_path_factory):
         server.stop()
 
 
+LAB = os.path.join(TESTS, "lab")
+
+
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses the server, so ``-m "not server"`` runs only the fast in-process tests."""
+    """Mark every test that uses the server, so ``-m "not server"`` runs only the fast in-process tests,
+    and every test under tests/lab/ (the measurement lab, lab/), so ``-m "not lab"`` leaves them out."""
     for item in items:
         if "comfy_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+        if os.path.commonpath([LAB, str(item.path)]) == LAB:
+            item.add_marker(pytest.mark.lab)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -20,7 +20,8 @@ import shutil
 
 import pytest
 
-from comfyui_eligen.toyworld import data, painted
+from comfyui_eligen.lab import painted
+from comfyui_eligen.toyworld import data
 from toy_lora import trained_toy_lora
 
 pytestmark = pytest.mark.server

@@ -10,7 +10,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.text_encoders.flux
-from comfyui_eligen.core import conditioning, patch
+from comfyui_eligen.core import conditioning, host, patch
 from comfyui_eligen.nodes.entities import EliGenApply, EliGenEntity
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
 
@@ -118,8 +118,8 @@ def test_apply_returns_a_patched_clone_and_the_entity_conditioning():
     entities = entity_chain(3)
     positive = encoded(length=5)
     out_model, out_positive, out_negative = EliGenApply.execute(model=model, positive=positive, entities=entities).result
-    assert out_model is not model and out_model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)
-    assert not model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)  # the input MODEL is untouched
+    assert out_model is not model and host.models.diffusion_model_wrappers(out_model, patch.WRAPPER_KEY)
+    assert not host.models.diffusion_model_wrappers(model, patch.WRAPPER_KEY)  # the input MODEL is untouched
     tensor, options = out_positive[0]
     assert tensor.shape == (1, 3 * 4 + 5, TEXT_WIDTH)
     torch.testing.assert_close(tensor[:, -5:], positive[0][0])

@@ -137,7 +137,7 @@ def test_qwen_image_text_positions_restart_for_every_segment():
     expected = comfy.ldm.flux.layers.EmbedND(diffusion_model.pe_embedder.dim, 10000,
                                              diffusion_model.pe_embedder.axes_dim)(ids)
     # pe is [B, 1, S, ...] (0.3.75) or [B, S, 1, ...] (0.3.64): compare along its sequence axis
-    pe = pe.movedim(host.rope_sequence_axis(pe), 1)[:, :, 0]
+    pe = pe.movedim(host.models.rope_sequence_axis(pe), 1)[:, :, 0]
     expected = expected[:, 0]
     assert pe.shape[1] == 14 + 24
     torch.testing.assert_close(pe[0, :14], expected[0, :14].to(pe.dtype))
@@ -197,7 +197,7 @@ def test_patching_twice_adds_one_wrapper_and_changes_nothing():
     model = tiny_flux()
     once = dense_patch(model)
     twice = dense_patch(once)
-    assert len(twice.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)) == 1
+    assert len(host.models.diffusion_model_wrappers(twice, patch.WRAPPER_KEY)) == 1
     positive, negative = prompts()
     applied = conditioning.apply_entities(positive, entities(), negative)
     a, _ = sample_and_record(once, *applied, latent("flux"), cfg=2.0)
@@ -247,8 +247,7 @@ def test_training_forward_goes_through_the_same_patch(family):
     masks = conditioning.stack_masks(entities())[0][None].repeat(2, 1, 1, 1)
     condition = conditioning.EntityCondition.for_training([3, 5, 6], masks)
     recorder = Recorder()
-    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}},
-               "optimized_attention_override": recorder}
+    options = dict(host.models.sampling_transformer_options(model), optimized_attention_override=recorder)
     pooled = torch.randn(2, TEXT_WIDTH, generator=generator)
     sigma = torch.tensor([0.3, 0.8])
     out = adapter.training_forward(base_model, x_t, sigma, context, pooled, condition, options)
@@ -273,8 +272,7 @@ def test_training_after_sampling_in_inference_mode_still_backpropagates():
     def pytorch_attention(func, *args, **kwargs):  # SDPA saves its mask for backward (sub-quad does not)
         return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 
-    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}},
-               "optimized_attention_override": pytorch_attention}
+    options = dict(host.models.sampling_transformer_options(model), optimized_attention_override=pytorch_attention)
     out = adapter.training_forward(model.model, x_t, torch.tensor([0.5]), context, None, condition, options)
     out.square().mean().backward()
     assert x_t.grad is not None and torch.isfinite(x_t.grad).all() and x_t.grad.abs().sum() > 0

@@ -14,7 +14,7 @@ import torch
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.sample
-from comfyui_eligen.core import attention, conditioning, patch
+from comfyui_eligen.core import attention, conditioning, host, patch
 from comfyui_eligen.core.adapters import adapter_for
 from test_entities_attention import Recorder
 from test_entities_sampling import entities, prompts
@@ -126,9 +126,9 @@ def test_augmented_keeps_blocked_pairs_at_zero_weight_in_half_precision():
 def test_auto_groups_under_a_quantizing_kernel():
     from comfyui_eligen.core import host
 
-    assert host.is_quantized_attention(comfy_attention.attention_sage)
-    assert host.is_quantized_attention(comfy_attention.attention_sage.__wrapped__)
-    assert not host.is_quantized_attention(comfy_attention.attention_pytorch.__wrapped__)
+    assert host.attention.is_quantized_attention(comfy_attention.attention_sage)
+    assert host.attention.is_quantized_attention(comfy_attention.attention_sage.__wrapped__)
+    assert not host.attention.is_quantized_attention(comfy_attention.attention_pytorch.__wrapped__)
 
 
 def test_auto_picks_grouped_for_padded_text_and_augmented_for_short_prompts():
@@ -158,7 +158,7 @@ def forward(model, x, sigma, context, pooled, condition, ref_latents=None):
     """The diffusion model's forward as training calls it, optionally with reference latents."""
     adapter = adapter_for(model)
     base_model = model.model
-    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    options = host.models.sampling_transformer_options(model)
     diffusion_model = base_model.diffusion_model
     timestep = base_model.model_sampling.timestep(sigma).to(x.dtype)
     kwargs = adapter.forward_kwargs(diffusion_model, pooled, x.shape[0])
@@ -289,7 +289,7 @@ def test_training_after_sampling_in_inference_mode_backpropagates(method):
     from comfyui_eligen.core import blocks
 
     adapter = adapter_for(model)
-    options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)}}}
+    options = host.models.sampling_transformer_options(model)
     options = blocks.training_transformer_options(model.model.diffusion_model, adapter.training_blocks, options, False)
     out = adapter.training_forward(model.model, x, torch.tensor([0.5]), context, torch.randn(1, TEXT_WIDTH), condition, options)
     out.square().mean().backward()
@@ -305,14 +305,14 @@ def test_an_attention_function_with_another_layout_is_a_missing_capability(monke
         return comfy_attention.attention_basic(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
 
     monkeypatch.setattr(comfy_attention, "optimized_attention", joined_only)
-    host.check_attention_layouts.cache_clear()
+    host.attention.check_attention_layouts.cache_clear()
     try:
         with pytest.raises(host.MissingCapability, match=r"expected \(1, 2, 3, 4\) and \(1, 3, 8\)"):
-            host.check_attention_layouts()
+            host.attention.check_attention_layouts()
     finally:
-        host.check_attention_layouts.cache_clear()
+        host.attention.check_attention_layouts.cache_clear()
     q = torch.zeros(1, 4, 8)
     with pytest.raises(host.MissingCapability, match="without v, heads"):
-        host.attention_call_arguments((q, q), {})
+        host.attention.attention_call_arguments((q, q), {})
     with pytest.raises(host.MissingCapability, match="3 dimensions with skip_reshape=True"):
-        host.attention_call_arguments((q, q, q, 2), {"skip_reshape": True})
+        host.attention.attention_call_arguments((q, q, q, 2), {"skip_reshape": True})

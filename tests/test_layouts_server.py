@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from comfyui_eligen.toyworld import data, painted
-from comfyui_eligen.toyworld.evaluate import SAMPLER
+from comfyui_eligen.lab import painted
+from comfyui_eligen.lab.evaluate import SAMPLER
+from comfyui_eligen.toyworld import data
 from toy_lora import trained_toy_lora
 
 pytestmark = pytest.mark.server
@@ -56,7 +57,7 @@ def test_shipped_painted_workflow_is_the_builder_graph(comfy_server):
     layout = painted.example_layout()
     graph = painted.painted_workflow(layout)
     with open(os.path.join(painted.EXAMPLES_DIR, "api", f"{painted.NAME}.json")) as f:
-        assert json.load(f) == graph, "run toyworld.painted.write_example() and scripts/make_ui_workflow.py"
+        assert json.load(f) == graph, "run lab.painted.write_example() and scripts/make_ui_workflow.py"
     object_info = comfy_server.object_info()
     assert make_ui.check_api_graph(graph, object_info) == []
     with open(os.path.join(painted.EXAMPLES_DIR, f"{painted.NAME}.json")) as f:

@@ -3,7 +3,6 @@ unloaded through ComfyUI's model management (its own ``current_loaded_models``),
 for validation images, and block swap keeps the diffusion model out of ComfyUI's loaded list too."""
 
 import pytest
-import torch
 
 import comfy.model_management
 from comfyui_eligen.core import host
@@ -19,7 +18,9 @@ DEVICE = comfy.model_management.get_torch_device()
 
 
 def loaded():
-    return host.loaded_models_on(DEVICE)
+    """The ModelPatchers ComfyUI's model management holds loaded on the device (its own list)."""
+    return [entry.model for entry in comfy.model_management.current_loaded_models
+            if entry.device == DEVICE and entry.model is not None]
 
 
 def holds(patcher):
@@ -63,13 +64,13 @@ def test_encoders_leave_the_device_for_the_steps(blocks_to_swap):
 def test_memory_contact_points_are_checked():
     """The contact points block swap and unloading use are in the start-up check, and a missing one is
     refused by name (not an AttributeError)."""
-    assert host.MEMORY_MANAGEMENT in host.CONTACTS and host.PATCH_ON_OFFLOAD in host.CONTACTS
-    assert not [p for p in host.missing_capabilities() if p.contact in (host.MEMORY_MANAGEMENT, host.PATCH_ON_OFFLOAD)]
+    assert host.memory.MEMORY_MANAGEMENT in host.CONTACTS and host.memory.PATCH_ON_OFFLOAD in host.CONTACTS
+    assert not [p for p in host.missing_capabilities() if p.contact in (host.memory.MEMORY_MANAGEMENT, host.memory.PATCH_ON_OFFLOAD)]
     saved = comfy.model_management.free_memory
     del comfy.model_management.free_memory
     try:
         with pytest.raises(host.MissingCapability, match="free_memory") as error:
-            host.unload_models_on(DEVICE)
-        assert error.value.contact == host.MEMORY_MANAGEMENT
+            host.memory.unload_models_on(DEVICE)
+        assert error.value.contact == host.memory.MEMORY_MANAGEMENT
     finally:
         comfy.model_management.free_memory = saved

@@ -1,9 +1,10 @@
 """Registry readiness: `comfy node validate` is clean and `comfy node pack` (comfy-cli, as `comfy node
 publish` packs) gives an archive with what ComfyUI needs and the toy weights, without tests, benchmarks,
-CI or docs images. Both run on a copy of the repository's files (tracked or not ignored), so nothing is
+the measurement lab, CI or docs images, and nothing in it imports the lab. Both run on a copy of the repository's files (tracked or not ignored), so nothing is
 written into the checkout."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEFT_OUT = ("tests/", "bench/", "docs/", ".ci/")
+LEFT_OUT = ("tests/", "bench/", "lab/", "docs/", ".ci/")
+LAB_IMPORT = re.compile(r"^\s*(from\s+(\.+|comfyui_eligen\.)lab\b|import\s+comfyui_eligen\.lab\b)", re.MULTILINE)
 
 
 def comfy_cli():
@@ -61,12 +63,17 @@ def test_comfy_node_pack_contents(copy):
         names = set(archive.namelist())
         infos = {info.filename: info for info in archive.infolist()}
     left_out = sorted(n for n in names if n.startswith(LEFT_OUT))
-    assert not left_out, f"tests, benchmarks, CI or docs in the archive: {left_out[:10]}"
+    assert not left_out, f"tests, benchmarks, the lab, CI or docs in the archive: {left_out[:10]}"
+    assert any(n.startswith("lab/") for n in repo_files()), "the lab is gone from the repository: nothing checked"
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     # everything ComfyUI imports or the users open is there
     wanted = [n for n in repo_files() if not n.startswith(LEFT_OUT)
               and (n.endswith(".py") or n.startswith("example_workflows/"))]
     assert wanted and not sorted(set(wanted) - names), sorted(set(wanted) - names)
+    # the package runs without the lab: no module in the archive imports it
+    with zipfile.ZipFile(copy / "node.zip") as archive:
+        importing = [n for n in names if n.endswith(".py") and LAB_IMPORT.search(archive.read(n).decode("utf-8"))]
+    assert not importing, f"archive modules import the lab, which the archive leaves out: {importing}"
     assert {"__init__.py", "pyproject.toml", "README.md"} <= names
     # the toy weights, byte for byte (so the toy world works from a registry install)
     weights = [n for n in repo_files() if n.startswith("toyworld/weights/") and n.endswith(".safetensors")]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_eligen.core import attention, conditioning, mask_rule, patch
+from comfyui_eligen.core import conditioning, mask_rule, patch
 from comfyui_eligen.core.adapters.flux import FluxAdapter
 from comfyui_eligen.training import dataset
 from tiny_models import TEXT_WIDTH

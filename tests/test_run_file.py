@@ -1,5 +1,5 @@
 """Run files (training/run_file.py): export from an API graph, checks naming the bad field, round trip;
-the headless trainer on one process (training/headless.py) and the model-file loaders in core/host.py."""
+the headless trainer on one process (training/headless.py) and the model-file loaders in core/host/files.py."""
 
 import json
 import os
@@ -106,13 +106,13 @@ def test_unreadable_run_file_is_named(tmp_path):
 
 def test_model_files_are_safetensors_only_and_found_in_a_models_dir(tmp_path):
     with pytest.raises(ValueError, match="only .safetensors"):
-        host.model_file_path("vae", "ae.pt")
+        host.files.model_file_path("vae", "ae.pt")
     with pytest.raises(ValueError, match="vae file 'missing.safetensors' not found"):
-        host.model_file_path("vae", "missing.safetensors")
+        host.files.model_file_path("vae", "missing.safetensors")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "mine.safetensors").write_bytes(b"")
-    host.add_models_dir(str(tmp_path))
-    assert host.model_file_path("vae", "mine.safetensors") == str(tmp_path / "vae" / "mine.safetensors")
+    host.files.add_models_dir(str(tmp_path))
+    assert host.files.model_file_path("vae", "mine.safetensors") == str(tmp_path / "vae" / "mine.safetensors")
 
 
 @pytest.mark.parametrize("name", list(host.HEADLESS_CONTACTS))

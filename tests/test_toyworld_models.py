@@ -1,4 +1,8 @@
-"""Toy models: stock ComfyUI nodes run on them for both families (in-process, CPU)."""
+"""Toy models: stock ComfyUI nodes run on them for both families (in-process, CPU); the shipped weights
+fit them and state their recipe."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ import comfy.model_patcher
 import comfy.sd
 import nodes
 
-from comfyui_eligen.toyworld import models
+from comfyui_eligen.toyworld import data, models
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
@@ -79,3 +83,29 @@ def test_bad_choices_name_the_problem():
         models.load_toy_models("sdxl")
     with pytest.raises(ValueError, match="weights must be"):
         models.load_toy_models("flux", "trained")
+
+
+def test_shipped_weights_stay_small():
+    folder = models.WEIGHTS_DIR
+    assert sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)) <= 25 * 1024 * 1024
+
+
+@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+def test_shipped_weights_fit_and_state_their_recipe(family):
+    model_sd, _, metadata = models.read_weights(models.weights_path(family))
+    info = json.loads(metadata["toy_world"])
+    assert info["family"] == family and info["seconds"] > 0
+    assert data.SIZE in info["image_sizes"]  # trained at the world's image size (16x16 tokens)
+    # a fine-tune keeps the recipe it started from: back to the pretraining from scratch, which fitted
+    chain = [info]
+    while chain[-1].get("init_recipe"):
+        chain.append(chain[-1]["init_recipe"])
+    assert chain[-1]["family"] == family and chain[-1]["final_loss"] < 0.1 * chain[-1]["first_loss"]
+    assert info["final_loss"] < 2 * chain[-1]["final_loss"]
+    model = models.load_toy_models(family, "pretrained")[0]
+    assert set(model.model.diffusion_model.state_dict()) == set(model_sd)
+
+
+def test_missing_weights_file_says_how_to_build_it(tmp_path):
+    with pytest.raises(ValueError, match="missing.*build-weights|build_weights"):
+        models.load_toy_models("flux", "pretrained", weights_file=str(tmp_path / "none.safetensors"))

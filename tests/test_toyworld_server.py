@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_eligen.toyworld import data, workflows
+from comfyui_eligen.lab import workflows
+from comfyui_eligen.toyworld import data
 
 pytestmark = pytest.mark.server
 

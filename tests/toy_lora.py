@@ -7,8 +7,9 @@ import os
 import torch
 
 from comfyui_eligen.core.lora_formats import save_lora
-from comfyui_eligen.toyworld import data, evaluate, models
-from comfyui_eligen.toyworld.workflows import LORA_NAME
+from comfyui_eligen.lab import evaluate
+from comfyui_eligen.lab.workflows import LORA_NAME
+from comfyui_eligen.toyworld import data, models
 
 TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256, size=data.QUICK_SIZE)
 _trained = {}

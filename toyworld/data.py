@@ -1,10 +1,10 @@
 """Synthetic entity dataset: 1-4 coloured shapes on a plain background, with a global caption and one
 prompt and one mask per entity.
 
-Every layout is a pure function of (split, seed, index, group): the train and held-out splits draw from
-separate seed streams (numpy SeedSequence keyed by the split), so they never share a layout. The "easy"
-group is the training distribution; the other groups (GROUPS) are harder held-out layouts, each with its
-own seed stream.
+Every layout is a pure function of (split, seed, index): the train and held-out splits draw from
+separate seed streams (numpy SeedSequence keyed by the split), so they never share a layout. These are
+the training distribution (the lab's "easy" group); the lab's harder held-out groups (lab/groups.py)
+draw from streams of their own (``layout_rng``'s ``stream``).
 `write_dataset` writes the reference's metadata format (metadata.json + PNGs), which the dataset
 node reads like any user dataset.
 """
@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from ..core.conditioning import Entity as EntityCondition
 from .files import save_png, write_json
 
 # The toy world's image side: with the 8x VAE and 2x2 patches, 256 px is a 16x16 token grid, fine
@@ -36,17 +38,6 @@ PALETTE = {
 BACKGROUNDS = {"grey": (128, 128, 128), "dark grey": (64, 64, 64), "light grey": (192, 192, 192)}
 SHAPES = ("circle", "square", "triangle")
 SPLITS = {"train": 1, "heldout": 2}  # seed-stream keys; the streams never overlap
-# Layout groups. "easy" is what the LoRA trains on; the others are only for held-out evaluation.
-GROUPS = {
-    "easy": "1-4 separate shapes in distinct colours, radius 12-25% of the side",
-    "many": "5-6 separate shapes in distinct colours, radius 8-15% of the side",
-    "same_colour": "2-3 separate shapes of one colour, each a different shape",
-    "small": "2-4 separate shapes in distinct colours, each mask on 2-4 tokens of an 8x8 grid (the side / 8)",
-    "tiny": "2-4 separate shapes in distinct colours, each mask on 2-4 image tokens (16 px with the 8x VAE)",
-    "touching": "2-4 shapes in distinct colours, each touching or overlapping an earlier one (drawn on top)",
-    "border": "1-4 shapes in distinct colours, the first cut by the image border (25-75% visible)",
-}
-_GROUP_KEYS = {"many": 101, "same_colour": 102, "small": 103, "touching": 104, "border": 105, "tiny": 106}
 
 RADIUS_RANGE = (0.12, 0.25)  # shape radius as a share of the image side
 GAP = 2  # pixels between the bounding circles of two shapes
@@ -99,34 +90,18 @@ def shape_mask(shape, centre, radius, size=SIZE):
     raise ValueError(f"unknown shape {shape!r}; toy shapes are {SHAPES}")
 
 
-def image_side(text):
-    """argparse type of an image side: a multiple of 16 px (whole 2x2 patches of the 8x VAE), 32 or more."""
-    import argparse
-
-    side = int(text)
-    if side < 32 or side % 16:
-        raise argparse.ArgumentTypeError(f"image side {side} px: must be a multiple of 16, at least 32")
-    return side
-
-
-def _rng(split, seed, index, group="easy"):
+def layout_rng(split, seed, index, stream=None):
+    """The numpy generator of layout (split, seed, index); ``stream``: the key of another family of
+    layouts drawn from the same (split, seed, index) (the lab's layout groups), None for these."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
-    if group not in GROUPS:
-        raise ValueError(f"layout group must be one of {sorted(GROUPS)}, not {group!r}")
-    key = [SPLITS[split], int(seed), int(index)]
-    if group != "easy":  # the easy group keeps the original stream (the figures measured on it stay valid)
-        key.append(_GROUP_KEYS[group])
+    key = [SPLITS[split], int(seed), int(index)] + ([int(stream)] if stream is not None else [])
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
-def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4, group="easy"):
-    """One layout of `group` (GROUPS); "easy": 1..max_entities non-overlapping shapes in distinct colours."""
-    rng = _rng(split, seed, index, group)
-    if group != "easy":
-        from .groups import make_group_layout
-
-        return make_group_layout(group, rng, size)
+def make_layout(split="train", seed=0, index=0, size=SIZE, max_entities=4):
+    """One layout: 1..max_entities non-overlapping shapes in distinct colours."""
+    rng = layout_rng(split, seed, index)
     count = int(rng.integers(1, max_entities + 1))
     colours = rng.choice(list(PALETTE), size=count, replace=False)
     background = str(rng.choice(list(BACKGROUNDS)))
@@ -163,28 +138,19 @@ def caption(entities, background):
     return f"{things} on a {background} background"
 
 
-def layouts(split="train", seed=0, count=1, start=0, size=SIZE, group="easy"):
-    return [make_layout(split, seed, start + i, size, group=group) for i in range(count)]
-
-
-def batch_arrays(split, seed, indices, size=SIZE):
-    """(images uint8 [B, H, W, 3], captions) for pretraining: global captions only, no entity data."""
-    items = [make_layout(split, seed, int(i), size) for i in indices]
-    return np.stack([item.image for item in items]), [item.caption for item in items]
+def layouts(split="train", seed=0, count=1, start=0, size=SIZE):
+    return [make_layout(split, seed, start + i, size) for i in range(count)]
 
 
 def layout_entities(layout, encode):
     """The layout's entities as core.conditioning.Entity values; `encode(prompt) -> [1, L, D]`."""
-    import torch
-
-    from ..core.conditioning import Entity
-
-    return tuple(
-        Entity(encode(e.prompt), torch.from_numpy(e.mask.astype("float32")), e.prompt) for e in layout.entities)
+    return tuple(EntityCondition(encode(e.prompt), torch.from_numpy(e.mask.astype("float32")), e.prompt)
+                 for e in layout.entities)
 
 
-def write_dataset(folder, count, seed=0, split="train", size=SIZE, group="easy"):
-    """Write `count` layouts of `group` as an EliGen dataset (reference metadata format) into `folder`.
+def write_dataset(folder, count, seed=0, split="train", size=SIZE, make=make_layout):
+    """Write `count` layouts (``make(split, seed, index, size)``: these layouts by default) as an EliGen
+    dataset (reference metadata format) into `folder`.
 
     Layout: images/NNNNN.png, masks/NNNNN_K.png (white = entity), metadata.json. Returns the
     metadata path. Every file is written atomically; metadata.json last, so a folder with it is complete.
@@ -193,7 +159,7 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE, group="easy")
     os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
     records = []
     for i in range(count):
-        layout = make_layout(split, seed, i, size, group=group)
+        layout = make(split, seed, i, size)
         image_name = f"images/{i:05d}.png"
         save_png(layout.image, os.path.join(folder, image_name))
         mask_names = []
@@ -211,23 +177,3 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE, group="easy")
     write_json(path, records)
     return path
 
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a synthetic EliGen toy dataset (reference metadata format).")
-    parser.add_argument("folder")
-    parser.add_argument("--count", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=sorted(SPLITS), default="train")
-    parser.add_argument("--group", choices=list(GROUPS), default="easy",
-                        help="layout group: " + "; ".join(f"{k}: {v}" for k, v in GROUPS.items()))
-    parser.add_argument("--size", type=image_side, default=SIZE,
-                        help=f"image side in px (default {SIZE}: 16x16 tokens; {QUICK_SIZE}: 8x8 tokens)")
-    args = parser.parse_args(argv)
-    path = write_dataset(args.folder, args.count, args.seed, args.split, args.size, args.group)
-    print(f"wrote {args.count} {args.split} layouts ({args.group}) to {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,17 +1,16 @@
-"""Atomic writes: everything the toy world writes goes to a temp file in the target folder first."""
+"""The toy world's PNG and JSON writes, atomic (core.files: a temp file in the target folder first)."""
 
 import json
 import math
 
 import numpy as np
+from PIL import Image
 
-from ..core.files import atomic_path, write_text  # noqa: F401  (re-exported for the toy world)
+from ..core.files import atomic_path
 
 
 def save_png(image, path):
     """A PIL image or a uint8 array [H, W(, 3)] as PNG."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
     with atomic_path(path) as temp:

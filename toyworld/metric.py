@@ -15,21 +15,18 @@ them whose mask contains it, and a pixel outside all their masks counts for the 
 nearest (Euclidean distance to the mask; ties go to the earlier entity). With distinct colours this is
 exactly "where colour c appears".
 
-References scored with the same rule, next to each condition (`reference_images`):
-- token-fill bound: an image that paints exactly the tokens the package's mask rule
-  (core.attention.mask_to_token_grid) gives each mask, at the model's token grid; what a model that
-  only learned "fill my tokens" scores;
-- ground-truth ceiling: the exact layout through the toy VAE (encode, decode).
-
-`bootstrap_intervals` gives layout-level confidence intervals (resampling layouts, seeded).
+The lab scores its references with the same rule (lab/evaluate.py: the token-fill bound and the
+ground-truth ceiling) and adds layout-level intervals (lab/compare.py).
 """
 
+import argparse
 import json
 import math
 import os
 import re
 
 import numpy as np
+from PIL import Image
 
 from .data import PALETTE
 from .files import write_json
@@ -66,8 +63,6 @@ def _resize_mask(mask, shape):
     mask = np.asarray(mask, dtype=np.float32)
     if mask.shape == tuple(shape):
         return mask > 0.5
-    from PIL import Image
-
     resized = Image.fromarray((mask * 255).astype(np.uint8)).resize((shape[1], shape[0]), Image.NEAREST)
     return np.asarray(resized) > 127
 
@@ -165,63 +160,6 @@ def score_entity_batches(images, entity_sets):
     return score_images(flat_images, masks, prompts)
 
 
-def token_fill_image(masks, prompts, latent_hw, patch=2, background=(128, 128, 128)):
-    """uint8 [H, W, 3]: each entity's palette colour on exactly the tokens the package's mask rule
-    (core.attention.mask_to_token_grid) gives its mask at a latent of `latent_hw` with `patch` x `patch`
-    patches; the rest `background`. A token that several masks reach goes to the entity whose mask covers
-    most of its pixels (ties: the later entity, which the layouts draw on top)."""
-    import torch
-
-    from ..core.attention import mask_to_token_grid
-
-    masks = np.asarray(masks).astype(bool)
-    count, height, width = masks.shape
-    if height % latent_hw[0] or width % latent_hw[1]:
-        raise ValueError(f"masks of {height}x{width} px do not divide into a {latent_hw[0]}x{latent_hw[1]} latent")
-    step_y, step_x = height // latent_hw[0] * patch, width // latent_hw[1] * patch
-    grid = mask_to_token_grid(torch.from_numpy(masks.astype(np.float32)), latent_hw, patch).numpy()
-    rows, cols = grid.shape[-2:]
-    padded = np.zeros((count, rows * step_y, cols * step_x), bool)
-    padded[:, :height, :width] = masks
-    coverage = padded.reshape(count, rows, step_y, cols, step_x).sum(axis=(2, 4)).astype(np.float64)
-    coverage[~grid] = -1.0
-    owner = count - 1 - coverage[::-1].argmax(axis=0)  # ties to the later entity
-    painted = grid.any(axis=0)
-    colours = np.array([PALETTE[colour_of(prompt)] for prompt in prompts], np.uint8).reshape(-1, 3)
-    image = np.empty((rows, cols, 3), np.uint8)
-    image[:] = background
-    image[painted] = colours[owner[painted]]
-    return np.repeat(np.repeat(image, step_y, axis=0), step_x, axis=1)[:height, :width]
-
-
-BOOTSTRAP_FIGURES = ("mean_iou", "success_rate")
-
-
-def bootstrap_intervals(runs, samples=2000, seed=0, level=0.95):
-    """Layout-level confidence intervals. runs: one per seed, each the per-image entity results of
-    score_images (["images"]) on the same layouts in the same order. Each of `samples` draws picks
-    layouts with replacement (numpy, seeded by `seed`; the same draw for every run) and pools their
-    entities over all runs. Returns {figure: [low, high]} for mean IoU and success rate."""
-    if not runs or not runs[0]:
-        raise ValueError("bootstrap_intervals needs at least one run with at least one layout")
-    layouts = len(runs[0])
-    if any(len(run) != layouts for run in runs):
-        raise ValueError(f"runs score different numbers of layouts ({[len(run) for run in runs]}); "
-                         "intervals need the same layouts in every run")
-    counts = np.array([sum(len(run[i]) for run in runs) for i in range(layouts)], np.float64)
-    sums = {"mean_iou": np.array([sum(r["iou"] for run in runs for r in run[i]) for i in range(layouts)]),
-            "success_rate": np.array([sum(bool(r["success"]) for run in runs for r in run[i])
-                                      for i in range(layouts)], np.float64)}
-    draws = np.random.default_rng(seed).integers(0, layouts, size=(samples, layouts))
-    drawn_counts = counts[draws].sum(axis=1)
-    tail = 100 * (1 - level) / 2
-    intervals = {}
-    for figure in BOOTSTRAP_FIGURES:
-        means = sums[figure][draws].sum(axis=1) / np.maximum(drawn_counts, 1)
-        intervals[figure] = [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
-    return intervals
-
-
 def format_summary(summary):
     return (f"mean IoU {summary['mean_iou']:.3f}, success {100 * summary['success_rate']:.1f}%, "
             f"leak {summary['mean_leak']:.2f}, missing {100 * summary['missing_rate']:.1f}% "
@@ -230,8 +168,6 @@ def format_summary(summary):
 
 def score_folder(images_dir, dataset_dir):
     """Score images_dir/*.png (sorted) against the records of a dataset folder (metadata.json), in order."""
-    from PIL import Image
-
     with open(os.path.join(dataset_dir, "metadata.json")) as f:
         records = json.load(f)
     names = sorted(n for n in os.listdir(images_dir) if n.lower().endswith(".png"))
@@ -253,8 +189,6 @@ def score_folder(images_dir, dataset_dir):
 
 
 def main(argv=None):
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Placement metric: IoU between where each entity's colour appears and its mask.")
     parser.add_argument("images", help="folder of generated PNGs, one per dataset record (sorted by name)")

@@ -14,6 +14,7 @@ import os
 import re
 import zlib
 
+import safetensors
 import torch
 
 from ..core import host
@@ -45,7 +46,7 @@ WORD_IDS = {word: index for index, word in enumerate(WORDS)}
 
 FAMILIES = {
     "flux": {
-        "model_class": "Flux",  # a comfy.supported_models config (host.supported_model_config)
+        "model_class": "Flux",  # a comfy.supported_models config (host.models.supported_model_config)
         "unet_config": {
             "image_model": "flux", "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
             "vec_in_dim": TEXT_WIDTH, "context_in_dim": TEXT_WIDTH, "hidden_size": 128,
@@ -102,7 +103,7 @@ def init_weights(module, seed, zero_init_pattern=None):
 def build_diffusion_model(family="flux", dtype=torch.float32):
     """A `comfy.model_base.BaseModel` of the tiny family with uninitialised weights."""
     spec = family_spec(family)
-    config = host.supported_model_config(spec["model_class"])(dict(spec["unet_config"]))
+    config = host.models.supported_model_config(spec["model_class"])(dict(spec["unet_config"]))
     config.set_inference_dtype(dtype, None)
     return config.get_model({})
 
@@ -140,7 +141,7 @@ class ToyTokenizer:
     def tokenize_with_weights(self, text, return_word_ids=False, tokenizer_options={}, **kwargs):
         tokens = []
         word_index = 0
-        for segment, weight in host.prompt_weight_segments(text):
+        for segment, weight in host.encoders.prompt_weight_segments(text):
             for word in re.findall(r"[a-z]+|[0-9]+", segment.lower()):
                 word_index += 1
                 tokens.append((word_id(word), weight, word_index))
@@ -208,7 +209,7 @@ class ToyTextEncoder(torch.nn.Module):
             outputs.append(self.encode_ids(ids, weights))
         cond = torch.cat([embeds for embeds, _ in outputs], dim=1)
         pooled = outputs[0][1]
-        return cond.to(host.intermediate_device()), pooled.to(host.intermediate_device())
+        return cond.to(host.memory.intermediate_device()), pooled.to(host.memory.intermediate_device())
 
     def load_sd(self, sd):
         return self.load_state_dict(sd, strict=False)
@@ -216,9 +217,9 @@ class ToyTextEncoder(torch.nn.Module):
 
 def build_clip(seed=0, text_encoder_sd=None):
     """A stock `comfy.sd.CLIP` around the toy tokenizer and encoder."""
-    clip = host.build_clip(ToyTokenizer, ToyTextEncoder, {"seed": seed})
+    clip = host.encoders.build_clip(ToyTokenizer, ToyTextEncoder, {"seed": seed})
     if text_encoder_sd is not None:
-        missing, unexpected = clip.cond_stage_model.load_state_dict(text_encoder_sd, strict=False)
+        missing, unexpected = host.encoders.text_encoder_module(clip).load_state_dict(text_encoder_sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"toy text encoder weights do not fit: missing {missing}, unexpected {unexpected}")
     return clip
@@ -268,14 +269,14 @@ class ToyPoolAutoencoder(torch.nn.Module):
         return image
 
 
-class ToyVAE(host.vae_class()):
+class ToyVAE(host.encoders.vae_class()):
     """A comfy.sd.VAE (built through its own constructor) whose first stage is the pool autoencoder."""
 
     def __init__(self, family="flux", pool=POOL):
         # The pixel-space entry point sets device, dtype, output device and patcher the stock way.
-        host.init_pixel_space_vae(self, dtype=torch.float32)
-        latent_format = host.supported_model_config(family_spec(family)["model_class"]).latent_format()
-        host.install_vae_first_stage(self, ToyPoolAutoencoder(latent_format, pool).eval(), pool, LATENT_CHANNELS,
+        host.encoders.init_pixel_space_vae(self, dtype=torch.float32)
+        latent_format = host.models.supported_model_config(family_spec(family)["model_class"]).latent_format()
+        host.encoders.install_vae_first_stage(self, ToyPoolAutoencoder(latent_format, pool).eval(), pool, LATENT_CHANNELS,
                                      latent_format.latent_dimensions)
 
 
@@ -288,8 +289,6 @@ def weights_path(family="flux"):
 
 def read_weights(path):
     """(diffusion state dict, text encoder state dict, metadata) from a toy weights file."""
-    import safetensors
-
     with safetensors.safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -299,7 +298,7 @@ def read_weights(path):
 
 
 def wrap_model(base_model):
-    return host.wrap_in_patcher(base_model, "unet")
+    return host.memory.wrap_in_patcher(base_model, "unet")
 
 
 def load_toy_models(family="flux", weights="pretrained", seed=0, dtype=torch.float32, weights_file=None, pool=POOL):

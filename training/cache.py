@@ -65,7 +65,7 @@ _FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakK
 def module_fingerprint(module: torch.nn.Module, original_weights: dict | None = None) -> str:
     """sha256 of the class, names, shapes, dtypes and sampled values of every tensor; computed once per module.
 
-    ``original_weights`` (``host.patched_weight_originals(patcher)``: weight key -> tensor) replaces weights currently patched in place, so a
+    ``original_weights`` (``host.weights.patched_weight_originals(patcher)``: weight key -> tensor) replaces weights currently patched in place, so a
     module gives the same fingerprint whether its patcher has applied patches or not.
     """
     if module in _FINGERPRINTS:
@@ -97,7 +97,7 @@ def _hash_patch_value(h, value):
 
 def patcher_fingerprint(patcher) -> str:
     """Digest of a ModelPatcher's weight patches (keys, strengths and sampled patch tensors)."""
-    patches = host.weight_patches(patcher)
+    patches = host.weights.weight_patches(patcher)
     h = hashlib.sha256()
     for key in sorted(patches):
         h.update(key.encode())
@@ -108,7 +108,7 @@ def patcher_fingerprint(patcher) -> str:
 def _model_identity(kind: str, module, patcher, extra: dict) -> str:
     parts = {"kind": kind, "extra": extra}
     if module is not None:
-        parts["module"] = module_fingerprint(module, host.patched_weight_originals(patcher))
+        parts["module"] = module_fingerprint(module, host.weights.patched_weight_originals(patcher))
     if patcher is not None:
         parts["patches"] = patcher_fingerprint(patcher)
     return json.dumps(parts, sort_keys=True, default=str)
@@ -122,7 +122,7 @@ def latent_format_of(latent_format):
 
 
 def vae_identity(vae, latent_format=None) -> str:
-    module, patcher, extra = host.vae_identity_parts(vae)
+    module, patcher, extra = host.encoders.vae_identity_parts(vae)
     latent_format = latent_format_of(latent_format)
     fmt = None
     if latent_format is not None:
@@ -133,7 +133,7 @@ def vae_identity(vae, latent_format=None) -> str:
 
 
 def clip_identity(clip) -> str:
-    module, patcher, extra = host.clip_identity_parts(clip)
+    module, patcher, extra = host.encoders.clip_identity_parts(clip)
     return _model_identity("clip", module, patcher, extra)
 
 

@@ -121,7 +121,7 @@ def init_from_environment(device="cpu", timeout_minutes=120):
     if device == "cuda":
         from ..core import host
 
-        torch_device = host.select_cuda_device(local_rank)
+        torch_device = host.memory.select_cuda_device(local_rank)
     else:
         torch_device = torch.device("cpu")
     # The encoding phase keeps other ranks waiting at a barrier: allow it a long time.

@@ -37,12 +37,12 @@ def _toy_loader(family, weights, seed):
 
 LOAD = {  # loader node -> its outputs, loaded as that node does
     "EliGenToyModelLoader": _toy_loader,
-    "CheckpointLoaderSimple": lambda ckpt_name: host.load_checkpoint_file(ckpt_name),
-    "UNETLoader": lambda unet_name, weight_dtype: (host.load_diffusion_model_file(unet_name, weight_dtype),),
-    "CLIPLoader": lambda clip_name, type, device: (host.load_text_encoder_files([clip_name], type, device),),
+    "CheckpointLoaderSimple": lambda ckpt_name: host.files.load_checkpoint_file(ckpt_name),
+    "UNETLoader": lambda unet_name, weight_dtype: (host.files.load_diffusion_model_file(unet_name, weight_dtype),),
+    "CLIPLoader": lambda clip_name, type, device: (host.files.load_text_encoder_files([clip_name], type, device),),
     "DualCLIPLoader": lambda clip_name1, clip_name2, type, device: (
-        host.load_text_encoder_files([clip_name1, clip_name2], type, device),),
-    "VAELoader": lambda vae_name: (host.load_vae_file(vae_name),),
+        host.files.load_text_encoder_files([clip_name1, clip_name2], type, device),),
+    "VAELoader": lambda vae_name: (host.files.load_vae_file(vae_name),),
 }
 
 
@@ -157,7 +157,7 @@ def main(argv=None, device="cpu"):
     args = parser.parse_args(argv)
 
     if args.models_dir:
-        host.add_models_dir(args.models_dir)
+        host.files.add_models_dir(args.models_dir)
     group = dist_lib.init_from_environment(args.device)
     rank = 0 if group is None else group.rank
     if args.fsdp and group is None:

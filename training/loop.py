@@ -228,8 +228,8 @@ def stack_condition(samples, device):
 # The model side
 
 
-alias_inference_tensors = host.alias_inference_tensors  # writes module tensor slots: a host contact point
-restore_tensors = host.restore_tensors
+alias_inference_tensors = host.memory.alias_inference_tensors  # writes module tensor slots: a host contact point
+restore_tensors = host.memory.restore_tensors
 
 
 class TrainingModel:
@@ -259,9 +259,9 @@ class TrainingModel:
         if self.offload is not None:
             self.offload.load()
         else:
-            host.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
+            host.memory.unload_models_on(self.device)  # text encoders, VAE: nothing else on the device during steps
             if self.fsdp is None or self.device.type == "cpu":  # on GPUs FSDP moves only each rank's shard there
-                host.load_for_training(self.patched)
+                host.memory.load_for_training(self.patched)
         try:
             self._swapped = alias_inference_tensors(self.diffusion_model)
             with torch.random.fork_rng(devices=[]):
@@ -293,7 +293,7 @@ class TrainingModel:
     def _transformer_options(self):
         # What sampling would give the diffusion model (patches, attention override, wrappers), plus
         # the out-of-place training blocks.
-        options = host.sampling_transformer_options(self.patched)
+        options = host.models.sampling_transformer_options(self.patched)
         return blocks.training_transformer_options(
             self.diffusion_model, self.adapter.training_blocks, options, self.gradient_checkpointing,
             block_wrapper=self.offload.block_wrapper if self.offload is not None else None,
@@ -307,7 +307,7 @@ class TrainingModel:
     @property
     def compute_dtype(self):
         """The dtype the model computes in (as BaseModel.apply_model: fp8 weights run in their cast dtype)."""
-        return self.base_model.manual_cast_dtype or self.base_model.get_dtype()
+        return host.models.compute_dtype(self.base_model)
 
     @property
     def latent_format(self):
@@ -361,7 +361,7 @@ def sample_latents(training_model, sample, steps, seed, guidance=1.0):
     """Euler flow sampling of one latent with the sample's prompt and entities (no CFG: FLUX-dev style
     guidance distillation or a LoRA trained without a negative)."""
     model_sampling = training_model.patched.get_model_object("model_sampling")
-    sigmas = host.simple_sigmas(model_sampling, steps).float()
+    sigmas = host.models.simple_sigmas(model_sampling, steps).float()
     device = training_model.device
     x = torch.randn((1,) + tuple(sample.latent.shape), generator=torch.Generator().manual_seed(seed)).to(device)
     context, pooled, condition = stack_condition([sample], device)

@@ -398,8 +398,8 @@ class SwapSession:
     def load(self):
         from ..core import host
 
-        host.unload_models_on(self.device)
-        host.patch_weights_on_offload_device(self.patcher)
+        host.memory.unload_models_on(self.device)
+        host.memory.patch_weights_on_offload_device(self.patcher)
         self._loaded = True
 
     def start(self, diffusion_model, training_blocks, trainable, compute_dtype, checkpointing):
@@ -433,4 +433,4 @@ class SwapSession:
 
         if self._loaded:
             self._loaded = False
-            host.unpatch_weights(self.patcher)
+            host.memory.unpatch_weights(self.patcher)

@@ -13,19 +13,19 @@ def encoding_progress(node_id=None, every_seconds=2.0):
     the node and in the log."""
     import time
 
-    check = host.interrupt_check()
+    check = host.files.interrupt_check()
     state = {"bar": None, "total": None, "shown": 0.0}
 
     def report(done, total):
         check()  # raises ComfyUI's interrupt exception when the user pressed Cancel
         if state["bar"] is None or state["total"] != total:
-            state["bar"], state["total"] = host.progress_bar(total, node_id), total
+            state["bar"], state["total"] = host.files.progress_bar(total, node_id), total
         state["bar"].update_absolute(done, total)
         now = time.monotonic()
         if done >= total or now - state["shown"] >= every_seconds:
             state["shown"] = now
             text = f"encoding dataset: {done}/{total}"
             logging.info("EliGen training: %s", text)
-            host.send_progress_text(text, node_id)
+            host.files.send_progress_text(text, node_id)
 
     return report

@@ -8,7 +8,7 @@ import torch
 
 from .. import host
 from ..blocks import FLUX_TRAINING_BLOCKS
-from . import Adapter
+from .base import Adapter
 
 _DOUBLE = r"double_blocks\.\d+\."
 _SINGLE = r"single_blocks\.\d+\."
@@ -40,11 +40,11 @@ class FluxAdapter(Adapter):
     training_blocks = FLUX_TRAINING_BLOCKS
 
     def matches_diffusion_model(self, diffusion_model):
-        return super().matches_diffusion_model(diffusion_model) and host.flux1_params(diffusion_model)
+        return super().matches_diffusion_model(diffusion_model) and host.models.flux1_params(diffusion_model)
 
     def forward_kwargs(self, diffusion_model, pooled, batch, guidance=1.0):
         kwargs = {"y": pooled}
-        if diffusion_model.params.guidance_embed:
+        if host.models.flux_guidance_embedded(diffusion_model):
             # The reference trains FLUX.1-dev with embedded guidance 1 (inference uses ~3.5).
             kwargs["guidance"] = torch.full((batch,), float(guidance),
                                             device=pooled.device if pooled is not None else None)

@@ -10,7 +10,7 @@ import torch
 
 from .. import host
 from ..blocks import QWEN_IMAGE_TRAINING_BLOCKS
-from . import Adapter
+from .base import Adapter
 
 _BLOCK = r"transformer_blocks\.\d+\."
 _ATTENTION = r"attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
@@ -43,8 +43,9 @@ class QwenImageAdapter(Adapter):
 
     def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
         swap = _SegmentPositions(torch.cat([torch.arange(int(n)) for n in segment_lengths]))
-        return host.with_block_replacements(transformer_options, "double_block", len(diffusion_model.transformer_blocks),
-                                            lambda index, existing: swap.replacement(existing))
+        count = len(host.models.block_list(diffusion_model, "transformer_blocks"))
+        return host.models.with_block_replacements(transformer_options, "double_block", count,
+                                                   lambda index, existing: swap.replacement(existing))
 
 
 class _SegmentPositions:
@@ -58,7 +59,7 @@ class _SegmentPositions:
         if self._last[0] is not pe:
             rows = self.text_rows.to(pe.device)
             # Text rows first, then the image rows unchanged, along pe's sequence axis.
-            axis = host.rope_sequence_axis(pe)
+            axis = host.models.rope_sequence_axis(pe)
             swapped = torch.cat([pe.index_select(axis, rows), pe.narrow(axis, len(rows), pe.shape[axis] - len(rows))],
                                 dim=axis)
             self._last = (pe, swapped)
@@ -66,7 +67,7 @@ class _SegmentPositions:
 
     def replacement(self, existing):
         def run(args, extra):
-            host.check_block_args("double_block", args, extra)
+            host.models.check_block_args("double_block", args, extra)
             args = dict(args, pe=self.positions(args["pe"]))
             if existing is not None:
                 return existing(args, extra)

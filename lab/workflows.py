@@ -7,9 +7,13 @@ are the same graphs. `python scripts/toyworld.py workflows` rewrites example_wor
     d: base model + the trained LoRA + EliGen attention
 """
 
+import importlib.util
 import os
+import subprocess
+import sys
 
-from .data import SIZE
+from ..toyworld.data import SIZE
+from ..toyworld.files import write_json
 from .evaluate import SAMPLER, TEXT_LENGTH, TRAIN_DEFAULTS, TRAIN_FIXED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,11 +103,6 @@ def write_examples(folder=EXAMPLES_DIR, server_url=None):
     """Write every toy workflow as <folder>/api/<name>.json (API format, for `comfy run`) and, given a
     running ComfyUI with this package, its UI-format twin <folder>/<name>.json (scripts/make_ui_workflow.py)
     with the note <folder>/notes/<name>.md when there is one."""
-    import subprocess
-    import sys
-
-    from .files import write_json
-
     paths = []
     for name, graph in sorted(all_workflows().items()):
         api_path = write_json(os.path.join(folder, "api", f"{name}.json"), graph)
@@ -120,10 +119,19 @@ def write_examples(folder=EXAMPLES_DIR, server_url=None):
     return paths
 
 
+def load_server_class():
+    """scripts/comfy_server.py's ComfyServer (standard library only; the server runner the demo, this
+    module and the tests share)."""
+    path = os.path.join(REPO, "scripts", "comfy_server.py")
+    spec = importlib.util.spec_from_file_location("eligen_comfy_server", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
     """Rewrite the toy workflows: API graphs, and UI twins made against a temporary headless ComfyUI."""
-    from .demo import load_server_class
-
     server_module = load_server_class()
     with server_module.ComfyServer() as server:
         server.check_nodes_loaded(server_module.expected_node_ids("comfyui_eligen"))

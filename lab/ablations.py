@@ -17,7 +17,10 @@ import time
 
 import numpy as np
 
-from . import data, evaluate, files, metric
+from ..core import host
+from ..core.files import write_text
+from ..toyworld import data, files, metric
+from . import cli, evaluate
 
 # name -> (factor, overrides of the toy recipe: evaluate.TRAIN_DEFAULTS / TRAIN_FIXED / TrainSettings /
 # LoraSettings fields). The first entry is the baseline every other one is compared with.
@@ -48,7 +51,7 @@ def run_variant(name, seed, layouts, model, clip, vae, train_settings, sampler, 
     overrides = VARIANTS[name][1]
     settings = dict(train_settings, **overrides)
     lora, losses, seconds = evaluate.train_lora(model, clip, vae, seed=seed, data_seed=seed, log=None, **settings)
-    result, _ = evaluate.score_condition(evaluate.with_lora(model, lora), clip, vae, layouts, True, seed, sampler)
+    result, _ = evaluate.score_condition(host.weights.apply_lora(model, lora), clip, vae, layouts, True, seed, sampler)
     log(f"{name} seed {seed}: {metric.format_summary(result['summary'])} (trained in {seconds:.0f} s)")
     return {"variant": name, "seed": seed, "train_seconds": round(seconds, 1),
             "final_loss": float(np.mean([v for _, v in losses[-20:]])), "summary": result["summary"],
@@ -100,15 +103,15 @@ def table(runs, seeds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=32)
+    cli.add_run_arguments(parser, seeds=[0, 1, 2], layouts=32)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--join", nargs="*", default=[], metavar="JSON",
                         help="runs written by other ablation processes with the same settings (e.g. one seed each) "
                         "to add to this one's table and --out")
     args = parser.parse_args(argv)
-    train_settings, sampler = evaluate.run_settings(args)
+    train_settings, sampler = cli.run_settings(args)
     log = lambda message: print(f"[ablations] {message}", flush=True)
-    model, clip, vae = evaluate.load_run_models(args)
+    model, clip, vae = cli.load_run_models(args)
     layouts = data.layouts("heldout", args.layout_seed, args.layouts, size=args.size)
     payload = {"family": args.family, "size": args.size, "layouts": args.layouts, "layout_seed": args.layout_seed,
                "train": train_settings, "fixed": evaluate.TRAIN_FIXED, "sampler": sampler, "runs": []}
@@ -144,5 +147,5 @@ def main(argv=None):
     text = table(payload["runs"], args.seeds)
     print(text)
     if args.markdown:
-        files.write_text(args.markdown, f"Toy {args.family}, {args.size} px, baseline: {baseline_text(train_settings)}.\n\n{text}\n")
+        write_text(args.markdown, f"Toy {args.family}, {args.size} px, baseline: {baseline_text(train_settings)}.\n\n{text}\n")
     return payload

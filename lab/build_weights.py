@@ -24,15 +24,24 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..core import blocks
+from ..core import blocks, host
 from ..core.adapters import adapter_for
-from . import data, models
-from .files import atomic_path
+from ..core.files import atomic_path
+from ..toyworld import data, models
 
 DEFAULTS = dict(steps=1200, batch=64, lr=1e-3, min_lr=1e-4, warmup=100, pool=8192, seed=0,
                 caption_dropout=0.1, weight_decay=0.01, clip=1.0)
+
+
+def batch_arrays(split, seed, indices, size=data.SIZE):
+    """(images uint8 [B, H, W, 3], captions) for pretraining: global captions only, no entity data."""
+    items = [data.make_layout(split, seed, int(i), size) for i in indices]
+    return np.stack([item.image for item in items]), [item.caption for item in items]
 
 
 def learning_rate(step, args):
@@ -52,7 +61,7 @@ class CaptionPool:
         chunk = 512
         for start in range(0, size, chunk):
             indices = range(start, min(size, start + chunk))
-            images, captions = data.batch_arrays("train", seed, indices, image_size)
+            images, captions = batch_arrays("train", seed, indices, image_size)
             pixels = torch.from_numpy(images).float() / 255.0
             self.latents.append(model.model.process_latent_in(vae.encode(pixels)))
             for index, caption in zip(indices, captions):
@@ -172,8 +181,6 @@ def _pretrain(args, log):
 def init_recipe(path):
     """The recipe recorded in a weights file this one was fine-tuned from (so the chain back to the
     from-scratch pretraining stays in the shipped file), or None when it records none."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         recorded = (f.metadata() or {}).get("toy_world")
     return json.loads(recorded) if recorded else None
@@ -181,10 +188,9 @@ def init_recipe(path):
 
 def save_weights(path, model, clip, info):
     """Atomic safetensors write: diffusion_model.* + text_encoder.*, recipe in the metadata."""
-    from safetensors.torch import save_file
-
+    text_encoder = host.encoders.text_encoder_module(clip)
     tensors = {f"diffusion_model.{k}": v.detach().contiguous().cpu() for k, v in model.model.diffusion_model.state_dict().items()}
-    tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu() for k, v in clip.cond_stage_model.state_dict().items()})
+    tensors.update({f"text_encoder.{k}": v.detach().contiguous().cpu() for k, v in text_encoder.state_dict().items()})
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={"toy_world": json.dumps(info)})
     return path

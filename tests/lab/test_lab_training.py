@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from comfyui_eligen.toyworld import data, evaluate, models
+from comfyui_eligen.core import host
+from comfyui_eligen.lab import evaluate
+from comfyui_eligen.toyworld import data, models
 
 LAYOUTS = 10
 SAMPLER = dict(evaluate.SAMPLER, steps=10)
@@ -33,7 +35,7 @@ def test_short_eligen_training_beats_the_base_on_held_out_layouts(family):
     # training left the shared base model untouched (checked before sampling patches the LoRA in)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    trained, _ = evaluate.score_condition(evaluate.with_lora(model, lora), clip, vae, layouts, True, seed=0,
+    trained, _ = evaluate.score_condition(host.weights.apply_lora(model, lora), clip, vae, layouts, True, seed=0,
                                           sampler=SAMPLER)
 
     a, b, d = base["summary"], attention_only["summary"], trained["summary"]
@@ -62,7 +64,7 @@ def test_a_trainer_that_drops_the_masks_fails_the_comparison(monkeypatch):
     layouts = data.layouts("heldout", 11, LAYOUTS, size=data.QUICK_SIZE)
     base, _ = evaluate.score_condition(model, clip, vae, layouts, False, seed=0, sampler=SAMPLER)
     lora, _, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
-    dropped, _ = evaluate.score_condition(evaluate.with_lora(model, lora), clip, vae, layouts, True, seed=0,
+    dropped, _ = evaluate.score_condition(host.weights.apply_lora(model, lora), clip, vae, layouts, True, seed=0,
                                           sampler=SAMPLER)
     print(f"a {base['summary']}\nd, masks dropped in training {dropped['summary']}")
     assert not beats(dropped["summary"], base["summary"])

@@ -10,7 +10,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import data
+from ..toyworld import data
+from ..toyworld.files import write_json
 from .evaluate import SAMPLER, TEXT_LENGTH
 from .workflows import EXAMPLES_DIR, LORA_NAME
 
@@ -86,8 +87,6 @@ def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="
 def write_example(folder=EXAMPLES_DIR):
     """example_workflows/api/<NAME>.json and the painted picture example_workflows/inputs/<LAYOUT_FILE>
     (copy it into ComfyUI's input folder, or upload it in the Load Image node). Returns both paths."""
-    from .files import write_json
-
     layout = example_layout()
     api_path = write_json(os.path.join(folder, "api", f"{NAME}.json"), painted_workflow(layout))
     image_path = os.path.join(folder, "inputs", LAYOUT_FILE)

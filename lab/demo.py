@@ -15,31 +15,19 @@ EliGen LoRA in-process, (d) LoRA + EliGen attention - and writes into --out:
 
 import argparse
 import glob
-import importlib.util
 import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from . import data, evaluate, figures, files, metric, models, workflows
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_server_class():
-    """scripts/comfy_server.py's ComfyServer (standard library only; the server runner the demo and the
-    tests share)."""
-    path = os.path.join(REPO, "scripts", "comfy_server.py")
-    spec = importlib.util.spec_from_file_location("eligen_comfy_server", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from ..core.files import write_text
+from ..core.lora_formats import load_lora_metadata
+from ..toyworld import data, files, metric, models
+from . import cli, evaluate, figures, workflows
 
 
 class Clock:
@@ -89,8 +77,6 @@ def collect_condition(server, condition, count):
 
 def training_summary(lora_path):
     """The trainer's record in the LoRA's safetensors metadata (eligen_training)."""
-    from ..core.lora_formats import load_lora_metadata
-
     info = load_lora_metadata(lora_path).get("eligen_training", {})
     return info if isinstance(info, dict) else json.loads(info)
 
@@ -99,7 +85,7 @@ def write_report(out, figures_by_condition, layouts, clock, train_info):
     entities = sum(len(layout.entities) for layout in layouts)
     lines = ["# EliGen toy-world demo", "",
              f"{len(layouts)} held-out layouts ({entities} entities), {layouts[0].image.shape[1]}x{layouts[0].image.shape[0]}, Euler "
-             f"{workflows.SAMPLER['steps']} steps, cfg {workflows.SAMPLER['cfg']}.", "",
+             f"{evaluate.SAMPLER['steps']} steps, cfg {evaluate.SAMPLER['cfg']}.", "",
              "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
              "|---|---|---|---|---|"]
     rows = [(text, figures_by_condition[name]) for name, text in evaluate.REFERENCES.items()]
@@ -110,9 +96,9 @@ def write_report(out, figures_by_condition, layouts, clock, train_info):
                      f"{leak} | {100 * s['missing_rate']:.1f}% |")
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in clock.stages.items()), "",
               "![contact sheet](contact_sheet.png)", "", "![loss](loss.png)", ""]
-    files.write_text(os.path.join(out, "report.md"), "\n".join(lines))
+    write_text(os.path.join(out, "report.md"), "\n".join(lines))
     files.write_json(os.path.join(out, "report.json"), {
-        "layouts": len(layouts), "entities": entities, "sampler": workflows.SAMPLER,
+        "layouts": len(layouts), "entities": entities, "sampler": evaluate.SAMPLER,
         "conditions": figures_by_condition, "stages_seconds": clock.stages, "training": train_info})
 
 
@@ -121,8 +107,7 @@ def main(argv=None):
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--layouts", type=int, default=16, help="held-out layouts per condition")
     parser.add_argument("--layout-seed", type=int, default=0)
-    parser.add_argument("--size", type=data.image_side, default=data.SIZE,
-                        help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, faster)")
+    cli.add_size_argument(parser)
     parser.add_argument("--train-count", type=int, default=evaluate.TRAIN_DEFAULTS["count"], help="synthetic training layouts")
     parser.add_argument("--train-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -139,7 +124,7 @@ def main(argv=None):
         raise SystemExit("toyworld/weights/toy_flux_base.safetensors is missing: "
                          "run `.venv/bin/python scripts/toyworld.py build-weights` first")
 
-    server_module = load_server_class()
+    server_module = workflows.load_server_class()
     threads = args.threads or server_threads()
     clock.log(f"ComfyUI runs torch on {threads} thread(s)")
     server = server_module.ComfyServer(log_path=os.path.join(out, "comfyui.log"), torch_threads=threads)
@@ -191,7 +176,7 @@ def main(argv=None):
                                   [f"held-out {i}" for i in range(len(layouts))])
     files.save_png(sheet, os.path.join(out, "contact_sheet.png"))
     clock.stage("total", time.monotonic() - clock.started)
-    # The references of metric.py on the same layouts: the token-fill bound and the ground-truth ceiling.
+    # The references of evaluate.py on the same layouts: the token-fill bound and the ground-truth ceiling.
     model, _, vae = models.load_toy_models("flux", "pretrained")
     for name, result in evaluate.score_references(model, vae, layouts).items():
         results[name] = result["summary"]

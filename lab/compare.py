@@ -5,7 +5,7 @@ layouts, per layout group, over several seeds (each seed: its own LoRA training 
     .venv/bin/python scripts/toyworld.py compare --groups all --layouts 32 --seeds 0 1
 
 Next to the conditions every group reports the token-fill bound and the ground-truth ceiling
-(metric.py), and every figure gets a layout-level 95% bootstrap interval (layouts resampled, entities
+(evaluate.py), and every figure gets a layout-level 95% bootstrap interval (layouts resampled, entities
 pooled over seeds) as well as the spread over seeds. Prints one line per seed, group and condition,
 then a table per group, and writes everything as JSON.
 """
@@ -17,12 +17,45 @@ import time
 import numpy as np
 import torch
 
-from . import data, evaluate, files, metric
+from ..core import host
+from ..core.files import write_text
+from ..toyworld import files, metric
+from . import cli, evaluate
+from . import groups as layout_groups
+from .figures import contact_sheet
 from .workflows import CONDITIONS
 
 FIGURES = ("mean_iou", "success_rate", "mean_leak", "missing_rate")
 SHEET_COLUMNS = 6  # layouts per group on the contact sheet
 BOOTSTRAP = dict(samples=2000, seed=0)
+
+
+BOOTSTRAP_FIGURES = ("mean_iou", "success_rate")
+
+
+def bootstrap_intervals(runs, samples=2000, seed=0, level=0.95):
+    """Layout-level confidence intervals. runs: one per seed, each the per-image entity results of
+    score_images (["images"]) on the same layouts in the same order. Each of `samples` draws picks
+    layouts with replacement (numpy, seeded by `seed`; the same draw for every run) and pools their
+    entities over all runs. Returns {figure: [low, high]} for mean IoU and success rate."""
+    if not runs or not runs[0]:
+        raise ValueError("bootstrap_intervals needs at least one run with at least one layout")
+    layouts = len(runs[0])
+    if any(len(run) != layouts for run in runs):
+        raise ValueError(f"runs score different numbers of layouts ({[len(run) for run in runs]}); "
+                         "intervals need the same layouts in every run")
+    counts = np.array([sum(len(run[i]) for run in runs) for i in range(layouts)], np.float64)
+    sums = {"mean_iou": np.array([sum(r["iou"] for run in runs for r in run[i]) for i in range(layouts)]),
+            "success_rate": np.array([sum(bool(r["success"]) for run in runs for r in run[i])
+                                      for i in range(layouts)], np.float64)}
+    draws = np.random.default_rng(seed).integers(0, layouts, size=(samples, layouts))
+    drawn_counts = counts[draws].sum(axis=1)
+    tail = 100 * (1 - level) / 2
+    intervals = {}
+    for figure in BOOTSTRAP_FIGURES:
+        means = sums[figure][draws].sum(axis=1) / np.maximum(drawn_counts, 1)
+        intervals[figure] = [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+    return intervals
 
 
 def compact(per_image):
@@ -37,7 +70,7 @@ def run_seed(seed, layout_sets, model, clip, vae, train_settings, sampler, log, 
     started = time.time()
     lora, losses, train_seconds = evaluate.train_lora(model, clip, vae, seed=seed, data_seed=seed,
                                                       log=log, **train_settings)
-    trained = evaluate.with_lora(model, lora)
+    trained = host.weights.apply_lora(model, lora)
     groups = {}
     for group, layouts in layout_sets.items():
         groups[group] = {}
@@ -63,7 +96,7 @@ def aggregate(runs, references):
         rows = {}
         for name, result in group_references.items():
             rows[name] = {figure: {"mean": result["summary"][figure], "std": 0.0} for figure in FIGURES}
-            rows[name]["interval"] = metric.bootstrap_intervals([result["images"]], **BOOTSTRAP)
+            rows[name]["interval"] = bootstrap_intervals([result["images"]], **BOOTSTRAP)
         for condition in CONDITIONS:
             row = {}
             scored = [run for run in runs if condition in run["groups"][group]]
@@ -75,7 +108,7 @@ def aggregate(runs, references):
                 values = [v for v in values if v is not None and not np.isnan(v)]
                 row[figure] = {"mean": float(np.mean(values)) if values else float("nan"),
                                "std": float(np.std(values)) if values else float("nan")}
-            row["interval"] = metric.bootstrap_intervals(
+            row["interval"] = bootstrap_intervals(
                 [run["groups"][group][condition]["images"] for run in scored], **BOOTSTRAP)
             rows[condition] = row
         bound = rows["fill"]["mean_iou"]["mean"]
@@ -100,7 +133,7 @@ def markdown_table(table, seeds, counts):
              f"(bootstrap, {BOOTSTRAP['samples']} draws, seed {BOOTSTRAP['seed']}).", ""]
     for group, rows in table.items():
         layouts, entities = counts[group]
-        lines += [f"**{group}** ({data.GROUPS[group]}): {layouts} layouts, {entities} entities; "
+        lines += [f"**{group}** ({layout_groups.GROUPS[group]}): {layouts} layouts, {entities} entities; "
                   f"(d) reaches {100 * rows['d']['share_of_fill_iou']:.0f}% of the token-fill IoU.", "",
                   "| condition | mean IoU | success (IoU > 0.5) | colour outside mask | entity missing |",
                   "|---|---|---|---|---|"]
@@ -136,8 +169,6 @@ def summary_table(table, counts):
 
 def group_sheet(layout_sets, fill_images, d_images):
     """uint8 image: per group three rows (exact layout, token-fill bound, (d)), masks outlined."""
-    from .figures import contact_sheet
-
     parts = []
     for group, layouts in layout_sets.items():
         shown = layouts[:SHEET_COLUMNS]
@@ -159,24 +190,24 @@ def report(path, markdown=None):
     text = summary_table(table, counts) + "\n\n" + markdown_table(table, [run["seed"] for run in payload["runs"]], counts)
     print(text)
     if markdown:
-        files.write_text(markdown, text)
+        write_text(markdown, text)
     return table
 
 
 def parse_groups(names):
     if names == ["all"]:
-        return list(data.GROUPS)
-    unknown = [n for n in names if n not in data.GROUPS]
+        return list(layout_groups.GROUPS)
+    unknown = [n for n in names if n not in layout_groups.GROUPS]
     if unknown:
-        raise SystemExit(f"unknown layout group(s) {unknown}; choose from {list(data.GROUPS)} or 'all'")
+        raise SystemExit(f"unknown layout group(s) {unknown}; choose from {list(layout_groups.GROUPS)} or 'all'")
     return names
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    evaluate.add_run_arguments(parser, seeds=[0, 1, 2], layouts=64)
+    cli.add_run_arguments(parser, seeds=[0, 1, 2], layouts=64)
     parser.add_argument("--groups", nargs="+", default=["easy"],
-                        help=f"held-out layout groups ({', '.join(data.GROUPS)}) or 'all'")
+                        help=f"held-out layout groups ({', '.join(layout_groups.GROUPS)}) or 'all'")
     parser.add_argument("--base-seeds", type=int, nargs="*",
                         help="seeds that also sample (a) and (b) (default: all; they need no training, so "
                         "one seed is often enough)")
@@ -189,13 +220,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.report:
         return report(args.report, args.markdown)
-    train_settings, sampler = evaluate.run_settings(args)
+    train_settings, sampler = cli.run_settings(args)
     log = lambda message: print(f"[compare] {message}", flush=True)
 
     started = time.time()
-    model, clip, vae = evaluate.load_run_models(args)
+    model, clip, vae = cli.load_run_models(args)
     groups = parse_groups(args.groups)
-    layout_sets = {g: data.layouts("heldout", args.layout_seed, args.layouts, size=args.size, group=g) for g in groups}
+    layout_sets = {g: layout_groups.layouts("heldout", args.layout_seed, args.layouts, size=args.size, group=g) for g in groups}
     counts = {g: (len(ls), sum(len(l.entities) for l in ls)) for g, ls in layout_sets.items()}
     references = {g: evaluate.score_references(model, vae, ls) for g, ls in layout_sets.items()}
     for group, group_references in references.items():
@@ -205,7 +236,7 @@ def main(argv=None):
         payload = {"family": args.family, "vae_pool": args.vae_pool,
                    "token_grid": evaluate.token_grid(model, vae, args.size, args.size), "groups": groups,
                    "layouts": args.layouts, "layout_seed": args.layout_seed, "bootstrap": BOOTSTRAP,
-                   "references": {g: {name: {"summary": r["summary"], "interval": metric.bootstrap_intervals(
+                   "references": {g: {name: {"summary": r["summary"], "interval": bootstrap_intervals(
                        [r["images"]], **BOOTSTRAP)} for name, r in refs.items()} for g, refs in references.items()}}
         if args.out:
             files.write_json(args.out, payload)
@@ -233,7 +264,7 @@ def main(argv=None):
         if args.out:
             files.write_json(args.out, payload)
         if args.markdown:
-            files.write_text(args.markdown, text)
+            write_text(args.markdown, text)
     if args.sheet:
         fills = {g: evaluate.reference_images(model, vae, ls[:SHEET_COLUMNS])["fill"] for g, ls in layout_sets.items()}
         files.save_png(group_sheet(layout_sets, fills, sheet_images), args.sheet)

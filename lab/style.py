@@ -15,9 +15,11 @@ import os
 import time
 
 import numpy as np
-import torch
 
-from . import data, evaluate, files, metric
+from ..core import host
+from ..core.files import write_text
+from ..toyworld import data, files, metric
+from . import cli, evaluate
 
 GRADIENT = (48, 208)  # background grey at the top and bottom rows
 EDGE_ROWS = 1 / 8  # share of the rows at the top and bottom whose background tells whether the style shows
@@ -70,10 +72,10 @@ def run_seed(seed, layouts, model, clip, vae, train_settings, style_steps, sampl
     style_settings = dict(train_settings, steps=style_steps)
     style, style_losses, style_seconds = evaluate.train_lora(
         model, clip, vae, seed=seed, data_seed=seed, log=log, write_dataset=write_style_dataset, **style_settings)
-    trained = evaluate.with_lora(model, eligen)
+    trained = host.weights.apply_lora(model, eligen)
     # (a) itself is in compare's table (same layouts and noise); here only what the style changes.
-    rows = {"d": (trained, True), "d_style": (evaluate.with_lora(trained, style), True),
-            "a_style": (evaluate.with_lora(model, style), False)}
+    rows = {"d": (trained, True), "d_style": (host.weights.apply_lora(trained, style), True),
+            "a_style": (host.weights.apply_lora(model, style), False)}
     results = {}
     for name, (patched, use_entities) in rows.items():
         result, images = evaluate.score_condition(patched, clip, vae, layouts, use_entities, seed, sampler)
@@ -114,13 +116,13 @@ def markdown(runs, layouts, entities):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Stacked style LoRA: (d) with and without it.")
-    evaluate.add_run_arguments(parser, seeds=[0], layouts=32)
+    cli.add_run_arguments(parser, seeds=[0], layouts=32)
     parser.add_argument("--style-steps", type=int, default=evaluate.TRAIN_DEFAULTS["steps"])
     args = parser.parse_args(argv)
-    train_settings, sampler = evaluate.run_settings(args)
+    train_settings, sampler = cli.run_settings(args)
     log = lambda message: print(f"[style] {message}", flush=True)
     started = time.time()
-    model, clip, vae = evaluate.load_run_models(args)
+    model, clip, vae = cli.load_run_models(args)
     layouts = data.layouts("heldout", args.layout_seed, args.layouts, size=args.size)
     entities = sum(len(layout.entities) for layout in layouts)
     runs = [run_seed(seed, layouts, model, clip, vae, train_settings, args.style_steps, sampler, log)
@@ -133,5 +135,5 @@ def main(argv=None):
     if args.out:
         files.write_json(args.out, payload)
     if args.markdown:
-        files.write_text(args.markdown, text)
+        write_text(args.markdown, text)
     return payload

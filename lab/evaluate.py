@@ -2,38 +2,47 @@
 three conditions and score them; train the EliGen LoRA with the project's trainer.
 
 (a) base model, global caption only; (b) base + EliGen attention (entity prompts and masks), no
-LoRA; (d) base + trained EliGen LoRA + EliGen attention. The demo runs the same conditions as
-ComfyUI workflows; this module is what the test suite and the multi-seed comparison use.
+LoRA; (d) base + trained EliGen LoRA + EliGen attention (the LoRA applied the stock way,
+host.weights.apply_lora). The demo runs the same conditions as ComfyUI workflows; this module is what
+the test suite and the multi-seed comparison use.
+
+References scored with the placement metric's rule next to each condition (`reference_images`):
+- token-fill bound: an image that paints exactly the tokens the package's mask rule
+  (core.attention.mask_to_token_grid) gives each mask, at the model's token grid; what a model that
+  only learned "fill my tokens" scores;
+- ground-truth ceiling: the exact layout through the toy VAE (encode, decode).
 """
 
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from ..core import host
+from ..core.attention import mask_to_token_grid
 from ..core.conditioning import TEXT_LENGTHS, apply_entities, encode_entity_text
 from ..core.patch import patch_model
-from . import data, metric
+from ..toyworld import data, metric
+from ..training.cache import encode_dataset
+from ..training.dataset import load_dataset
+from ..training.lora import LoraSettings
+from ..training.loop import TrainSettings, train
 
 SAMPLER = dict(steps=20, cfg=3.0, sampler_name="euler", scheduler="simple")  # cfg 3: measured best for a, b and d
 TEXT_LENGTH = "real_length"
 
 
-def encode_prompt(clip, text):
-    return host.encode_prompt(clip, text)
-
-
 def sample_layout(model, clip, vae, layout, use_entities, seed, sampler=SAMPLER):
     """One image [1, H, W, 3] for a layout through comfy.sample (what KSampler runs)."""
-    positive, negative = encode_prompt(clip, layout.caption), encode_prompt(clip, "")
+    positive, negative = host.models.encode_prompt(clip, layout.caption), host.models.encode_prompt(clip, "")
     if use_entities:
         entities = data.layout_entities(layout, lambda text: encode_entity_text(clip, text, TEXT_LENGTH))
         positive, negative = apply_entities(positive, entities, negative)
         model = patch_model(model)
     height, width = layout.image.shape[:2]
-    latent = host.empty_latent(model, width, height, downscale_ratio=vae.downscale_ratio)
-    samples = host.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
+    latent = host.models.empty_latent(model, width, height, downscale_ratio=host.encoders.vae_downscale_ratio(vae))
+    samples = host.models.sample_latent(model, latent, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
                                  sampler["scheduler"], positive, negative)
     return vae.decode(samples).reshape(-1, height, width, 3)
 
@@ -53,9 +62,33 @@ def score_condition(model, clip, vae, layouts, use_entities, seed=0, sampler=SAM
 
 def token_grid(model, vae, height, width):
     """(latent height, latent width, patch): the grid the model's tokens live on for this image size."""
-    ratio = vae.downscale_ratio
-    patch = int(model.model.model_config.unet_config.get("patch_size", 2))
-    return height // ratio, width // ratio, patch
+    ratio = host.encoders.vae_downscale_ratio(vae)
+    return height // ratio, width // ratio, host.models.patch_size(model.model)
+
+
+def token_fill_image(masks, prompts, latent_hw, patch=2, background=(128, 128, 128)):
+    """uint8 [H, W, 3]: each entity's palette colour on exactly the tokens the package's mask rule
+    (core.attention.mask_to_token_grid) gives its mask at a latent of `latent_hw` with `patch` x `patch`
+    patches; the rest `background`. A token that several masks reach goes to the entity whose mask covers
+    most of its pixels (ties: the later entity, which the layouts draw on top)."""
+    masks = np.asarray(masks).astype(bool)
+    count, height, width = masks.shape
+    if height % latent_hw[0] or width % latent_hw[1]:
+        raise ValueError(f"masks of {height}x{width} px do not divide into a {latent_hw[0]}x{latent_hw[1]} latent")
+    step_y, step_x = height // latent_hw[0] * patch, width // latent_hw[1] * patch
+    grid = mask_to_token_grid(torch.from_numpy(masks.astype(np.float32)), latent_hw, patch).numpy()
+    rows, cols = grid.shape[-2:]
+    padded = np.zeros((count, rows * step_y, cols * step_x), bool)
+    padded[:, :height, :width] = masks
+    coverage = padded.reshape(count, rows, step_y, cols, step_x).sum(axis=(2, 4)).astype(np.float64)
+    coverage[~grid] = -1.0
+    owner = count - 1 - coverage[::-1].argmax(axis=0)  # ties to the later entity
+    painted = grid.any(axis=0)
+    colours = np.array([data.PALETTE[metric.colour_of(prompt)] for prompt in prompts], np.uint8).reshape(-1, 3)
+    image = np.empty((rows, cols, 3), np.uint8)
+    image[:] = background
+    image[painted] = colours[owner[painted]]
+    return np.repeat(np.repeat(image, step_y, axis=0), step_x, axis=1)[:height, :width]
 
 
 REFERENCES = {
@@ -65,14 +98,14 @@ REFERENCES = {
 
 
 def reference_images(model, vae, layouts):
-    """{"fill": [uint8 images], "truth": [float images]}: the two references of metric.py for each layout."""
+    """{"fill": [uint8 images], "truth": [float images]}: the two references (module text) for each layout."""
     fill, truth = [], []
     for layout in layouts:
         height, width = layout.image.shape[:2]
         latent_h, latent_w, patch = token_grid(model, vae, height, width)
         colours = [e.prompt for e in layout.entities]
-        fill.append(metric.token_fill_image(layout.masks, colours, (latent_h, latent_w), patch,
-                                            data.BACKGROUNDS[layout.background]))
+        fill.append(token_fill_image(layout.masks, colours, (latent_h, latent_w), patch,
+                                     data.BACKGROUNDS[layout.background]))
         pixels = torch.from_numpy(layout.image[None].astype("float32") / 255.0)
         with torch.inference_mode():
             truth.append(vae.decode(vae.encode(pixels)).reshape(height, width, 3).clamp(0, 1).numpy())
@@ -96,9 +129,6 @@ TRAIN_FIXED = dict(schedule="cosine", timestep_sampling="logit_normal", preset="
 
 
 def encoded_training_samples(model, clip, vae, folder):
-    from ..training.cache import encode_dataset
-    from ..training.dataset import load_dataset
-
     dataset = load_dataset(folder)
     return encode_dataset(dataset, vae, clip, latent_format=model,
                           entity_tokenizer_options=TEXT_LENGTHS[TEXT_LENGTH])
@@ -111,9 +141,6 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
     [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=, size=)` writes the training set
     (another writer trains another LoRA the same way, e.g. style.py's captions-only style set).
     `recipe`: other TRAIN_FIXED / TrainSettings / LoraSettings fields (ablations.py varies them)."""
-    from ..training.lora import LoraSettings
-    from ..training.loop import TrainSettings, train
-
     with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
         write_dataset(folder, count, seed=data_seed, split="train", size=size)
         with torch.inference_mode():
@@ -133,51 +160,3 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
 
     result = train(model, samples, lora_settings, settings, empty_condition=empty, on_progress=progress)
     return result.lora, result.losses, time.time() - started
-
-
-def with_lora(model, lora_sd, strength=1.0):
-    """The stock path (what LoraLoaderModelOnly does), on a clone."""
-    return host.apply_lora(model, lora_sd, strength)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line runs (compare.py, style.py)
-
-def add_run_arguments(parser, seeds, layouts):
-    """The options every multi-seed toy run shares: family, seeds, held-out layouts, the training
-    recipe (TRAIN_DEFAULTS), the sampler, threads and the output files."""
-    from . import models
-
-    parser.add_argument("--family", default="flux", choices=sorted(models.FAMILIES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
-    parser.add_argument("--layouts", type=int, default=layouts, help="held-out layouts (per group) and seed")
-    parser.add_argument("--layout-seed", type=int, default=0)
-    parser.add_argument("--size", type=data.image_side, default=data.SIZE,
-                        help=f"image side in px (default {data.SIZE}: 16x16 tokens; {data.QUICK_SIZE}: 8x8 tokens, "
-                        "about 4x cheaper)")
-    for name, value in TRAIN_DEFAULTS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--sample-steps", type=int, default=SAMPLER["steps"])
-    parser.add_argument("--cfg", type=float, default=SAMPLER["cfg"])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weights-file", help="toy base weights (default: the shipped file of the family)")
-    parser.add_argument("--vae-pool", type=int, default=models.POOL,
-                        help="toy VAE downscale factor (8: 8x8 tokens at 128 px; 4: 16x16 tokens, needs a base "
-                        "built with build-weights --vae-pool 4)")
-    parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("--markdown", help="write the tables as Markdown here")
-
-
-def load_run_models(args):
-    """(model, clip, vae) for add_run_arguments' options."""
-    from . import models
-
-    return models.load_toy_models(args.family, "pretrained", weights_file=args.weights_file, pool=args.vae_pool)
-
-
-def run_settings(args):
-    """(training settings, sampler) from add_run_arguments' options; sets torch's thread count."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return ({name: getattr(args, name) for name in TRAIN_DEFAULTS} | {"size": args.size},
-            dict(SAMPLER, steps=args.sample_steps, cfg=args.cfg))

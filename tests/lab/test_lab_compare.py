@@ -1,9 +1,12 @@
 """The comparison's tables: references next to the conditions, seed spread, layout intervals, (a)/(b)
-from some seeds only, and re-rendering from the JSON it writes (plain functions, no sampling)."""
+from some seeds only, and re-rendering from the JSON it writes; its layout-level bootstrap intervals
+(plain functions, no sampling)."""
 
+import numpy as np
 import pytest
 
-from comfyui_eligen.toyworld import compare, files, metric
+from comfyui_eligen.lab import compare
+from comfyui_eligen.toyworld import files, metric
 
 
 def results(ious):
@@ -35,3 +38,27 @@ def test_tables_put_the_bound_next_to_the_conditions_and_re_render_from_json(tmp
     rendered = compare.report(path, str(tmp_path / "table.md"))
     assert rendered["easy"]["d"]["interval"] == table["d"]["interval"]
     assert (tmp_path / "table.md").read_text().startswith("| group |")
+
+
+def entity(iou):
+    return {"iou": iou, "leak": 0.0, "success": iou > 0.5, "missing": False}
+
+
+def test_bootstrap_intervals_are_seeded_and_cover_the_layouts():
+    run = [[entity(0.9), entity(0.7)], [entity(0.1)], [entity(0.6)], [entity(0.3), entity(0.2)]]
+    first = compare.bootstrap_intervals([run], samples=500, seed=3)
+    assert first == compare.bootstrap_intervals([run], samples=500, seed=3)
+    mean = np.mean([r["iou"] for layout in run for r in layout])
+    low, high = first["mean_iou"]
+    assert 0.1 <= low < mean < high <= 0.9
+    # identical layouts: no spread; more layouts of the same kind: a narrower interval
+    same = compare.bootstrap_intervals([[[entity(0.4)]] * 8], samples=200)
+    assert same["mean_iou"] == [pytest.approx(0.4), pytest.approx(0.4)] and same["success_rate"] == [0.0, 0.0]
+    wide = compare.bootstrap_intervals([run], samples=2000)["mean_iou"]
+    narrow = compare.bootstrap_intervals([run * 16], samples=2000)["mean_iou"]
+    assert narrow[1] - narrow[0] < 0.5 * (wide[1] - wide[0])
+    # two seeds pool their entities per layout
+    pooled = compare.bootstrap_intervals([[[entity(1.0)]], [[entity(0.0)]]], samples=50)
+    assert pooled["mean_iou"] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="different numbers of layouts"):
+        compare.bootstrap_intervals([run, run[:2]])

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from comfyui_eligen.core.attention import mask_to_token_grid
+from comfyui_eligen.lab import groups
 from comfyui_eligen.toyworld import data
 
 COUNT = 16
 
 
 def group_layouts(group, seed=0, size=data.SIZE):
-    return [data.make_layout("heldout", seed, i, size, group=group) for i in range(COUNT)]
+    return [groups.make_layout("heldout", seed, i, size, group=group) for i in range(COUNT)]
 
 
 def tokens(mask, grid):
@@ -30,20 +31,20 @@ def check_drawn(layout):
 
 
 def test_groups_are_deterministic_distinct_and_leave_the_easy_stream_alone():
-    assert np.array_equal(data.make_layout("heldout", 0, 3).image, data.make_layout("heldout", 0, 3, group="easy").image)
+    assert np.array_equal(data.make_layout("heldout", 0, 3).image, groups.make_layout("heldout", 0, 3, group="easy").image)
     seen = set()
-    for group in data.GROUPS:
-        again = data.make_layout("heldout", 1, 2, group=group)
-        assert np.array_equal(again.image, data.make_layout("heldout", 1, 2, group=group).image)
+    for group in groups.GROUPS:
+        again = groups.make_layout("heldout", 1, 2, group=group)
+        assert np.array_equal(again.image, groups.make_layout("heldout", 1, 2, group=group).image)
         images = {layout.image.tobytes() for layout in group_layouts(group)}
         assert len(images) == COUNT and not images & seen
         seen |= images
     with pytest.raises(ValueError, match="layout group must be one of .* not 'hard'"):
-        data.make_layout("heldout", 0, 0, group="hard")
+        groups.make_layout("heldout", 0, 0, group="hard")
 
 
 @pytest.mark.parametrize("size", [data.SIZE, data.QUICK_SIZE])
-@pytest.mark.parametrize("group", [g for g in data.GROUPS if g != "easy"])
+@pytest.mark.parametrize("group", [g for g in groups.GROUPS if g != "easy"])
 def test_each_group_keeps_its_promise(group, size):
     layouts = group_layouts(group, size=size)
     for layout in layouts:

@@ -1,11 +1,10 @@
 """The recipe ablations: each variant really changes what the trainer does, and the paired comparison
 against the baseline is computed over the same layouts."""
 
-import numpy as np
 import pytest
-import torch
 
-from comfyui_eligen.toyworld import ablations, evaluate, models
+from comfyui_eligen.lab import ablations, evaluate
+from comfyui_eligen.toyworld import models
 
 TINY = dict(steps=6, batch_size=4, learning_rate=1e-2, rank=8, warmup_steps=0, count=16, size=64)
 

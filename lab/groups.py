@@ -1,13 +1,36 @@
-"""Held-out layout groups harder than the training distribution (data.GROUPS describes each).
+"""Layout groups: "easy" is the training distribution (toyworld/data.py); the others are held-out
+layouts harder than it (GROUPS describes each), only for evaluation.
 
-Every generator takes the layout's own numpy Generator (data._rng keyed by split, seed, index and
-group), so a layout is a pure function of (group, split, seed, index). A draw that cannot meet the
-group's promise (say, six shapes that do not fit) is redrawn from the same generator.
+Every generator takes the layout's own numpy Generator (data.layout_rng keyed by split, seed, index and
+the group's stream), so a layout is a pure function of (group, split, seed, index). A draw that cannot
+meet the group's promise (say, six shapes that do not fit) is redrawn from the same generator.
+
+    .venv/bin/python scripts/toyworld.py dataset FOLDER [--count N --split heldout --group small --size 128]
+writes a dataset of any group in the reference format (the `dataset` command).
 """
 
-import numpy as np
+import argparse
 
-from .data import BACKGROUNDS, EXTENT, GAP, PALETTE, RADIUS_RANGE, SHAPES, SIZE, Entity, render, shape_mask
+import numpy as np
+import torch
+
+from ..core.attention import mask_to_token_grid
+from ..toyworld import data
+from ..toyworld.data import BACKGROUNDS, EXTENT, GAP, PALETTE, RADIUS_RANGE, SHAPES, SIZE, Entity, render, shape_mask
+from .cli import add_size_argument
+
+GROUPS = {
+    "easy": "1-4 separate shapes in distinct colours, radius 12-25% of the side",
+    "many": "5-6 separate shapes in distinct colours, radius 8-15% of the side",
+    "same_colour": "2-3 separate shapes of one colour, each a different shape",
+    "small": "2-4 separate shapes in distinct colours, each mask on 2-4 tokens of an 8x8 grid (the side / 8)",
+    "tiny": "2-4 separate shapes in distinct colours, each mask on 2-4 image tokens (16 px with the 8x VAE)",
+    "touching": "2-4 shapes in distinct colours, each touching or overlapping an earlier one (drawn on top)",
+    "border": "1-4 shapes in distinct colours, the first cut by the image border (25-75% visible)",
+}
+# Seed-stream keys of the held-out groups; "easy" keeps the training stream (the figures measured on it
+# stay valid).
+STREAMS = {"many": 101, "same_colour": 102, "small": 103, "touching": 104, "border": 105, "tiny": 106}
 
 SMALL_TOKENS = (2, 4)  # tokens a small (or tiny) entity's mask covers
 TOKEN_PIXELS = 16  # one image token with the 8x VAE and 2x2 patches, in pixels
@@ -21,10 +44,6 @@ def token_count(mask, token_pixels=TOKEN_PIXELS):
     """Tokens of a grid of `token_pixels`-px tokens that the package's mask rule
     (core.attention.mask_to_token_grid) marks for this mask: nearest resize to the latent, then any
     pixel per 2x2 patch."""
-    import torch
-
-    from ..core.attention import mask_to_token_grid
-
     latent = (mask.shape[0] * 2 // token_pixels, mask.shape[1] * 2 // token_pixels)
     return int(mask_to_token_grid(torch.from_numpy(mask.astype(np.float32)), latent).sum())
 
@@ -159,10 +178,35 @@ GENERATORS = {"many": _many, "same_colour": _same_colour, "small": _small, "touc
               "border": _border, "tiny": _tiny}
 
 
-def make_group_layout(group, rng, size=SIZE):
+def make_layout(split="train", seed=0, index=0, size=SIZE, group="easy"):
+    """One layout of `group` (GROUPS)."""
+    if group not in GROUPS:
+        raise ValueError(f"layout group must be one of {sorted(GROUPS)}, not {group!r}")
+    if group == "easy":
+        return data.make_layout(split, seed, index, size)
+    rng = data.layout_rng(split, seed, index, STREAMS[group])
     for _ in range(REDRAWS):
         placed = GENERATORS[group](rng, size)
         if placed:
             background = str(rng.choice(list(BACKGROUNDS)))
             return render(placed, background, size)
     raise RuntimeError(f"layout group {group!r}: no layout met the group's rule in {REDRAWS} draws")
+
+
+def layouts(split="train", seed=0, count=1, start=0, size=SIZE, group="easy"):
+    return [make_layout(split, seed, start + i, size, group) for i in range(count)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a synthetic EliGen toy dataset (reference metadata format).")
+    parser.add_argument("folder")
+    parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=sorted(data.SPLITS), default="train")
+    parser.add_argument("--group", choices=list(GROUPS), default="easy",
+                        help="layout group: " + "; ".join(f"{k}: {v}" for k, v in GROUPS.items()))
+    add_size_argument(parser)
+    args = parser.parse_args(argv)
+    path = data.write_dataset(args.folder, args.count, args.seed, args.split, args.size,
+                              make=lambda split, seed, index, size: make_layout(split, seed, index, size, args.group))
+    print(f"wrote {args.count} {args.split} layouts ({args.group}) to {path}")

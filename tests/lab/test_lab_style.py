@@ -3,7 +3,8 @@ visible gradient, and the measure that tells whether generated images show it.""
 
 import numpy as np
 
-from comfyui_eligen.toyworld import data, style
+from comfyui_eligen.lab import style
+from comfyui_eligen.toyworld import data
 from comfyui_eligen.training.dataset import load_dataset
 
 
