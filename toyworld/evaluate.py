@@ -112,7 +112,9 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
     (another writer trains another LoRA the same way, e.g. style.py's captions-only style set).
     `recipe`: other TRAIN_FIXED / TrainSettings / LoraSettings fields (ablations.py varies them)."""
     from ..training.lora import LoraSettings
-    from ..training.loop import TrainSettings, train
+    from ..training.hooks import Hooks
+    from ..training.loop import TrainingData, train
+    from ..training.settings import TrainSettings
 
     with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
         write_dataset(folder, count, seed=data_seed, split="train", size=size)
@@ -127,11 +129,11 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
                              gradient_checkpointing=False,  # as the toy workflows
                              **{k: v for k, v in recipe.items() if k not in lora_fields})
     started = time.time()
-    def progress(step, total, loss, left, previews):
+    def progress(step, total, loss, left):
         if log is not None and (step % 25 == 0 or step == total):
             log(f"train step {step}/{total} loss {loss:.4f}, about {left:.0f} s left")
 
-    result = train(model, samples, lora_settings, settings, empty_condition=empty, on_progress=progress)
+    result = train(model, TrainingData(samples, empty=empty), lora_settings, settings, hooks=Hooks(progress=progress))
     return result.lora, result.losses, time.time() - started
 
 
