@@ -115,10 +115,13 @@ def check_output_paths(name, folders):
     if longest >= path_max:
         raise ValueError(f"lora_name {name[:40]!r}...: the full paths of the run's files would be {longest} "
                          f"bytes, over the limit of {path_max}; use a shorter name")
-    run_parent = os.path.dirname(folders.run) if folders.earlier_run == MOVE_ASIDE else folders.run
+    # The node's run folder may be moved aside and made again: its parent must be writable.
+    runs = ("the training output folder", os.path.dirname(folders.run)) if folders.earlier_run == MOVE_ASIDE \
+        else ("the run folder", folders.run)
     if os.path.exists(folders.run) and not os.path.isdir(folders.run):
         raise ValueError(f"the run folder {folders.run} is a file, not a folder; the checkpoints would be lost")
-    for what, folder in (("the LoRA folder", folders.loras), ("the run folder", run_parent)):
+    checks = [runs] if folders.loras == folders.run else [("the LoRA folder", folders.loras), runs]
+    for what, folder in checks:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"{what} {folder} is a file, not a folder; the LoRA would be lost at the end of training")
         try:
@@ -168,8 +171,9 @@ def _moved_hint(run_dir, name=None):
     listed = "; ".join(f"{path} (steps {', '.join(map(str, steps))})" for path, steps in moved if steps)
     if not listed:
         return ""
-    return (f"; a later run of this name moved earlier runs aside: {listed}. To continue one, use its folder "
-            f"name as the run name (lora_name '{os.path.basename(moved[-1][0])}')")
+    return (f"; a later run of this name moved earlier runs aside: {listed}. To continue one, train in its "
+            f"folder: lora_name '{os.path.basename(moved[-1][0])}' on the node, --run-dir {moved[-1][0]} on the "
+            f"command line")
 
 
 def resolve_resume(run_dir, resume, steps):
@@ -216,10 +220,10 @@ def _move_earlier_run_aside(name, folders):
 
 
 def _refuse_earlier_run(name, folders):
-    held = sorted(f for f in os.listdir(folders.run) if RUN_FILES.fullmatch(f))
-    lora_file = os.path.join(folders.loras, name + SUFFIXES[0])
-    if os.path.isfile(lora_file) and folders.loras == folders.run:
-        held.append(os.path.basename(lora_file))
+    held = [f for f in os.listdir(folders.run) if RUN_FILES.fullmatch(f)]
+    if folders.loras == folders.run and os.path.isfile(os.path.join(folders.run, name + SUFFIXES[0])):
+        held.append(name + SUFFIXES[0])
+    held.sort()
     if held:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ValueError(f"the run folder {folders.run} already holds a run ({shown}); nothing was overwritten. "
