@@ -188,3 +188,16 @@ def test_headless_one_process_trains_and_resumes(tmp_path, dataset_folder):
     for key, value in whole.result.lora.items():
         torch.testing.assert_close(resumed.lora[key], value, rtol=0, atol=1e-6)
     assert any(v.abs().max() > 0 for k, v in whole.result.lora.items() if k.endswith("lora_up.weight"))
+
+
+def test_every_bad_field_is_named_at_once(dataset_folder):
+    run = json.loads(json.dumps(exported(dataset_folder).to_run_file()))
+    run["train"].update(steps="10", seed=2**70)
+    run["lora"].update(rank=4.5)
+    run["output"].update(colour="red")
+    with pytest.raises(RunFileError) as error:
+        read_job(run, "run file r.json")
+    assert str(error.value) == (
+        "run file r.json: field 'lora.rank': rank must be an integer (got 4.5); "
+        "field 'train.steps': steps must be an integer (got \"10\"); "
+        "field 'output': unknown key colour (known in output: lora_name, write_reference_format)")

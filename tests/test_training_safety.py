@@ -19,9 +19,9 @@ from comfyui_eligen.toyworld.data import write_dataset
 from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import checkpoints, headless
 from comfyui_eligen.training.dataset import load_dataset
-from comfyui_eligen.training.job import read_job
+from comfyui_eligen.training.job import RunFileError, read_job
 from comfyui_eligen.training.lora import LoraSettings
-from comfyui_eligen.training.run_file import RunFileError, write_run
+from comfyui_eligen.training.run_file import write_run
 from comfyui_eligen.training.runner import JobInputs
 from comfyui_eligen.training.settings import TrainSettings
 

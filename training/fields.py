@@ -8,9 +8,9 @@ run files (``read_dataclass``) all read it, so a limit is written once.
 then finiteness, ``choices`` and ``min``/``max``, except for fields in ``custom``, whose own check
 (value -> message or None) stands instead of those, for rules the limits cannot say.
 
-``read_dataclass(cls, value, where)`` builds ``cls`` from parsed JSON and accepts nothing loosely:
-unknown keys, a string or a float for an int, ``true`` for a number, ``Infinity``/``NaN``, values
-outside the limits; every error names ``where`` and the field path (``field 'train.steps'``).
+``read_dataclass(cls, value)`` builds ``cls`` from parsed JSON and accepts nothing loosely: unknown
+keys, a string or a float for an int, ``true`` for a number, ``Infinity``/``NaN``, values outside the
+limits; every problem is reported at once, each with its field path (``field 'train.steps'``).
 """
 
 import dataclasses
@@ -36,15 +36,12 @@ def part(cls, help):
 
 
 class FieldError(ValueError):
-    """A value that does not fit its field; ``path`` is the dotted field name inside the file."""
+    """Values that do not fit their fields: ``problems`` lists (dotted field path, message)."""
 
-    def __init__(self, path, message):
-        super().__init__(f"field '{path}': {message}" if path else message)
-        self.path = path
-
-
-def field_types(cls):
-    return typing.get_type_hints(cls)
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"field '{path}': {message}" if path else message
+                                   for path, message in self.problems))
 
 
 def _shown(value):
@@ -103,7 +100,7 @@ def range_problem(value, meta):
 def problems(obj, custom=None):
     """{field name: message} for every field of the dataclass ``obj`` that is wrong, in field order."""
     custom = custom or {}
-    kinds = field_types(type(obj))
+    kinds = typing.get_type_hints(type(obj))
     found = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -131,55 +128,64 @@ def raise_problems(what, found):
 
 
 def read_dataclass(cls, value, path=""):
-    """``cls`` from parsed JSON ``value``; FieldError naming the first bad field (by its dotted path).
+    """``cls`` from parsed JSON ``value``; FieldError naming every bad field by its dotted path.
 
     Keys missing from ``value`` take the field's default; a field without one must be present. Numbers
     are taken as written: an int field takes only an int, a float field an int or a float (stored as a
-    float). After the types, ``cls.field_problems()`` (type checks plus limits) names the field."""
-    where = path or "the top level"
-    if not isinstance(value, dict):
-        raise FieldError(path, f"must be an object (got {_shown(value)})")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise FieldError(path, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                               f"(known in {where}: {', '.join(known)})")
-    kinds = field_types(cls)
-    values = {}
-    for name, f in known.items():
-        inner = f"{path}.{name}" if path else name
-        if name not in value:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise FieldError(inner, "is missing")
-            continue
-        values[name] = _read_value(kinds[name], value[name], inner)
-    obj = cls(**values)
-    found = obj.field_problems() if hasattr(obj, "field_problems") else problems(obj)
-    for name, message in found.items():
-        raise FieldError(f"{path}.{name}" if path else name, message)
+    float). Then ``cls.field_problems()`` (types and limits, see ``problems``) names what is left."""
+    found = []
+    obj = _read_dataclass(cls, value, path, found)
+    if found:
+        raise FieldError(found)
     return obj
 
 
-def _read_value(kind, value, path):
+def _read_dataclass(cls, value, path, found):
+    """``cls`` from ``value``, or None after adding to ``found`` what is wrong with it."""
+    if not isinstance(value, dict):
+        found.append((path, f"must be an object (got {_shown(value)})"))
+        return None
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        found.append((path, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                            f"(known in {path or 'the top level'}: {', '.join(known)})"))
+    kinds = typing.get_type_hints(cls)
+    values, before = {}, len(found)
+    for name, f in known.items():
+        inner = f"{path}.{name}" if path else name
+        if name in value:
+            values[name] = _read_value(kinds[name], value[name], inner, found)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            found.append((inner, "is missing"))
+    if len(found) > before:
+        return None
+    obj = cls(**values)
+    checked = obj.field_problems() if hasattr(obj, "field_problems") else problems(obj)
+    found += [(f"{path}.{name}" if path else name, message) for name, message in checked.items()]
+    return obj
+
+
+def _read_value(kind, value, path, found):
     base = _base_type(kind)
     if value is None and _optional(kind):
         return None
     if dataclasses.is_dataclass(base):
-        return read_dataclass(base, value, path)
+        return _read_dataclass(base, value, path, found)
     problem = type_problem(value, kind)
     if problem:
-        raise FieldError(path, f"{path.rsplit('.', 1)[-1]} {problem}")
+        found.append((path, f"{path.rsplit('.', 1)[-1]} {problem}"))
+        return None
     if base is float:
         return float(value)
     if base is dict:
-        return {key: _plain_value(item, f"{path}.{key}") for key, item in value.items()}
-    return value
-
-
-def _plain_value(value, path):
-    """A loader input: text, a finite number or a bool."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise FieldError(path, f"must be a finite number (got {value})")
-    if not isinstance(value, (str, int, float, bool)):
-        raise FieldError(path, f"must be a plain value (text, number, true or false), got {_shown(value)}")
+        plain = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                found.append((f"{path}.{key}", f"must be a finite number (got {item})"))
+            elif not isinstance(item, (str, int, float, bool)):
+                found.append((f"{path}.{key}", f"must be a plain value (text, number, true or false), "
+                                               f"got {_shown(item)}"))
+            plain[key] = item
+        return plain
     return value

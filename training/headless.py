@@ -7,6 +7,7 @@ passed in by the caller) and hands the job to training/runner.py, the node's run
 holds the checkpoints, the LoRA ``<lora_name>.safetensors``, ``loss.png`` and validation images.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -105,8 +106,6 @@ def show_eligen_info():
 
 def main(argv=None, device="cpu", loaders=None):
     """Command line of scripts/train.py (after ComfyUI is importable); ``loaders`` as for ``run``."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_file", help="run.json written by the EliGen Train node (or by hand)")
     parser.add_argument("--run-dir", help="folder for checkpoints, the LoRA and loss.png (default: the run file's)")

@@ -123,12 +123,11 @@ class TrainingJob:
 
     def validate(self, adapter=None):
         """ValueError listing every problem of every part (the LoRA preset against ``adapter``'s)."""
-        found = {}
-        for name in ("dataset", "lora", "train", "encoding", "output"):
-            part_ = getattr(self, name)
-            for key, message in (part_.field_problems(adapter) if name == "lora" else part_.field_problems()).items():
-                found[f"{name}.{key}"] = f"{name}: {message}"
-        raise_problems("training job", found)
+        parts = {"dataset": self.dataset.field_problems(), "lora": self.lora.field_problems(adapter),
+                 "train": self.train.field_problems(), "encoding": self.encoding.field_problems(),
+                 "output": self.output.field_problems()}
+        raise_problems("training job", {f"{name}.{key}": f"{name}: {message}"
+                                        for name, found in parts.items() for key, message in found.items()})
         return self
 
     def to_run_file(self):
@@ -137,24 +136,23 @@ class TrainingJob:
 
 
 def read_job(value, source="run file"):
-    """A TrainingJob from a run file's parsed JSON; ValueError naming ``source`` and the field."""
+    """A TrainingJob from a run file's parsed JSON; RunFileError naming ``source`` and every bad field."""
     try:
         if not isinstance(value, dict):
-            raise FieldError("", f"expected a JSON object, got {type(value).__name__}")
-        header = {key: value.get(key) for key in ("version", "kind")}
-        if header["version"] != VERSION:
-            raise FieldError("version", f"is {header['version']!r}; this package reads version {VERSION}")
+            raise FieldError([("", f"expected a JSON object, got {type(value).__name__}")])
+        if value.get("version") != VERSION:
+            raise FieldError([("version", f"is {value.get('version')!r}; this package reads version {VERSION}")])
         if value.get("kind", KIND) != KIND:
-            raise FieldError("kind", f"is {header['kind']!r}, not {KIND!r}")
-        job = read_dataclass(TrainingJob, {k: v for k, v in value.items() if k not in header})
-        for component in COMPONENTS:
-            spec = getattr(job, component)
-            if spec is None:
-                raise FieldError(component, f"is missing: a run file names the loader of {', '.join(COMPONENTS)}")
-            if not spec.gives(component):
-                raise FieldError(f"{component}.loader", f"{spec.loader} does not give a {component}")
+            raise FieldError([("kind", f"is {value.get('kind')!r}, not {KIND!r}")])
+        job = read_dataclass(TrainingJob, {k: v for k, v in value.items() if k not in ("version", "kind")})
+        found = [(component, f"is missing: a run file names the loader of {', '.join(COMPONENTS)}")
+                 for component in COMPONENTS if getattr(job, component) is None]
+        found += [(f"{component}.loader", f"{spec.loader} does not give a {component}")
+                  for component in COMPONENTS if (spec := getattr(job, component)) and not spec.gives(component)]
         if job.dataset.folder is None:
-            raise FieldError("dataset.folder", "is missing: a run file trains on a dataset folder")
+            found.append(("dataset.folder", "is missing: a run file trains on a dataset folder"))
+        if found:
+            raise FieldError(found)
     except FieldError as error:
         raise RunFileError(f"{source}: {error}") from None
     for component in COMPONENTS:

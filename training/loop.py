@@ -56,8 +56,9 @@ class TrainingStopped(RuntimeError):
 
 def train(model_patcher, data, lora_settings, settings, folder=None, hooks=None, distributed=None):
     """Train an EliGen LoRA on ``model_patcher`` (left unmodified) and return a ``TrainResult``.
-    ``folder``: a CheckpointFolder (None: no checkpoints, no resume); ``distributed``: a
-    training.distributed.Group under torchrun (``settings.batch_size`` is then per rank)."""
+    ``data``: TrainingData; ``folder``: a CheckpointFolder (None: no checkpoints, no resume); ``hooks``:
+    progress, previews and Cancel (training/hooks.py); ``distributed``: a training.distributed.Group
+    under torchrun (``settings.batch_size`` is then per rank)."""
     settings.validate()
     if not data.samples:
         raise ValueError("the dataset has no samples to train on")

@@ -28,6 +28,8 @@ import re
 import shutil
 from dataclasses import dataclass
 
+from safetensors import safe_open
+
 from ..core.files import remove_stale_temp_files, temp_path_in
 from .checkpoints import FILE_PATTERN, checkpoint_step, checkpoint_steps, latest_checkpoint, resolve_checkpoint
 
@@ -134,8 +136,6 @@ def check_output_paths(name, folders):
 
 def written_by_eligen(path):
     """Whether the safetensors file at ``path`` is a LoRA this package's training wrote."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as handle:
             return "eligen_training" in (handle.metadata() or {})

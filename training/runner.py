@@ -66,8 +66,9 @@ def run_job(job, inputs, folders, hooks=None, resume=None, distributed=None):
                                         adapter.latent_scale)]
     world = 1 if distributed is None else distributed.world
     info = {"lora_name": name, "global_batch": job.train.batch_size * world * job.train.grad_accumulation}
-    result = train(inputs.model, TrainingData(samples, validation, empty, lambda latent: decode_and_release(inputs.vae, latent)),
-                   job.lora, job.train, CheckpointFolder(folders.run, resume or None, info), hooks, distributed)
+    data = TrainingData(samples, validation, empty, decode=lambda latent: decode_and_release(inputs.vae, latent))
+    folder = CheckpointFolder(folders.run, resume or None, info)
+    result = train(inputs.model, data, job.lora, job.train, folder, hooks, distributed)
 
     graph = loss_graph(result.losses)
     if distributed is not None and not distributed.is_writer:
