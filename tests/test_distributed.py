@@ -1,6 +1,7 @@
 """Data parallel training under real torchrun (gloo, 2 CPU processes): the same LoRA and loss curve as
 one process with the whole batch; the shared encoding cache computed once; a killed rank ends the job
-with a message naming it, and one process resumes from the last checkpoint."""
+with a message naming it, one process resumes from the last checkpoint, and a new job in that folder
+without --resume is refused by every rank."""
 
 import json
 import os
@@ -149,6 +150,17 @@ def test_a_killed_rank_ends_the_job_and_one_process_resumes(tmp_path, dataset):
     for key, value in whole.lora.items():
         torch.testing.assert_close(resumed.lora[key], value, rtol=0, atol=1e-6)
     print(text[-1500:])
+
+    # Started again in that folder without --resume, every rank refuses before encoding; nothing changes.
+    files = {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)}
+    again = subprocess.run(TORCHRUN + [os.path.join(REPO, "scripts", "train.py"), path, "--run-dir", run_dir,
+                                       "--batch-size", "1"], env=environment(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode != 0
+    for rank in (0, 1):
+        assert (f"EliGen training failed: rank {rank} of 2: ValueError: the run folder {run_dir} already holds a "
+                f"run (dp.safetensors, latest.json, step_") in again.stderr, again.stderr[-3000:]
+    assert {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)} == files
 
 
 def test_each_cache_entry_is_encoded_by_exactly_one_rank(tmp_path, dataset):
