@@ -18,9 +18,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import field
-
-MISSING = dataclasses.MISSING
+from dataclasses import MISSING, field
 
 
 def setting(default, help, **ui):
@@ -38,8 +36,8 @@ def part(cls, help):
 class FieldError(ValueError):
     """Values that do not fit their fields: ``problems`` lists (dotted field path, message)."""
 
-    def __init__(self, problems):
-        self.problems = list(problems)
+    def __init__(self, found):
+        self.problems = list(found)
         super().__init__("; ".join(f"field '{path}': {message}" if path else message
                                    for path, message in self.problems))
 
