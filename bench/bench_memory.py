@@ -107,7 +107,7 @@ def build(opts, family, fp8):
 def samples(opts, family):
     import torch
 
-    from comfyui_eligen.training.loop import Sample
+    from comfyui_eligen.training.sample import Sample
 
     _, _, _, (text, pooled), tiny_widths = SPECS[family]
     if opts.tiny:
@@ -183,7 +183,9 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
     import torch
 
     from comfyui_eligen.training.lora import LoraSettings
-    from comfyui_eligen.training.loop import TrainSettings, train
+    from comfyui_eligen.training.hooks import Hooks
+    from comfyui_eligen.training.loop import TrainingData, train
+    from comfyui_eligen.training.settings import TrainSettings
 
     cuda = opts.device == "cuda"
     lora = LoraSettings(rank=opts.rank, alpha=float(opts.rank), preset="eligen")
@@ -196,7 +198,7 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
             timestep_sampling="uniform", max_vram_gb=budget if swap and not opts.tiny else 0.0,
             blocks_to_swap=opts.tiny_swap if swap and opts.tiny else -1)
         try:
-            train(model, data, lora, settings, on_progress=lambda *a: stamps.append(time.perf_counter()))
+            train(model, TrainingData(data), lora, settings, hooks=Hooks(progress=lambda *a: stamps.append(time.perf_counter())))
         except torch.OutOfMemoryError as error:
             tries.append({"max_vram_gb": budget, "error": str(error).splitlines()[0][:200]})
             if cuda:

@@ -72,7 +72,7 @@ def build(opts):
     config.set_inference_dtype(dtype, None)
     device = comfy.model_management.get_torch_device()
     # Built outside inference mode: TrainLoraNode cannot backpropagate through inference-tensor weights
-    # (ours can: training/loop.py aliases them), and both should see the same model.
+    # (ours can: training/model.py aliases them), and both should see the same model.
     base = config.get_model({}, device=device if opts.real_widths else None)
     init_weights(base.diffusion_model, seed=0)
     model = comfy.model_patcher.ModelPatcher(base, device, comfy.model_management.unet_offload_device())
@@ -112,7 +112,7 @@ def run_builtin(opts, model, latents, contexts, pooled, checkpointing, stamps):
 
 
 def our_samples(latents, contexts, pooled, entities, masks, with_entities):
-    from comfyui_eligen.training.loop import Sample
+    from comfyui_eligen.training.sample import Sample
 
     return [Sample(latents[i], contexts[i], pooled[i], list(entities[i]) if with_entities else [],
                    masks[i] if with_entities else masks[i][:0]) for i in range(len(latents))]
@@ -120,14 +120,16 @@ def our_samples(latents, contexts, pooled, entities, masks, with_entities):
 
 def run_ours(opts, model, samples, checkpointing, stamps=None):
     from comfyui_eligen.training.lora import LoraSettings
-    from comfyui_eligen.training.loop import TrainSettings, train
+    from comfyui_eligen.training.hooks import Hooks
+    from comfyui_eligen.training.loop import TrainingData, train
+    from comfyui_eligen.training.settings import TrainSettings
 
     lora = LoraSettings(rank=opts.rank, alpha=float(opts.rank), preset="custom", custom_pattern=".+")
     settings = TrainSettings(steps=opts.steps, learning_rate=opts.lr, batch_size=opts.batch,
                              precision="bf16" if opts.real_widths else "fp32",
                              gradient_checkpointing=checkpointing, timestep_sampling="uniform")
     progress = None if stamps is None else (lambda *a: stamps.append(time.perf_counter()))
-    train(model, samples, lora, settings, on_progress=progress)
+    train(model, TrainingData(samples), lora, settings, hooks=Hooks(progress=progress))
 
 
 def run_epoch(opts, cached):

@@ -26,8 +26,10 @@ from ..core.patch import patch_model
 from ..toyworld import data, metric
 from ..training.cache import encode_dataset
 from ..training.dataset import load_dataset
+from ..training.hooks import Hooks
 from ..training.lora import LoraSettings
-from ..training.loop import TrainSettings, train
+from ..training.loop import TrainingData, train
+from ..training.settings import TrainSettings
 
 SAMPLER = dict(steps=20, cfg=3.0, sampler_name="euler", scheduler="simple")  # cfg 3: measured best for a, b and d
 TEXT_LENGTH = "real_length"
@@ -154,9 +156,9 @@ def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate
                              gradient_checkpointing=False,  # as the toy workflows
                              **{k: v for k, v in recipe.items() if k not in lora_fields})
     started = time.time()
-    def progress(step, total, loss, left, previews):
+    def progress(step, total, loss, left):
         if log is not None and (step % 25 == 0 or step == total):
             log(f"train step {step}/{total} loss {loss:.4f}, about {left:.0f} s left")
 
-    result = train(model, samples, lora_settings, settings, empty_condition=empty, on_progress=progress)
+    result = train(model, TrainingData(samples, empty=empty), lora_settings, settings, hooks=Hooks(progress=progress))
     return result.lora, result.losses, time.time() - started

@@ -5,14 +5,14 @@ import os
 from comfy_api.latest import io
 
 from ..core import host
-from ..training.dataset import DEFAULT_MAX_PIXELS, SIDE_MULTIPLE, dataset_fingerprint, dataset_from_images, load_dataset
+from ..training.dataset import DEFAULT_MAX_PIXELS, MAX_MAX_PIXELS, SIDE_MULTIPLE, dataset_fingerprint, dataset_from_images, load_dataset
 
 ELIGEN_DATASET = io.Custom("ELIGEN_DATASET")
 
 
 def _max_pixels_input():
     return io.Int.Input(
-        "max_pixels", default=DEFAULT_MAX_PIXELS, min=SIDE_MULTIPLE * SIDE_MULTIPLE, max=16 * 1024 * 1024, step=1,
+        "max_pixels", default=DEFAULT_MAX_PIXELS, min=SIDE_MULTIPLE * SIDE_MULTIPLE, max=MAX_MAX_PIXELS, step=1,
         tooltip="Images larger than this many pixels are shrunk (aspect kept), then both sides are floored "
                 "to a multiple of 16 and centre-cropped. 1048576 = 1024x1024, the reference setting.")
 

@@ -1,6 +1,6 @@
-"""Node inputs made from a settings dataclass (``training.loop.TrainSettings``): each field's type,
-default and ``setting(...)`` metadata become one input with its tooltip, so the dataclass is the only
-place for defaults and help text."""
+"""Node inputs made from a settings dataclass (``TrainSettings``, ``LoraSettings`` and the other parts of
+a training job): each field's type, default and ``setting(...)`` metadata become one input with its
+tooltip, so the dataclass is the only place for defaults, limits and help text."""
 
 import dataclasses
 import typing
@@ -17,7 +17,9 @@ def node_fields(settings_cls, optional):
 
 
 def setting_input(settings_cls, field):
-    """One node input for a dataclass field."""
+    """One node input for a dataclass field (a field object or its name)."""
+    if isinstance(field, str):
+        field = next(f for f in dataclasses.fields(settings_cls) if f.name == field)
     kind = typing.get_type_hints(settings_cls)[field.name]
     meta = field.metadata
     tooltip = meta.get("help") or field.name.replace("_", " ")

@@ -1,41 +1,35 @@
 """Training nodes: LoRA settings and the in-process EliGen LoRA trainer.
 
-``EliGenTrain`` encodes the dataset (cached), trains with training/loop.py inside the ComfyUI process,
-saves the LoRA into models/loras atomically, and returns a MODEL with it applied through the stock
-LoRA path, so it samples with the stock KSampler at once and stacks with other LoRAs.
+``EliGenTrain`` builds a training job from its inputs (training/job.py) and runs it with the runner the
+command line uses too (training/runner.py), with ComfyUI's progress bar, previews and Cancel as hooks;
+the LoRA goes into models/loras atomically, and the node returns a MODEL with it applied through the
+stock LoRA path, so it samples with the stock KSampler at once and stacks with other LoRAs.
 """
 
 import logging
 import os
-from dataclasses import asdict
 
 import numpy as np
 import torch
-from PIL import Image
 
 from comfy_api.latest import io
 
-from ..core import conditioning as entity_conds
 from ..core import host
-from ..core.adapters import adapter_for
-from ..core.lora_formats import load_lora, save_lora, to_reference
-from ..core.mask_rule import resize_nearest
-from ..training import lora as lora_lib
-from ..training.cache import EncodingCache, encode_dataset, encode_text, shared_cache
-from ..training.loop import Sample, TrainSettings, loss_graph, train
-from .settings_inputs import setting_inputs, settings_from_inputs
-from ..training.faults import check_validation_inputs
-from ..training.outputs import plain_lora_name, start_run
-from ..training.run_file import export_run
+from ..core.lora_formats import load_lora
+from ..training.hooks import Hooks
+from ..training.job import DatasetSpec, EncodingSettings, OutputSettings, TrainingJob
+from ..training.lora import LoraSettings
+from ..training.outputs import node_folders
 from ..training.progress import encoding_progress
+from ..training.run_file import export_run
+from ..training.runner import JobInputs, image_of, run_job
+from ..training.settings import TrainSettings
+from .settings_inputs import setting_input, setting_inputs, settings_from_inputs
 
 CATEGORY = "EliGen/training"
 LoraConfig = io.Custom("ELIGEN_LORA_CONFIG")
 Dataset = io.Custom("ELIGEN_DATASET")
 Entities = io.Custom("ELIGEN_ENTITIES")
-PRESETS = ["eligen", "no_modulation", "attention", lora_lib.ALL_BLOCK_LINEARS, lora_lib.CUSTOM]
-CACHE_MODES = ["memory", "disk", "off"]
-RUNS_FOLDER = "eligen_training"
 
 
 class EliGenLoraConfig(io.ComfyNode):
@@ -47,35 +41,14 @@ class EliGenLoraConfig(io.ComfyNode):
             category=CATEGORY,
             description="Which layers get a LoRA and how it is shaped. The reference EliGen recipe: rank 32, "
                         "alpha 32, no dropout, preset 'eligen'.",
-            inputs=[
-                io.Int.Input("rank", default=32, min=1, max=1024, tooltip="LoRA rank (inner size of each adapter)."),
-                io.Float.Input("alpha", default=32.0, min=0.001, max=4096.0, step=0.5,
-                               tooltip="LoRA alpha; the update is scaled by alpha / rank (alpha = rank: scale 1, "
-                                       "as the reference)."),
-                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.01,
-                               tooltip="Dropout on the LoRA input during training (0 in the reference)."),
-                io.Combo.Input("init", options=list(lora_lib.INITS), default="kaiming",
-                               tooltip="Initial A matrices (B starts at zero, so training starts from the base "
-                                       "model): kaiming = peft's default, gaussian = normal / rank."),
-                io.Combo.Input("preset", options=PRESETS, default="eligen",
-                               tooltip="Target layers. eligen: the reference's targets (FLUX: attention, MLP and "
-                                       "modulation of every block; Qwen-Image: attention, MLP down-projections, "
-                                       "modulation). no_modulation / attention: subsets. all_block_linears: every "
-                                       "Linear in the blocks. custom: the regex below."),
-                io.String.Input("custom_pattern", default="", optional=True,
-                                tooltip="With preset 'custom': a regex that must fully match ComfyUI module names, "
-                                        r"e.g. double_blocks\.\d+\.img_attn\.(qkv|proj)"),
-                io.Combo.Input("dtype", options=list(lora_lib.DTYPES), default="float32",
-                               tooltip="Dtype of the LoRA weights while training (float32 = an fp32 master copy "
-                                       "even when the model runs in bf16)."),
-            ],
+            inputs=[*setting_inputs(LoraSettings), *setting_inputs(LoraSettings, optional=True)],
             outputs=[LoraConfig.Output(display_name="lora_config")],
         )
 
     @classmethod
     def execute(cls, rank, alpha, dropout, init, preset, dtype, custom_pattern="") -> io.NodeOutput:
-        settings = lora_lib.LoraSettings(rank=rank, alpha=alpha, dropout=dropout, init=init, preset=preset,
-                                         custom_pattern=custom_pattern or "", dtype=dtype)
+        settings = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, init=init, preset=preset,
+                                custom_pattern=custom_pattern or "", dtype=dtype)
         return io.NodeOutput(settings.validate())
 
 
@@ -96,22 +69,14 @@ class EliGenTrain(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The model's VAE (images to latents, and validation images)."),
                 Dataset.Input("dataset", tooltip="From EliGen Dataset: images, captions, entity prompts and masks."),
                 LoraConfig.Input("lora_config", tooltip="From EliGen LoRA Config."),
-                io.String.Input("lora_name", default="eligen_lora",
-                                tooltip="File name in models/loras (.safetensors is added) and the name of the "
-                                        "checkpoint folder output/eligen_training/<name>."),
+                setting_input(OutputSettings, "lora_name"),
                 *setting_inputs(TrainSettings),
                 io.String.Input("resume", default="",
                                 tooltip="Empty: a new run. 'latest': continue the last checkpoint of this lora_name. "
                                         "Or a checkpoint file name such as step_000250.safetensors."),
-                io.Boolean.Input("write_reference_format", default=False,
-                                 tooltip="Also write <name>_reference.safetensors in the reference's key format "
-                                         "(kohya keys for FLUX, peft keys for Qwen-Image)."),
-                io.Combo.Input("cache", options=CACHE_MODES, default="memory",
-                               tooltip="Encoded latents and prompts: memory (reused in this ComfyUI session), disk "
-                                       "(also output/eligen_training/cache, reused across restarts), off."),
-                io.Combo.Input("entity_text_length", options=list(entity_conds.TEXT_LENGTHS), default="padded_512",
-                               tooltip="FLUX T5 length of entity prompts: padded_512 as the released adapter, "
-                                       "real_length for less attention work. Qwen-Image is never padded."),
+                setting_input(OutputSettings, "write_reference_format"),
+                setting_input(EncodingSettings, "cache"),
+                setting_input(EncodingSettings, "entity_text_length"),
                 io.Conditioning.Input("validation_positive", optional=True,
                                       tooltip="Global prompt of the validation image (default: the first record's)."),
                 Entities.Input("validation_entities", optional=True,
@@ -132,12 +97,10 @@ class EliGenTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, lora_config, lora_name, resume, write_reference_format, cache,
                 entity_text_length, validation_positive=None, validation_entities=None,
                 **settings) -> io.NodeOutput:
-        settings = settings_from_inputs(TrainSettings, settings).validate()
-        result = run_training(model, clip, vae, dataset, lora_config, settings, lora_name, resume=resume,
-                              write_reference_format=write_reference_format, cache_mode=cache,
-                              entity_text_length=entity_text_length, validation_positive=validation_positive,
-                              validation_entities=validation_entities, node_id=cls.hidden.unique_id,
-                              graph=cls.hidden.prompt)
+        job = node_job(dataset, lora_config, settings_from_inputs(TrainSettings, settings), lora_name,
+                       write_reference_format, cache, entity_text_length)
+        result = run_training(job, JobInputs(model, clip, vae, dataset, validation_positive, validation_entities),
+                              resume=resume, node_id=cls.hidden.unique_id, graph=cls.hidden.prompt)
         return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
 
 
@@ -145,123 +108,55 @@ class EliGenTrain(io.ComfyNode):
 # The work behind the node (plain functions)
 
 
-def run_training(model, clip, vae, dataset, lora_settings, settings, lora_name, resume="",
-                 write_reference_format=False, cache_mode="memory", entity_text_length="padded_512",
-                 validation_positive=None, validation_entities=None, node_id=None, graph=None):
-    name = plain_lora_name(lora_name)
-    adapter = adapter_for(model)
-    lora_settings.validate(adapter)
-    if cache_mode not in CACHE_MODES:
-        raise ValueError(f"cache {cache_mode!r} is not one of {', '.join(CACHE_MODES)}")
-    if entity_text_length not in entity_conds.TEXT_LENGTHS:
-        raise ValueError(f"entity_text_length {entity_text_length!r} is not one of {', '.join(entity_conds.TEXT_LENGTHS)}")
+def node_job(dataset, lora_settings, settings, lora_name, write_reference_format=False, cache="memory",
+             entity_text_length="padded_512"):
+    """The training job of the node's inputs (its model, clip and vae come from the graph, not loaders)."""
+    return TrainingJob(dataset=DatasetSpec(getattr(dataset, "root", None), int(dataset.max_pixels)),
+                       lora=lora_settings, train=settings,
+                       encoding=EncodingSettings(cache, entity_text_length),
+                       output=OutputSettings(lora_name, bool(write_reference_format)))
+
+
+def run_training(job, inputs, resume="", node_id=None, graph=None):
+    """Run the node's job with ComfyUI's progress bar, previews and Cancel; the LoRA goes to models/loras
+    and the output MODEL has it applied. ``graph`` (the API prompt) lets the run file be written."""
     resume = (resume or "").strip()
-    runs = os.path.join(host.files.output_directory(), RUNS_FOLDER)
-    run_dir = start_run(name, host.files.lora_folder(), runs, resume)
-    if graph is not None:  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
-        export_run(run_dir, graph, node_id, dataset=dataset, lora_settings=lora_settings, settings=settings,
-                   lora_name=name, cache=cache_mode, entity_text_length=entity_text_length,
-                   write_reference_format=write_reference_format,
-                   graph_validation=validation_positive is not None or validation_entities is not None)
+    folders = node_folders(job.output.lora_name, host.files.lora_folder(), host.files.output_directory())
+    graph_validation = inputs.validation_positive is not None or inputs.validation_entities is not None
 
-    encoding_cache = {"memory": lambda: shared_cache(None), "disk": lambda: shared_cache(os.path.join(runs, "cache")),
-                      "off": lambda: EncodingCache(None)}[cache_mode]()
-    samples = encode_dataset(dataset, vae, clip, latent_format=model, cache=encoding_cache,
-                             entity_tokenizer_options=entity_conds.TEXT_LENGTHS[entity_text_length],
-                             progress=encoding_progress(node_id))
-    empty = encode_text(clip, "")
-    # Every sample is encoded: the text encoders and the VAE leave the GPU for the steps.
-    release_encoders(clip, vae)
-    validation = []
-    if settings.validation_every:
-        validation = [validation_sample(samples[0], validation_positive, validation_entities, adapter.latent_scale)]
+    def started(job, run_dir):  # run.json beside the checkpoints, for scripts/train.py (headless, torchrun)
+        if graph is not None:
+            export_run(run_dir, graph, node_id, job, graph_validation)
 
-    progress = host.files.progress_bar(settings.steps, node_id=node_id)
-    result = train(
-        model, samples, lora_settings, settings, run_dir=run_dir, resume=resume or None,
-        validation=validation, decode=lambda latent: decode_and_release(vae, latent), empty_condition=empty,
-        on_progress=progress_reporter(progress, node_id),
-        check_interrupt=host.files.interrupt_check(),
-        info={"lora_name": name},
-    )
-
-    metadata = {"eligen_training": {"family": adapter.family, "lora": lora_settings.to_dict(),
-                                    "train": asdict(settings), "steps_done": result.step,
-                                    "final_loss": result.losses[-1][1] if result.losses else None}}
-    loras = host.files.lora_folder()
-    path = save_lora(os.path.join(loras, name + ".safetensors"), result.lora, metadata)
-    if write_reference_format:
-        save_lora(os.path.join(loras, name + "_reference.safetensors"),
-                  to_reference(result.lora, adapter.lora_reference_format),
-                  {**metadata, "eligen_format": adapter.lora_reference_format})
+    done = run_job(job, inputs, folders, node_hooks(job.train.steps, node_id, started), resume or None)
     # The same path as the stock LoraLoaderModelOnly: read the file back, patch a clone.
-    trained = host.weights.apply_lora(model.clone(), load_lora(path), 1.0)
-    images = [images for _, images in result.validation]
+    trained = host.weights.apply_lora(inputs.model.clone(), load_lora(done.lora_path), 1.0)
+    images = [images for _, images in done.result.validation]
     return {
         "model": trained,
-        "lora_name": os.path.basename(path),
-        "loss_graph": pil_to_image(loss_graph(result.losses)),
+        "lora_name": os.path.basename(done.lora_path),
+        "loss_graph": pil_to_image(done.loss_graph),
         "validation": torch.cat(images) if images else torch.zeros(1, 64, 64, 3),
-        "result": result,
-        "path": path,
+        "result": done.result,
+        "path": done.lora_path,
     }
 
 
-def validation_sample(first, positive=None, entities=None, latent_scale=8):
-    """What validation samples: the given prompt/entities at the first record's size, else the first record."""
-    if positive is None and entities is None:
-        return first
-    context, pooled = first.context, first.pooled
-    if positive is not None:
-        context = positive[0][0]
-        pooled = positive[0][1].get("pooled_output", pooled)
-    embeds, masks = first.entity_embeds, first.masks
-    check_validation_inputs(first, positive, entities, first.context.shape[-1])
-    if entities is not None:
-        size = tuple(first.masks.shape[-2:]) if first.masks.numel() else None
-        if size is None:
-            size = tuple(int(s) * latent_scale for s in first.latent.shape[-2:])
-        embeds = [e.embeds for e in entities]
-        masks = torch.stack([resize_nearest(e.mask.float(), size) for e in entities]) \
-            if entities else torch.zeros(0, *size)
-    return Sample(first.latent, context, pooled, list(embeds), masks)
+def node_hooks(steps, node_id, started=None):
+    """The node's progress bar (with the validation preview), a text line under the node, Cancel."""
+    bar = host.files.progress_bar(steps, node_id=node_id)
 
+    def preview(step, images):
+        bar.update_absolute(step, steps, ("JPEG", image_of(images[-1]), 512))
 
-def decode_images(vae, latent):
-    images = vae.decode(latent)
-    if images.ndim == 5:  # video-style VAEs return [B, T, H, W, 3]
-        images = images.reshape(-1, *images.shape[-3:])
-    return images
-
-
-def release_encoders(clip, vae):
-    """Unload the text encoder and the VAE from ComfyUI's loaded models (they go to their offload device)."""
-    for patcher in (getattr(clip, "patcher", None), getattr(vae, "patcher", None)):
-        if patcher is not None:
-            host.memory.unload_model(patcher)
-
-
-def decode_and_release(vae, latent):
-    """Validation images: the VAE comes to the GPU for the decode only."""
-    try:
-        return decode_images(vae, latent)
-    finally:
-        if getattr(vae, "patcher", None) is not None:
-            host.memory.unload_model(vae.patcher)
-
-
-def progress_reporter(progress, node_id):
-    """on_progress for train(): the node's progress bar (with the validation preview) and a text line."""
-    def report(step, total, loss, seconds_left, previews):
-        preview = None
-        if previews is not None and len(previews):
-            image = Image.fromarray((previews[-1].clamp(0, 1).numpy() * 255).astype(np.uint8))
-            preview = ("JPEG", image, 512)
-        progress.update_absolute(step, total, preview)
+    def progress(step, total, loss, seconds_left):
+        bar.update_absolute(step, total)
         text = f"step {step}/{total}  loss {loss:.4f}  ~{seconds_left / 60:.1f} min left"
         logging.info("EliGen training: %s", text)
         host.files.send_progress_text(text, node_id)  # no server (plain use): the log line is enough
-    return report
+
+    return Hooks(progress=progress, preview=preview, check_cancel=host.files.interrupt_check(),
+                 encoding_progress=encoding_progress(node_id), started=started)
 
 
 def pil_to_image(image):

@@ -18,6 +18,13 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 from comfy_env import setup_comfy  # noqa: E402
 
 
+def toy_loader(family, weights, seed):
+    """The EliGen Toy Model Loader node's outputs (model, clip, vae)."""
+    from comfyui_eligen.toyworld.models import load_toy_models
+
+    return load_toy_models(family, weights, seed)
+
+
 @record  # under torchrun, a failing rank's error and traceback go into torchrun's failure report
 def main():
     # The device must be known before ComfyUI is imported; the full option parsing comes after.
@@ -27,7 +34,7 @@ def main():
     setup_comfy(device)
     from comfyui_eligen.training.headless import main as train_main
 
-    train_main(sys.argv[1:], device=device)
+    train_main(sys.argv[1:], device=device, loaders={"EliGenToyModelLoader": toy_loader})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from comfyui_eligen.training.cache import (
     shared_cache,
 )
 from comfyui_eligen.training.dataset import dataset_from_images, load_dataset, prepare_image, prepare_masks
-from comfyui_eligen.training.loop import layout_key
+from comfyui_eligen.training.batching import layout_key
 
 ENTITY_OPTIONS = {"t5xxl_min_length": 12}
 

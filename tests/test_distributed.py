@@ -1,6 +1,7 @@
 """Data parallel training under real torchrun (gloo, 2 CPU processes): the same LoRA and loss curve as
 one process with the whole batch; the shared encoding cache computed once; a killed rank ends the job
-with a message naming it, and one process resumes from the last checkpoint."""
+with a message naming it, one process resumes from the last checkpoint, and a new job in that folder
+without --resume is refused by every rank."""
 
 import json
 import os
@@ -15,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_eligen.toyworld.data import write_dataset
+from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import checkpoints, headless
+from comfyui_eligen.training.job import read_job
 from comfyui_eligen.training.run_file import write_run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -29,16 +32,25 @@ def environment():
     return {**os.environ, "OMP_NUM_THREADS": "1", "COMFYUI_DIR": comfyui_dir(), "PYTHONUNBUFFERED": "1"}
 
 
+TOY_LOADERS = {"EliGenToyModelLoader": load_toy_models}
+
+
+def one_process(job, run_dir, **options):
+    """The headless trainer in this process: (TrainResult, LoRA path)."""
+    done = headless.run(job, headless.Options(run_dir=run_dir, **options), loaders=TOY_LOADERS)
+    return done.result, done.lora_path
+
+
 def toy_run(dataset, family, steps=3, **train):
     toy = {"loader": "EliGenToyModelLoader", "inputs": {"family": family, "weights": "random", "seed": 0}}
-    return {"version": 1, "model": toy, "clip": toy, "vae": toy,
+    return read_job({"version": 1, "model": toy, "clip": toy, "vae": toy,
             "dataset": {"folder": dataset, "max_pixels": 4096},
             "lora": {"rank": 2, "alpha": 2.0, "preset": "eligen"},
             "train": {"steps": steps, "learning_rate": 1e-2, "batch_size": 2, "seed": 3, "schedule": "cosine",
                       "entity_weight": 0.5, "entity_dropout": 0.3, "caption_dropout": 0.3, "checkpoint_every": 1,
                       **train},
             "encoding": {"cache": "memory", "entity_text_length": "real_length"},
-            "output": {"lora_name": "dp"}}
+            "output": {"lora_name": "dp"}})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +71,7 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path, dataset):
     for family in ("flux", "qwen_image"):
         run = toy_run(dataset, family, steps=2, grad_accumulation=2)  # global batch 1 x 2 ranks x 2
         path = write_run(str(tmp_path / f"{family}.json"), run)
-        references[family] = headless.run(run, headless.Options(run_dir=str(tmp_path / family / "one")))
+        references[family] = one_process(run, str(tmp_path / family / "one"))
         for mode in ("two", "fsdp"):
             jobs.append({"run": path, "run_dir": str(tmp_path / family / mode), "batch_size": 1, "fsdp": mode == "fsdp"})
     started = time.monotonic()
@@ -131,13 +143,24 @@ def test_a_killed_rank_ends_the_job_and_one_process_resumes(tmp_path, dataset):
 
     last = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run_dir))  # loadable
     assert 2 <= last.step < 10 and last.lora
-    resumed, _ = headless.run(run, headless.Options(run_dir=run_dir, resume="latest", batch_size=2))
+    resumed, _ = one_process(run, run_dir, resume="latest", batch_size=2)
     assert resumed.step == 10 and [s for s, _ in resumed.losses] == list(range(1, 11))
     # the same as an uninterrupted run: the randomness does not depend on the number of processes
-    whole, _ = headless.run(run, headless.Options(run_dir=str(tmp_path / "whole"), batch_size=2))
+    whole, _ = one_process(run, str(tmp_path / "whole"), batch_size=2)
     for key, value in whole.lora.items():
         torch.testing.assert_close(resumed.lora[key], value, rtol=0, atol=1e-6)
     print(text[-1500:])
+
+    # Started again in that folder without --resume, every rank refuses before encoding; nothing changes.
+    files = {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)}
+    again = subprocess.run(TORCHRUN + [os.path.join(REPO, "scripts", "train.py"), path, "--run-dir", run_dir,
+                                       "--batch-size", "1"], env=environment(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode != 0
+    for rank in (0, 1):
+        assert (f"EliGen training failed: rank {rank} of 2: ValueError: the run folder {run_dir} already holds a "
+                f"run (dp.safetensors, latest.json, step_") in again.stderr, again.stderr[-3000:]
+    assert {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)} == files
 
 
 def test_each_cache_entry_is_encoded_by_exactly_one_rank(tmp_path, dataset):

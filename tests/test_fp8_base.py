@@ -21,7 +21,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 from comfyui_eligen.training import lora
-from comfyui_eligen.training.loop import TrainingModel, TrainSettings
+from comfyui_eligen.training.model import TrainingModel
+from comfyui_eligen.training.settings import TrainSettings
 
 from test_offload import one_loss
 
@@ -127,13 +128,13 @@ def test_scaled_fp8_base_gradients_agree_within_bf16_rounding(family):
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
 def test_block_swap_on_an_fp8_base_is_bit_identical(family):
     """Swapped blocks move their fp8 weights and scales as they are; ComfyUI's manual cast runs on the device."""
-    from comfyui_eligen.training.loop import train
+    from comfyui_eligen.training.loop import TrainingData, train
 
     fp8, _ = quantise(reference_weights(family), torch.float8_e4m3fn, scaled=True)
     base = load_like_stock(family, fp8, torch.bfloat16, scaled_fp8=torch.float8_e4m3fn)
     samples = samples_for(family)
     settings = dict(steps=2, learning_rate=1e-2, gradient_checkpointing=False, seed=1)
-    plain = train(base, samples, LORA, TrainSettings(**settings))
-    swapped = train(base, samples, LORA, TrainSettings(blocks_to_swap=1, **settings))
+    plain = train(base, TrainingData(samples), LORA, TrainSettings(**settings))
+    swapped = train(base, TrainingData(samples), LORA, TrainSettings(blocks_to_swap=1, **settings))
     assert [l for _, l in swapped.losses] == [l for _, l in plain.losses]
     assert all(torch.equal(swapped.lora[k], plain.lora[k]) for k in plain.lora)

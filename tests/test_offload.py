@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from comfyui_eligen.training import lora, offload
-from comfyui_eligen.training.loop import TrainingModel, TrainSettings, stack_condition, train
+from comfyui_eligen.training.batching import stack_condition
+from comfyui_eligen.training.loop import TrainingData, train
+from comfyui_eligen.training.model import TrainingModel
+from comfyui_eligen.training.settings import TrainSettings
 
 from test_training_loop import samples_for
 from tiny_models import tiny_flux, tiny_qwen_image
@@ -24,8 +27,8 @@ MODELS = {"flux": lambda: tiny_flux(seed=1, depth=2, single_depth=2),
 def test_block_swap_is_bit_identical(family, checkpointing):
     base = MODELS[family]()
     samples = samples_for(family)
-    plain = train(base, samples, LORA, TrainSettings(gradient_checkpointing=checkpointing, **SETTINGS))
-    swapped = train(base, samples, LORA, TrainSettings(gradient_checkpointing=checkpointing, blocks_to_swap=2,
+    plain = train(base, TrainingData(samples), LORA, TrainSettings(gradient_checkpointing=checkpointing, **SETTINGS))
+    swapped = train(base, TrainingData(samples), LORA, TrainSettings(gradient_checkpointing=checkpointing, blocks_to_swap=2,
                                                        **SETTINGS))
     assert [loss for _, loss in swapped.losses] == [loss for _, loss in plain.losses]
     assert swapped.lora.keys() == plain.lora.keys()
@@ -110,7 +113,7 @@ def test_budget_chooses_the_fewest_blocks_and_logs_why(caplog):
     # through the trainer: a budget below the tiny model's size swaps blocks, and the log says so
     caplog.set_level(logging.INFO)
     base, samples = MODELS["flux"](), samples_for("flux")
-    result = train(base, samples, LORA, TrainSettings(steps=1, max_vram_gb=1e-6))
+    result = train(base, TrainingData(samples), LORA, TrainSettings(steps=1, max_vram_gb=1e-6))
     assert result.step == 1
     lines = [r.getMessage() for r in caplog.records if "block swap:" in r.getMessage()]
     assert lines and "4 of 4 blocks kept in CPU memory" in lines[0] and "budget" in lines[0]

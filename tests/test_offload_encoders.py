@@ -6,11 +6,14 @@ import pytest
 
 import comfy.model_management
 from comfyui_eligen.core import host
-from comfyui_eligen.nodes.training import decode_and_release, release_encoders
 from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import lora
 from comfyui_eligen.training.cache import EncodingCache, encode_dataset
-from comfyui_eligen.training.loop import TrainSettings, train
+from comfyui_eligen.training.hooks import Hooks
+from comfyui_eligen.training.loop import TrainingData, train
+from comfyui_eligen.training.runner import release_encoders
+from comfyui_eligen.training.settings import TrainSettings
+from comfyui_eligen.training.validation import decode_and_release
 
 from test_training_node import toy_dataset
 
@@ -51,8 +54,8 @@ def test_encoders_leave_the_device_for_the_steps(blocks_to_swap):
         return images
 
     settings = TrainSettings(steps=2, validation_every=1, validation_steps=1, blocks_to_swap=blocks_to_swap)
-    result = train(model, samples, lora.LoraSettings(rank=2, alpha=2), settings, validation=samples[:1],
-                   decode=decode, check_interrupt=check, on_progress=check)
+    result = train(model, TrainingData(samples, samples[:1], decode=decode), lora.LoraSettings(rank=2, alpha=2),
+                   settings, hooks=Hooks(check_cancel=check, progress=check))
     assert result.step == 2 and len(during) == 4
     # during steps ComfyUI holds only the diffusion model (stock loading) or nothing (block swap loads it itself)
     expected = [] if blocks_to_swap >= 0 else ["Flux"]

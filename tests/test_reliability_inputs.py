@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 from comfyui_eligen.core import conditioning, lora_formats, mask_rule
 from comfyui_eligen.core.conditioning import EntityCondition
 from comfyui_eligen.training import checkpoints, dataset, faults, lora, outputs
-from comfyui_eligen.training.loop import Sample, TrainSettings, train
+from comfyui_eligen.training.loop import CheckpointFolder, TrainingData, train
+from comfyui_eligen.training.sample import Sample
+from comfyui_eligen.training.settings import TrainSettings
 from tiny_models import TEXT_WIDTH, tiny_flux
 
 def assert_refused(make, expected):
@@ -328,9 +330,10 @@ NAME_CASES = [
 def test_bad_output_names(tmp_path, case):
     _, name, expected = case
     with pytest.raises(ValueError, match="lora_name") as error:
-        outputs.start_run(name, str(tmp_path / "loras"), str(tmp_path / "runs"), resume="")
+        outputs.prepare_outputs(name, outputs.node_folders(name, str(tmp_path / "loras"), str(tmp_path / "output")))
     assert expected in str(error.value)
-    assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
+    runs = tmp_path / "output" / outputs.RUNS_FOLDER
+    assert not runs.exists() or os.listdir(runs) == []
 
 
 def sample(**changes):
@@ -417,10 +420,10 @@ def test_resume_with_another_alpha_is_refused_before_training(tmp_path):
     """issue 8: resume with a different alpha silently rescaled the update."""
     samples = [sample(), sample()]
     settings = lora.LoraSettings(rank=2, alpha=2, preset="eligen")
-    train(tiny_flux(), samples, settings, TrainSettings(steps=1), run_dir=str(tmp_path))
+    train(tiny_flux(), TrainingData(samples), settings, TrainSettings(steps=1), CheckpointFolder(str(tmp_path)))
     with pytest.raises(ValueError, match=r"alpha 2 in the checkpoint, 4 now"):
-        train(tiny_flux(), samples, lora.LoraSettings(rank=2, alpha=4, preset="eligen"), TrainSettings(steps=2),
-              run_dir=str(tmp_path), resume="latest")
+        train(tiny_flux(), TrainingData(samples), lora.LoraSettings(rank=2, alpha=4, preset="eligen"),
+              TrainSettings(steps=2), CheckpointFolder(str(tmp_path), "latest"))
 
 
 def test_the_suite_has_at_least_80_cases():

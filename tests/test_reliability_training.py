@@ -29,32 +29,46 @@ GOOD_META = {"step": 3, "info": {"family": "flux"}, "optimizer": {"param_groups"
 
 # ---- two runs with one name -------------------------------------------------------------------
 
+def start_run(name, loras, output, resume="", steps=1000):
+    """The node's output checks for ``name`` (as run_training makes them); returns the run folder."""
+    folders = outputs.node_folders(name, str(loras), str(output))
+    outputs.prepare_outputs(name, folders, resume, steps)
+    return folders.run
+
+
+def our_lora(path, text="first run's lora"):
+    """A LoRA file as training writes it (its metadata says so)."""
+    lora_formats.save_lora(str(path), {"x.lora_up.weight": torch.zeros(1)}, {"eligen_training": {"note": text}})
+    return path.read_bytes()
+
+
 def test_a_new_run_of_a_used_name_keeps_the_earlier_run_whole(tmp_path):
-    loras, runs = tmp_path / "loras", tmp_path / "runs"
+    loras, output = tmp_path / "loras", tmp_path / "output"
+    runs = output / outputs.RUNS_FOLDER
     run = runs / "mine"
     run.mkdir(parents=True)
     loras.mkdir()
     for step in (90, 100):
         write_checkpoint(run / f"step_{step:06d}.safetensors", dict(GOOD_META, step=step))
-    (loras / "mine.safetensors").write_bytes(b"first run's lora")
+    first_lora = our_lora(loras / "mine.safetensors")
 
     # resume continues the same folder
-    assert outputs.start_run("mine", str(loras), str(runs), resume="latest") == str(run)
+    assert start_run("mine", loras, output, resume="step_000100.safetensors") == str(run)
     assert sorted(os.listdir(run)) == ["step_000090.safetensors", "step_000100.safetensors"]
 
     # a new run: the earlier one moves to mine.run1 with its LoRA; the new one starts empty
-    assert outputs.start_run("mine.safetensors", str(loras), str(runs), resume="") == str(run)
+    assert start_run("mine.safetensors", loras, output, resume="") == str(run)
     assert not run.exists()
     kept = runs / "mine.run1"
     assert sorted(os.listdir(kept)) == ["lora.safetensors", "step_000090.safetensors", "step_000100.safetensors"]
-    assert (kept / "lora.safetensors").read_bytes() == b"first run's lora"
+    assert (kept / "lora.safetensors").read_bytes() == first_lora
     # the new run's (lower-numbered) checkpoints can never be pruned in favour of the old ones
     run.mkdir()
     for step in (1, 2, 3, 4):
         write_checkpoint(run / f"step_{step:06d}.safetensors", dict(GOOD_META, step=step))
     checkpoints._prune(str(run), keep_last=2, keep="step_000004.safetensors")
     assert sorted(os.listdir(run)) == ["step_000003.safetensors", "step_000004.safetensors"]
-    outputs.start_run("mine", str(loras), str(runs), resume="")
+    start_run("mine", loras, output, resume="")
     assert sorted(os.listdir(runs)) == ["mine.run1", "mine.run2"]
 
 
@@ -78,7 +92,7 @@ def test_bad_lora_names_are_refused_before_training(tmp_path, name, reason):
         assert outputs.plain_lora_name(name) == "trailing"
         return
     with pytest.raises(ValueError, match="lora_name") as error:
-        outputs.start_run(name, str(tmp_path / "loras"), str(tmp_path / "runs"), resume="")
+        start_run(name, tmp_path / "loras", tmp_path / "output")
     assert reason in str(error.value)
 
 
@@ -87,12 +101,14 @@ def test_long_paths_and_unwritable_folders_are_refused(tmp_path):
     for _ in range(18):
         deep = deep / ("f" * 200)
     with pytest.raises(ValueError, match="full paths of the run's files would be .* bytes, over the limit"):
-        outputs.start_run("ok", str(deep), str(tmp_path / "runs"), resume="")
+        start_run("ok", deep, tmp_path / "output")
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the LoRA folder should be")
-    with pytest.raises(ValueError, match=r"the LoRA folder .*not_a_folder cannot be written"):
-        outputs.start_run("ok", str(blocker), str(tmp_path / "runs"), resume="")
-    assert outputs.start_run("x" * 233, str(tmp_path / "loras"), str(tmp_path / "runs"), "").endswith("x" * 233)
+    with pytest.raises(ValueError, match=r"the LoRA folder .*not_a_folder is a file, not a folder"):
+        start_run("ok", blocker, tmp_path / "output")
+    with pytest.raises(ValueError, match=r"the LoRA folder .*not_a_folder/loras cannot be written \(Not a directory"):
+        start_run("ok", blocker / "loras", tmp_path / "output")
+    assert start_run("x" * 233, tmp_path / "loras", tmp_path / "output").endswith("x" * 233)
 
 
 # ---- temp files --------------------------------------------------------------------------------

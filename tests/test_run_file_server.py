@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_eligen.toyworld.data import write_dataset
+from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import headless
 from comfyui_eligen.training.run_file import load_run
 
@@ -71,12 +72,14 @@ def test_headless_trainer_reproduces_the_node_from_its_run_file(comfy_server, tm
     graph["9"] = train_node(NAME)
     comfy_server.run_workflow(graph, timeout=600)
     run_path = os.path.join(comfy_server.output_dir, "eligen_training", NAME, "run.json")
-    run = load_run(run_path)
-    assert run["model"]["loader"] == "EliGenToyModelLoader" and run["train"]["seed"] == 4
+    job = load_run(run_path)
+    assert job.model.loader == "EliGenToyModelLoader" and job.train.seed == 4
     with open(run_path) as handle:
         assert json.load(handle)["version"] == 1
 
-    result, path = headless.run(run, headless.Options(run_dir=str(tmp_path / "headless")))
+    done = headless.run(job, headless.Options(run_dir=str(tmp_path / "headless")),
+                        loaders={"EliGenToyModelLoader": load_toy_models})
+    result, path = done.result, done.lora_path
     node_lora = load_file(os.path.join(comfy_server.models_dir, "loras", NAME + ".safetensors"))
     headless_lora = load_file(path)
     assert node_lora.keys() == headless_lora.keys() and result.step == 3

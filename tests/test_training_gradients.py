@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from comfyui_eligen.training import lora
-from comfyui_eligen.training.loop import Sample, TrainingModel, TrainSettings, batch_loss
+from comfyui_eligen.training.model import TrainingModel, batch_loss
+from comfyui_eligen.training.sample import Sample
+from comfyui_eligen.training.settings import TrainSettings
 from comfyui_eligen.training.loss import TimestepSampler
 
 from tiny_models import TINY_MODELS, TEXT_WIDTH

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from comfyui_eligen.training import checkpoints, lora
-from comfyui_eligen.training.loop import Sample, TrainingStopped, TrainSettings, lr_lambda, train
+from comfyui_eligen.training.hooks import Hooks
+from comfyui_eligen.training.loop import CheckpointFolder, TrainingData, TrainingStopped, train
+from comfyui_eligen.training.sample import Sample
+from comfyui_eligen.training.settings import TrainSettings, lr_lambda
 
 from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
 
@@ -42,7 +45,7 @@ LORA = lora.LoraSettings(rank=2, alpha=2, dropout=0.1, preset="eligen")
 
 
 class StopAfter:
-    """check_interrupt that raises on its n-th call (like ComfyUI's interrupt)."""
+    """check_cancel that raises on its n-th call (like ComfyUI's interrupt)."""
 
     def __init__(self, calls):
         self.calls = calls
@@ -58,16 +61,16 @@ def test_resume_is_exact(tmp_path, family, model):
     base = model(seed=1)
     samples = samples_for(family)
     settings = TrainSettings(steps=5, **RANDOM_SETTINGS)
-    whole = train(base, samples, LORA, settings, run_dir=str(tmp_path / "whole"))
+    whole = train(base, TrainingData(samples), LORA, settings, CheckpointFolder(str(tmp_path / "whole")))
     assert whole.step == 5 and len(whole.losses) == 5
 
     run = str(tmp_path / "split")
     # Stop during step 3 (2 micro-batches per step): steps 1 and 2 are done and kept.
     with pytest.raises(KeyboardInterrupt):
-        train(base, samples, LORA, settings, run_dir=run, check_interrupt=StopAfter(5))
+        train(base, TrainingData(samples), LORA, settings, CheckpointFolder(run), Hooks(check_cancel=StopAfter(5)))
     kept = checkpoints.latest_checkpoint(run)
     assert os.path.basename(kept) == "step_000002.safetensors"
-    resumed = train(base, samples, LORA, settings, run_dir=run, resume="latest")
+    resumed = train(base, TrainingData(samples), LORA, settings, CheckpointFolder(run, "latest"))
     assert resumed.step == 5 and [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5]
     assert [l for _, l in resumed.losses] == pytest.approx([l for _, l in whole.losses], rel=1e-6)
     assert resumed.lora.keys() == whole.lora.keys()
@@ -87,17 +90,18 @@ def test_interrupt_raised_by_the_progress_hook_keeps_the_completed_step(tmp_path
 
     run = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        train(base, samples_for("flux"), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS), run_dir=run,
-              on_progress=progress_that_interrupts)
+        train(base, TrainingData(samples_for("flux")), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS),
+              CheckpointFolder(run), Hooks(progress=progress_that_interrupts))
     assert os.path.basename(checkpoints.latest_checkpoint(run)) == "step_000003.safetensors"
-    resumed = train(base, samples_for("flux"), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS), run_dir=run,
-                    resume="latest")
+    resumed = train(base, TrainingData(samples_for("flux")), LORA, TrainSettings(steps=5, **RANDOM_SETTINGS),
+                    CheckpointFolder(run, "latest"))
     assert [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5]
 
 
 def test_validation_guidance_reaches_guidance_distilled_models_only():
     """Validation images of FLUX.1-dev use the inference guidance; Qwen-Image has no guidance input."""
-    from comfyui_eligen.training.loop import TrainingModel, sample_latents
+    from comfyui_eligen.training.model import TrainingModel
+    from comfyui_eligen.training.validation import sample_latents
 
     for family, model, changes in (("flux", tiny_flux(seed=3, guidance_embed=True), True),
                                    ("qwen_image", tiny_qwen_image(seed=3), False)):
@@ -117,7 +121,7 @@ def test_training_leaves_the_shared_model_unmodified(tmp_path):
     weights = {k: v.clone() for k, v in diffusion_model.state_dict().items()}
     modules = [type(m) for m in diffusion_model.modules()]
     options_before = repr(base.model_options)
-    train(base, samples_for("flux"), LORA, TrainSettings(steps=2, **RANDOM_SETTINGS))
+    train(base, TrainingData(samples_for("flux")), LORA, TrainSettings(steps=2, **RANDOM_SETTINGS))
     assert [type(m) for m in diffusion_model.modules()] == modules
     assert not lora.lora_layers(diffusion_model)
     assert {n: p.requires_grad for n, p in diffusion_model.named_parameters()} == flags
@@ -134,14 +138,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint_with_a_finite_loss(
     run = str(tmp_path / "nan")
     settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=1, seed=3, learning_rate=1e3, max_grad_norm=0.0)
     with pytest.raises(TrainingStopped, match=r"the (loss|gradients) became .* at step (\d+).*last checkpoint with a finite loss") as info:
-        train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
+        train(tiny_flux(seed=0), TrainingData(samples_for("flux", count=2)), LORA, settings, CheckpointFolder(run))
     failed = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     kept = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run))
     assert kept.step == failed - 2  # the weights of step failed - 1 gave the non-finite value
     assert os.path.exists(os.path.join(run, f"step_{failed - 1:06d}.nonfinite"))
-    resumed = train(tiny_flux(seed=0), samples_for("flux", count=2), LORA,
-                    TrainSettings(steps=kept.step + 3, batch_size=1, seed=3, learning_rate=1e-4), run_dir=run,
-                    resume="latest")
+    resumed = train(tiny_flux(seed=0), TrainingData(samples_for("flux", count=2)), LORA,
+                    TrainSettings(steps=kept.step + 3, batch_size=1, seed=3, learning_rate=1e-4),
+                    CheckpointFolder(run, "latest"))
     assert resumed.step == kept.step + 3
     assert all(math.isfinite(loss) for _, loss in resumed.losses[kept.step:])
 
@@ -151,11 +155,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint_with_a_finite_loss(
         run = str(tmp_path / f"nan_first_{every}")
         settings = TrainSettings(steps=8, batch_size=1, checkpoint_every=every, seed=3, learning_rate=1e6, max_grad_norm=0.0)
         with pytest.raises(TrainingStopped, match=r"at step 2; .*last checkpoint with a finite loss: .*step_000000"):
-            train(tiny_flux(seed=0), samples_for("flux", count=2), LORA, settings, run_dir=run)
+            train(tiny_flux(seed=0), TrainingData(samples_for("flux", count=2)), LORA, settings, CheckpointFolder(run))
         kept = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run))
         assert kept.step == 0 and max(float(t.abs().max()) for t in kept.lora.values()) < 10
-        resumed = train(tiny_flux(seed=0), samples_for("flux", count=2), LORA,
-                        TrainSettings(steps=3, batch_size=1, seed=3, learning_rate=1e-4), run_dir=run, resume="latest")
+        resumed = train(tiny_flux(seed=0), TrainingData(samples_for("flux", count=2)), LORA,
+                        TrainSettings(steps=3, batch_size=1, seed=3, learning_rate=1e-4), CheckpointFolder(run, "latest"))
         assert resumed.step == 3 and all(math.isfinite(loss) for _, loss in resumed.losses)
 
 
@@ -163,7 +167,7 @@ def test_non_finite_training_data_is_refused_naming_the_sample():
     samples = samples_for("flux", count=2)
     samples[1].latent[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"training sample 1.*latent .* holds NaN or inf"):
-        train(tiny_flux(seed=0), samples, LORA, TrainSettings(steps=2))
+        train(tiny_flux(seed=0), TrainingData(samples), LORA, TrainSettings(steps=2))
 
 
 def test_validation_images_and_schedules():
@@ -174,13 +178,14 @@ def test_validation_images_and_schedules():
         return torch.sigmoid(latent[:, :3].movedim(1, -1).repeat_interleave(8, 1).repeat_interleave(8, 2))
 
     settings = TrainSettings(steps=4, validation_every=2, validation_steps=3, learning_rate=1e-3)
-    progress = []
-    result = train(tiny_flux(seed=0), samples_for("flux", 2), LORA, settings, validation=samples_for("flux", 1),
-                   decode=decode, on_progress=lambda *a: progress.append(a))
+    progress, previews = [], []
+    result = train(tiny_flux(seed=0), TrainingData(samples_for("flux", 2), samples_for("flux", 1), decode=decode),
+                   LORA, settings, hooks=Hooks(progress=lambda *a: progress.append(a),
+                                               preview=lambda step, images: previews.append((step, images))))
     assert [step for step, _ in result.validation] == [2, 4]
     assert result.validation[0][1].shape == (1, 64, 64, 3) and decoded[0] == (1, 16, 8, 8)
     assert [p[0] for p in progress] == [1, 2, 3, 4] and progress[-1][3] == 0
-    assert progress[1][4] is not None and progress[0][4] is None  # previews ride on the progress call
+    assert [(step, tuple(images.shape)) for step, images in previews] == [(2, (1, 64, 64, 3)), (4, (1, 64, 64, 3))]
 
     warm = TrainSettings(steps=10, warmup_steps=4, schedule="cosine")
     factors = [lr_lambda(warm)(s) for s in range(10)]
@@ -196,36 +201,41 @@ def test_validation_images_and_schedules():
     (dict(schedule="step"), "schedule 'step' is not one of constant, cosine, linear"),
     (dict(precision="fp8"), "precision 'fp8' is not one of"),
     (dict(entity_dropout=1.0), "entity_dropout must be in"),
-    (dict(timestep_sampling="beta"), "timestep sampling 'beta'"),
+    (dict(timestep_sampling="beta"), "timestep_sampling 'beta'"),
+    (dict(steps=2.5), "steps must be an integer"),
+    (dict(seed=2**70), "seed must be at most 2147483647"),
+    (dict(batch_size=True), "batch_size must be an integer"),
     (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number"),
 ])
 def test_bad_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
-        train(tiny_flux(), samples_for("flux", 1), LORA, TrainSettings(**changes))
+        train(tiny_flux(), TrainingData(samples_for("flux", 1)), LORA, TrainSettings(**changes))
 
 
 def test_bad_resume_requests_are_named(tmp_path):
-    base, samples = tiny_flux(), samples_for("flux", 1)
+    base, samples = tiny_flux(), TrainingData(samples_for("flux", 1))
+    latest = CheckpointFolder(str(tmp_path), "latest")
     with pytest.raises(ValueError, match="no checkpoint yet"):
-        train(base, samples, LORA, TrainSettings(steps=1), run_dir=str(tmp_path), resume="latest")
-    with pytest.raises(ValueError, match="resume needs a checkpoint folder"):
-        train(base, samples, LORA, TrainSettings(steps=1), resume="latest")
+        train(base, samples, LORA, TrainSettings(steps=1), latest)
     with pytest.raises(ValueError, match="the dataset has no samples"):
-        train(base, [], LORA, TrainSettings(steps=1))
-    train(base, samples, LORA, TrainSettings(steps=1), run_dir=str(tmp_path))
+        train(base, TrainingData([]), LORA, TrainSettings(steps=1))
+    train(base, samples, LORA, TrainSettings(steps=1), CheckpointFolder(str(tmp_path)))
     bigger = lora.LoraSettings(rank=4, alpha=4, preset="eligen")
     with pytest.raises(ValueError, match=r"other LoRA settings \(rank 2 in the checkpoint, 4 now; alpha 2 in the checkpoint, 4 now\)"):
-        train(base, samples, bigger, TrainSettings(steps=2), run_dir=str(tmp_path), resume="latest")
+        train(base, samples, bigger, TrainSettings(steps=2), latest)
     with pytest.raises(ValueError, match="is for flux, this model is qwen_image"):
-        train(tiny_qwen_image(), samples_for("qwen_image", 1), LORA, TrainSettings(steps=2),
-              run_dir=str(tmp_path), resume="latest")
+        train(tiny_qwen_image(), TrainingData(samples_for("qwen_image", 1)), LORA, TrainSettings(steps=2), latest)
+    # Resuming with no step left to train says so, instead of training nothing.
+    with pytest.raises(ValueError, match=r"step_000001.safetensors is at step 1 and steps is 1, so there is nothing "
+                                         r"left to train; set steps above 1"):
+        train(base, samples, LORA, TrainSettings(steps=1), latest)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_fp32_lora_and_checkpoints_the_loss_scale(tmp_path, precision):
     run = str(tmp_path / precision)
-    result = train(tiny_flux(seed=1), samples_for("flux", 2), LORA,
-                   TrainSettings(steps=3, precision=precision, learning_rate=1e-2), run_dir=run)
+    result = train(tiny_flux(seed=1), TrainingData(samples_for("flux", 2)), LORA,
+                   TrainSettings(steps=3, precision=precision, learning_rate=1e-2), CheckpointFolder(run))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.lora.values())
     assert any(result.lora[k].abs().max() > 0 for k in result.lora if k.endswith("lora_up.weight"))
     scaler = checkpoints.Checkpoint(checkpoints.latest_checkpoint(run)).info["grad_scaler"]
@@ -250,7 +260,7 @@ def test_fp8_weights_train_in_their_compute_dtype():
             param.copy_((torch.randn(param.shape, generator=g) * 0.1).to(param.dtype))
     model = comfy.model_patcher.ModelPatcher(base, comfy.model_management.get_torch_device(),
                                              comfy.model_management.unet_offload_device())
-    result = train(model, samples_for("qwen_image", 2), LORA,
+    result = train(model, TrainingData(samples_for("qwen_image", 2)), LORA,
                    TrainSettings(steps=2, precision="bf16", learning_rate=1e-2))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.lora.values())
     assert any(result.lora[k].abs().max() > 0 for k in result.lora if k.endswith("lora_up.weight"))

@@ -10,13 +10,13 @@ import torch
 import comfy.sd
 import folder_paths
 from comfyui_eligen.core import lora_formats
-from comfyui_eligen.nodes.training import EliGenLoraConfig, run_training
-from comfyui_eligen.training.outputs import plain_lora_name
+from comfyui_eligen.nodes.training import EliGenLoraConfig, node_job, run_training
 from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import lora
 from comfyui_eligen.training.dataset import dataset_from_images
-from comfyui_eligen.training.loop import TrainSettings
-
+from comfyui_eligen.training.outputs import plain_lora_name
+from comfyui_eligen.training.runner import JobInputs
+from comfyui_eligen.training.settings import TrainSettings
 
 
 @pytest.fixture
@@ -57,8 +57,9 @@ def test_run_training_saves_and_applies_the_lora(comfy_folders):
     sigma = torch.tensor([0.7])
     before = velocity(model, x, sigma, context, pooled)
 
-    out = run_training(model, clip, vae, toy_dataset(), lora_settings, settings, "my_lora",
-                       write_reference_format=True, cache_mode="off", entity_text_length="real_length")
+    dataset = toy_dataset()
+    out = run_training(node_job(dataset, lora_settings, settings, "my_lora", write_reference_format=True, cache="off",
+                                entity_text_length="real_length"), JobInputs(model, clip, vae, dataset))
 
     assert out["lora_name"] == "my_lora.safetensors"
     path = os.path.join(loras, "my_lora.safetensors")
@@ -69,7 +70,8 @@ def test_run_training_saves_and_applies_the_lora(comfy_folders):
     assert meta["family"] == "flux" and meta["train"]["precision"] == "bf16"
     assert lora_formats.detect_format(lora_formats.load_lora(os.path.join(loras, "my_lora_reference.safetensors"))) == "kohya"
     assert lora_formats.stock_unmatched_keys(saved, lora_formats.model_key_map(model)) == []
-    assert os.path.exists(os.path.join(output, "eligen_training", "my_lora", "latest.json"))
+    run_dir = os.path.join(output, "eligen_training", "my_lora")
+    assert {"latest.json", "loss.png", "validation_000003_0.png"} <= set(os.listdir(run_dir))
 
     # The returned MODEL is the stock loader path on the saved file; the input MODEL is untouched.
     stock, _ = comfy.sd.load_lora_for_models(model.clone(), None, lora_formats.load_lora(path), 1.0, 0)
@@ -82,30 +84,36 @@ def test_run_training_saves_and_applies_the_lora(comfy_folders):
     assert out["validation"].shape == (1, 64, 64, 3)
 
 
-@pytest.mark.parametrize("name", ["", "../evil", "sub/dir", ".hidden", "a:b"])
-def test_bad_lora_names_are_refused(name):
-    with pytest.raises(ValueError, match="lora_name .* must be a plain file name"):
+@pytest.mark.parametrize("name, reason", [("", "not empty"), ("../evil", "no folders: it contains a path separator"),
+                                          ("sub/dir", "no folders"), (".hidden", "not starting with a dot"),
+                                          ("a:b", "no special characters: :")])
+def test_bad_lora_names_are_refused(name, reason):
+    with pytest.raises(ValueError, match="lora_name .* must be a plain file name") as error:
         plain_lora_name(name)
+    assert reason in str(error.value)
     assert plain_lora_name("fine_name.safetensors") == "fine_name"
 
 
 def test_node_input_errors_name_the_input(comfy_folders):
     model, clip, vae = load_toy_models("flux", "random", seed=0)
     good = lora.LoraSettings(rank=2, alpha=2)
+    dataset = toy_dataset(1)
     with pytest.raises(ValueError, match="preset 'custom' needs a custom_pattern"):
         EliGenLoraConfig.execute(4, 4.0, 0.0, "kaiming", "custom", "float32")
     with pytest.raises(ValueError, match="cache 'sometimes' is not one of"):
-        run_training(model, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x", cache_mode="sometimes")
+        run_training(node_job(dataset, good, TrainSettings(steps=1), "x", cache="sometimes"),
+                     JobInputs(model, clip, vae, dataset))
     with pytest.raises(ValueError, match="EliGen supports FLUX.1 and Qwen-Image"):
-        run_training(clip.patcher, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x")
+        run_training(node_job(dataset, good, TrainSettings(steps=1), "x"), JobInputs(clip.patcher, clip, vae, dataset))
     with pytest.raises(ValueError, match="is not of the form step_"):
-        run_training(model, clip, vae, toy_dataset(1), good, TrainSettings(steps=1), "x", resume="../../secrets")
+        run_training(node_job(dataset, good, TrainSettings(steps=1), "x"), JobInputs(model, clip, vae, dataset),
+                     resume="../../secrets")
 
 
 def test_validation_sample_takes_the_given_prompt_and_entities():
     from comfyui_eligen.core.conditioning import Entity
-    from comfyui_eligen.nodes.training import validation_sample
-    from comfyui_eligen.training.loop import Sample
+    from comfyui_eligen.training.sample import Sample
+    from comfyui_eligen.training.validation import validation_sample
 
     first = Sample(torch.zeros(16, 8, 8), torch.ones(1, 4, 64), torch.ones(1, 64), [torch.ones(1, 2, 64)],
                    torch.ones(1, 64, 64))

@@ -12,6 +12,7 @@ from comfy_env import setup_comfy  # noqa: E402
 
 setup_comfy("cpu")
 
+from comfyui_eligen.toyworld.models import load_toy_models  # noqa: E402
 from comfyui_eligen.training import distributed, headless  # noqa: E402
 from comfyui_eligen.training.run_file import load_run  # noqa: E402
 
@@ -20,6 +21,6 @@ try:
     for job in json.loads(sys.argv[1]):
         group.fsdp = job["fsdp"]
         headless.run(load_run(job["run"]), headless.Options(run_dir=job["run_dir"], batch_size=job["batch_size"]),
-                     group)
+                     group, loaders={"EliGenToyModelLoader": load_toy_models})
 finally:
     group.close()

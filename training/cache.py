@@ -250,6 +250,19 @@ def shared_cache(directory: str | None = None) -> EncodingCache:
     return _SHARED[slot]
 
 
+def cache_for_mode(mode: str, directory: str) -> EncodingCache:
+    """The cache of the encoding option ``cache``: "memory" (the process-wide memory cache: reused by
+    later runs in this process), "disk" (also ``directory``, reused across restarts) or "off" (nothing
+    kept beyond this run). The same for the node and the command line."""
+    if mode == "memory":
+        return shared_cache(None)
+    if mode == "disk":
+        return shared_cache(directory)
+    if mode == "off":
+        return EncodingCache(None)
+    raise ValueError(f"cache {mode!r} is not one of memory, disk, off")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Encoding a dataset
 

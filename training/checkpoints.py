@@ -18,6 +18,8 @@ from safetensors import safe_open
 
 from ..core.files import write_text
 from ..core.lora_formats import save_lora
+from . import lora
+from .settings import lr_lambda
 
 POINTER = "latest.json"
 METADATA_KEY = "eligen_checkpoint"
@@ -73,6 +75,16 @@ def save_checkpoint(run_dir, step, lora_tensors, optimizer, scheduler, info, kee
     write_text(os.path.join(run_dir, POINTER), json.dumps(pointer))
     _prune(run_dir, keep_last, keep=name)
     return path
+
+
+def checkpoint_step(path):
+    """The step of a checkpoint file, from its name."""
+    return int(FILE_PATTERN.fullmatch(os.path.basename(path)).group(1))
+
+
+def checkpoint_steps(run_dir):
+    """The steps of the checkpoints in ``run_dir``, in order."""
+    return sorted(_checkpoint_files(run_dir))
 
 
 def _checkpoint_files(run_dir):
@@ -184,6 +196,21 @@ class Checkpoint:
             raise ValueError(f"resume: checkpoint {self.path} was trained with other LoRA settings ("
                              + "; ".join(different) + "); use the same LoRA config, or start a new run")
 
+    def restore(self, model, lora_settings, settings, optimizer, scheduler, scaler):
+        """Load this checkpoint into a training run: LoRA weights, optimizer, schedule (at this run's
+        learning rate) and loss scale. Returns (step, losses so far)."""
+        family = model.adapter.family
+        if self.info.get("family") != family:
+            raise ValueError(f"resume: checkpoint {self.path} is for {self.info.get('family')}, this model is {family}")
+        self.check_lora_settings(lora_settings)
+        lora.load_lora_tensors(model.diffusion_model, self.lora)
+        self.restore_optimizer(optimizer)
+        self.restore_scheduler(scheduler)
+        use_learning_rate(optimizer, scheduler, settings)  # this run's rate, not the checkpoint's
+        if self.info.get("grad_scaler"):
+            scaler.load_state_dict(self.info["grad_scaler"])
+        return self.step, [tuple(x) for x in self.info.get("losses", [])]
+
     def restore_optimizer(self, optimizer):
         try:
             state = _unflatten_optimizer(self._optimizer_tensors, self._optimizer_meta)
@@ -200,6 +227,17 @@ class Checkpoint:
         if self._scheduler_state is not None:
             # LambdaLR stores its lambdas as None: the functions are rebuilt from the settings.
             scheduler.load_state_dict(dict(self._scheduler_state))
+
+
+def use_learning_rate(optimizer, scheduler, settings):
+    """Set the learning rate of ``settings`` (with the schedule at its current step) on a restored
+    optimizer and scheduler, which otherwise keep the rate of the run that wrote the checkpoint."""
+    scheduler.base_lrs = [settings.learning_rate] * len(optimizer.param_groups)
+    factor = lr_lambda(settings)(scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = settings.learning_rate
+        group["lr"] = settings.learning_rate * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class LastFiniteWeights:

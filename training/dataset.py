@@ -29,6 +29,7 @@ from ..core.mask_rule import resize_nearest
 
 METADATA_NAMES = ("metadata.json", "metadata.jsonl")
 DEFAULT_MAX_PIXELS = 1024 * 1024
+MAX_MAX_PIXELS = 16 * 1024 * 1024  # the largest max_pixels a node or a run file may ask for
 SIDE_MULTIPLE = 16  # the reference floors both sides to a multiple of 16
 MAX_LISTED_PROBLEMS = 200  # the message lists this many; DatasetError.problems keeps all
 

@@ -14,11 +14,13 @@
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..core import host
 from .cache import EncodingCache, encode_dataset
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -69,10 +71,8 @@ class Group:
         Sharding the leaves, not the blocks, because the training blocks (core/blocks.py) call a block's
         sub-modules directly, never the block's own forward. The LoRA tensors (``trainable``) stay whole
         on every rank (``ignored_params``) and are averaged by ``reduce_step`` as without FSDP."""
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import init_device_mesh  # FSDP: imported only when sharding
         from torch.distributed.fsdp import fully_shard
-
-        import warnings
 
         # FSDP warns that a Linear returns a view (an in-place op on it would skip the gather); the training
         # blocks (core/blocks.py) are out of place, so it does not apply.
@@ -119,8 +119,6 @@ def init_from_environment(device="cpu", timeout_minutes=120):
         raise ValueError(f"device {device!r}: distributed training runs on cpu (gloo) or cuda (nccl)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
-        from ..core import host
-
         torch_device = host.memory.select_cuda_device(local_rank)
     else:
         torch_device = torch.device("cpu")

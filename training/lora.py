@@ -13,48 +13,65 @@ from dataclasses import asdict, dataclass
 import peft
 import torch
 
+from .fields import problems, raise_problems, setting
+
 INITS = {"kaiming": True, "gaussian": "gaussian"}  # peft's init_lora_weights; both start with B = 0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CUSTOM = "custom"
 ALL_BLOCK_LINEARS = "all_block_linears"
+PRESETS = ("eligen", "no_modulation", "attention", ALL_BLOCK_LINEARS, CUSTOM)  # every family has the first three
 ADAPTER_NAME = "default"
 
 
 @dataclass
 class LoraSettings:
-    rank: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.0
-    init: str = "kaiming"
-    preset: str = "eligen"       # a key of adapter.LORA_TARGETS, "all_block_linears" or "custom"
-    custom_pattern: str = ""     # regex over module names (full match), used when preset == "custom"
-    dtype: str = "float32"       # dtype of the LoRA parameters
+    """Which layers get a LoRA and how it is shaped: the EliGen LoRA Config node's inputs and tooltips
+    (nodes/settings_inputs.py) and the ``lora`` part of a run file."""
+
+    rank: int = setting(32, "LoRA rank (inner size of each adapter).", min=1, max=1024)
+    alpha: float = setting(32.0, "LoRA alpha; the update is scaled by alpha / rank (alpha = rank: scale 1, as the "
+                                 "reference).", min=0.001, max=4096.0, step=0.5)
+    dropout: float = setting(0.0, "Dropout on the LoRA input during training (0 in the reference).",
+                             min=0.0, max=0.9, step=0.01)
+    init: str = setting("kaiming", "Initial A matrices (B starts at zero, so training starts from the base model): "
+                                   "kaiming = peft's default, gaussian = normal / rank.", choices=tuple(INITS))
+    preset: str = setting(
+        "eligen", "Target layers. eligen: the reference's targets (FLUX: attention, MLP and modulation of every "
+                  "block; Qwen-Image: attention, MLP down-projections, modulation). no_modulation / attention: "
+                  "subsets. all_block_linears: every Linear in the blocks. custom: the regex below.", choices=PRESETS)
+    custom_pattern: str = setting("", "With preset 'custom': a regex that must fully match ComfyUI module names, "
+                                      r"e.g. double_blocks\.\d+\.img_attn\.(qkv|proj)", optional=True)
+    dtype: str = setting("float32", "Dtype of the LoRA weights while training (float32 = an fp32 master copy even "
+                                    "when the model runs in bf16).", choices=tuple(DTYPES))
+
+    def field_problems(self, adapter=None):
+        """{field: message}: types and limits; the preset among ``adapter``'s when one is given; a custom
+        pattern that compiles. A plain call may use an alpha above the node's maximum, a dropout up to 1."""
+        def preset(value):
+            names = preset_names(adapter) if adapter is not None else PRESETS
+            if value not in names:
+                return f"preset {value!r} is not one of {', '.join(names)}" + (
+                    f" for {adapter.family}" if adapter is not None else "")
+            return None
+
+        def custom_pattern(value):
+            if self.preset != CUSTOM:
+                return None
+            if not value.strip():
+                return "preset 'custom' needs a custom_pattern (a regex over module names)"
+            try:
+                re.compile(value)
+            except re.error as error:
+                return f"custom_pattern {value!r} is not a valid regex: {error}"
+            return None
+
+        return problems(self, {
+            "alpha": lambda v: None if v > 0 and math.isfinite(v) else f"alpha must be a positive finite number (got {v})",
+            "dropout": lambda v: None if 0.0 <= v < 1.0 else f"dropout must be in [0, 1) (got {v})",
+            "preset": preset, "custom_pattern": custom_pattern})
 
     def validate(self, adapter=None):
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank must be at least 1 (got {self.rank})")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            problems.append(f"alpha must be a positive finite number (got {self.alpha})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
-        if self.init not in INITS:
-            problems.append(f"init {self.init!r} is not one of {', '.join(INITS)}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.preset == CUSTOM:
-            if not self.custom_pattern.strip():
-                problems.append("preset 'custom' needs a custom_pattern (a regex over module names)")
-            else:
-                try:
-                    re.compile(self.custom_pattern)
-                except re.error as error:
-                    problems.append(f"custom_pattern {self.custom_pattern!r} is not a valid regex: {error}")
-        elif adapter is not None and self.preset not in preset_names(adapter):
-            names = ", ".join(preset_names(adapter))
-            problems.append(f"preset {self.preset!r} is not one of {names} for {adapter.family}")
-        if problems:
-            raise ValueError("LoRA settings: " + "; ".join(problems))
+        raise_problems("LoRA settings", self.field_problems(adapter))
         return self
 
     def to_dict(self):

@@ -21,9 +21,12 @@ freed when the last reference goes.
 estimate of what stays on the device; ``describe`` says what it chose and why, for the log.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+from ..core import host
 
 GIB = 1024 ** 3
 # Activation model (per transformer block, in units of batch * tokens * width * compute-dtype bytes):
@@ -396,15 +399,11 @@ class SwapSession:
         self.plan, self.swapper, self._loaded = None, None, False
 
     def load(self):
-        from ..core import host
-
         host.memory.unload_models_on(self.device)
         host.memory.patch_weights_on_offload_device(self.patcher)
         self._loaded = True
 
     def start(self, diffusion_model, training_blocks, trainable, compute_dtype, checkpointing):
-        import logging
-
         request = self.request
         dtype = request.autocast_dtype or compute_dtype
         estimate = estimate_memory(diffusion_model, training_blocks, trainable, request.samples,
@@ -429,8 +428,6 @@ class SwapSession:
             self.swapper.close()
 
     def unload(self):
-        from ..core import host
-
         if self._loaded:
             self._loaded = False
             host.memory.unpatch_weights(self.patcher)

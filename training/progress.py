@@ -3,6 +3,7 @@ minutes): the node's progress bar fills per encoder call and a Cancel stops betw
 encoded before the Cancel stays in the encoding cache, so the next run starts where this one stopped."""
 
 import logging
+import time
 
 from ..core import host
 
@@ -11,8 +12,6 @@ def encoding_progress(node_id=None, every_seconds=2.0):
     """A ``progress(done, total)`` callback for ``training.cache.encode_dataset``: checks Cancel, moves
     the node's bar and (at most every ``every_seconds``) writes "encoding dataset: done/total" under
     the node and in the log."""
-    import time
-
     check = host.files.interrupt_check()
     state = {"bar": None, "total": None, "shown": 0.0}
 
