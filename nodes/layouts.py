@@ -27,28 +27,39 @@ class EliGenPaintedLayout(io.ComfyNode):
             node_id="EliGenPaintedLayout",
             display_name="EliGen Painted Layout",
             category=CATEGORY,
-            description="Entities from an image painted with one flat colour per entity. Soft (anti-aliased) "
-            "edges are fine: only colours with a solid area count, edge pixels join the nearest colour.",
+            description="Entities from an image painted with one flat colour per entity on a background colour. "
+            "Soft (anti-aliased) edges, JPEG noise, stray pixels, strokes under 3 px wide and patches smaller "
+            "than min_area_percent are specks: they take the colour around them and never change a mask or "
+            "the pairing. Prompts pair with colours by a legend (every line starts with its colour: "
+            "'red: ...' or '#ff0000: ...') or, without one, in reading order: each colour stands at the centre "
+            "of its largest region; the topmost centre starts a row with every colour whose centre lies "
+            "between that region's top and bottom edges, read left to right; then the next row. When moving "
+            f"a region by {100 * layouts.ORDER_TOLERANCE:g}% of the image would change that order, the node "
+            "asks for a legend instead of guessing.",
             inputs=[
                 io.Image.Input("layout", tooltip="The painted layout: one flat colour per entity on a background "
-                               "colour, at the aspect ratio of the image to generate."),
+                               "colour, at the aspect ratio of the image to generate (RGB; no transparency)."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, used for every entity prompt."),
                 io.String.Input("prompts", multiline=True, default="",
-                                tooltip="One entity prompt per line. Either in the order the colours first appear "
-                                "(reading rows from the top, each left to right), or as a legend where every "
-                                "line starts with its colour: '#ff0000: a red apple'."),
+                                tooltip="One entity prompt per line. Either a legend, every line starting with "
+                                "its colour: 'red: a red apple' or '#ff0000: a red apple' (names: "
+                                f"{', '.join(layouts.COLOUR_NAMES)}), or no colours at all: then the prompts "
+                                "pair with the colours in reading order (see the node's description). The "
+                                "'colours' output shows the pairing as a legend."),
                 io.String.Input("background", default="largest",
                                 tooltip="The colour that is no entity: 'largest' = the colour covering the most "
                                 "pixels, '#rrggbb' = that colour, 'none' = every colour is an entity."),
                 io.Float.Input("min_area_percent", default=0.5, min=0.01, max=40.0, step=0.01,
-                               tooltip="A colour needs at least this share of the image (in solid pixels) to be "
-                               "an entity; smaller specks join the nearest colour."),
+                               tooltip="The smallest region that counts, as a share of the image: a colour is an "
+                               "entity when one connected patch of it is at least this large; smaller patches "
+                               "are specks and take the colour around them."),
                 _text_length_input(),
                 _previous_input(),
             ],
             outputs=[Entities.Output(display_name="entities"),
                      io.Mask.Output(display_name="masks"),
-                     io.String.Output(display_name="colours")],
+                     io.String.Output(display_name="colours",
+                                      tooltip="The pairing used, as a legend: one '#rrggbb: prompt' line per entity.")],
         )
 
     @classmethod
