@@ -509,7 +509,7 @@ def entities_from_layout(masks, prompts, clip, text_length="padded_512", previou
     entities = tuple(previous or ())
     for mask, prompt in zip(masks, prompts):
         name = entity_conds.describe(len(entities), prompt)
-        embeds = entity_conds.encode_entity_text(clip, prompt, text_length)
+        embeds = entity_conds.encode_entity_text(clip, prompt, text_length, name)
         entity = entity_conds.Entity(embeds, entity_conds.entity_mask(mask, name), prompt)
         entities = entity_conds.add_entity(entities, entity)
     return entities

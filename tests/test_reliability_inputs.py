@@ -347,6 +347,8 @@ TRAINING_INPUT_CASES = [
      ["training sample 0", "entity 1 embeddings"]),
     ("nan-pooled", lambda: faults.check_finite_samples([sample(pooled=torch.full((1, TEXT_WIDTH), float("nan")))]),
      ["training sample 0", "pooled prompt embedding"]),
+    ("huge-entity-embeds", lambda: faults.check_finite_samples([sample(), sample(entity_embeds=[torch.full((1, 2, TEXT_WIDTH), 1e6)])]),
+     ["training sample 1", "entity 1 embeddings hold values as large as 1e+06", "far below 65504"]),
     ("validation-positive-width (issue 8)", lambda: faults.check_validation_inputs(sample(), [[torch.zeros(1, 3, 16), {}]], None, TEXT_WIDTH),
      ["validation_positive", "16 wide", "32"]),
     ("validation-entity-aspect (issue 8)", lambda: faults.check_validation_inputs(sample(), None, [entity((32, 64), "wide")], TEXT_WIDTH),
