@@ -25,6 +25,7 @@ The background is the colour covering the most pixels (``"largest"``), a given `
 nothing (``"none"``: every colour is an entity).
 """
 
+import math
 import re
 from dataclasses import replace
 
@@ -350,6 +351,7 @@ def painted_layout(image, prompts_text, background="largest", min_share=0.005):
     else:
         order = _reading_order_of_colours(colours, labels, present, entity_indices, lines)
         prompts = [text for _, text in lines]
+    check_mask_memory(len(order), width, height, "the layout's size")
     masks = torch.stack([(labels == k).float() for k in order])
     return masks, prompts, [hex_colour(colours[k]) for k in order]
 
@@ -429,10 +431,30 @@ def _match_legend(legend, colours, labels, present, entity_indices):
 
 UNITS = ("auto", "pixels", "fractions")
 _NUMBER_SPLIT = re.compile(r"[,\s]+")
+# Plain decimal numbers only: ASCII digits, an optional sign, point and exponent. Python's float() also
+# takes "1_0" and other scripts' digits, which a box written by hand never means.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)",
+                     re.IGNORECASE)
+# All masks of one layout together, as float32: 16 masks at 4096x4096, four times the pixels of the largest
+# images FLUX.1 and Qwen-Image make (EliGen Apply stacks the masks once more).
+MAX_MASK_BYTES = 1 << 30
+
+
+def check_mask_memory(count, width, height, what):
+    """A ValueError before allocating ``count`` float masks of ``width`` x ``height`` past MAX_MASK_BYTES."""
+    need = count * width * height * 4
+    if need > MAX_MASK_BYTES:
+        shrink = math.ceil(math.sqrt(need / MAX_MASK_BYTES))
+        raise ValueError(
+            f"{count} masks at {width}x{height} need {need / 2**30:.1f} GiB (one float mask per entity at {what}); "
+            f"the limit is {MAX_MASK_BYTES / 2**30:g} GiB, e.g. 16 masks at 4096x4096. EliGen reads masks at the "
+            f"latent size, so masks {shrink} times smaller on each side ({width // shrink}x{height // shrink}, "
+            f"the same aspect) give the same result")
 
 
 def parse_boxes(text, width, height, units="auto"):
-    """``x, y, w, h`` per line -> [(line number, (x0, y0, x1, y1) in pixels, clipped to the image)].
+    """``x, y, w, h`` per line -> ``(boxes, units)``: [(line number, line, (x0, y0, x1, y1) in pixels,
+    clipped to the image)] and the units the numbers were read in.
 
     units: "pixels", "fractions" (of the image width and height) or "auto": fractions when every number
     of every line is at most 1, pixels when every line has a bigger one (a mix is refused). Empty lines
@@ -447,11 +469,12 @@ def parse_boxes(text, width, height, units="auto"):
         parts = [p for p in _NUMBER_SPLIT.split(line) if p]
         if len(parts) != 4:
             raise ValueError(f"line {number} ({line!r}): expected 4 numbers x, y, w, h; got {len(parts)}")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"line {number} ({line!r}): x, y, w, h must be numbers") from None
-        if not all(v == v and abs(v) != float("inf") for v in values):
+        bad = next((part for part in parts if not _NUMBER.fullmatch(part)), None)
+        if bad is not None:
+            raise ValueError(f"line {number} ({line!r}): x, y, w, h must be numbers; {bad!r} is not a plain "
+                             f"decimal number (digits 0-9, an optional sign, '.' and exponent, as in 12, 0.5, 1e2)")
+        values = [float(p) for p in parts]
+        if not all(math.isfinite(v) for v in values):
             raise ValueError(f"line {number} ({line!r}): x, y, w, h must be finite numbers")
         if values[2] <= 0 or values[3] <= 0:
             raise ValueError(f"line {number} ({line!r}): the width and height must be positive")
@@ -475,26 +498,31 @@ def parse_boxes(text, width, height, units="auto"):
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"line {number} ({line!r}): the box lies outside the {width}x{height} image "
                              f"(read as {units})")
-        boxes.append((number, (x0, y0, x1, y1)))
-    return boxes
+        boxes.append((number, line, (x0, y0, x1, y1)))
+    return boxes, units
 
 
 def box_masks(boxes, width, height):
-    """float ``[N, H, W]``: 1 inside each box."""
+    """float ``[N, H, W]``: 1 inside each box (``boxes`` as ``parse_boxes`` gives them)."""
+    check_mask_memory(len(boxes), width, height, "the image size")
     masks = torch.zeros(len(boxes), height, width)
-    for k, (_, (x0, y0, x1, y1)) in enumerate(boxes):
+    for k, (_, _, (x0, y0, x1, y1)) in enumerate(boxes):
         masks[k, y0:y1, x0:x1] = 1.0
     return masks
 
 
 def boxes_layout(boxes_text, prompts_text, width, height, units="auto"):
-    """-> ``(masks float [N, H, W], prompts [N])``; the counts of boxes and prompt lines must agree."""
-    boxes = parse_boxes(boxes_text, width, height, units)
+    """-> ``(masks float [N, H, W], prompts [N], reading)``; the counts of boxes and prompt lines must
+    agree. ``reading`` says, line by line, which units the numbers were read in and the box in pixels."""
+    boxes, used = parse_boxes(boxes_text, width, height, units)
     prompts = [text for _, text in prompt_lines(prompts_text)]
     if len(prompts) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes but {len(prompts)} prompt lines; write one prompt per box, "
                          f"in the same order")
-    return box_masks(boxes, width, height), prompts
+    why = " (units auto: every number is at most 1)" if units == "auto" and used == "fractions" else ""
+    reading = "\n".join(f"line {number} ({line}): read as {used}{why} -> x {x0}..{x1}, y {y0}..{y1} of "
+                        f"{width}x{height} pixels" for number, line, (x0, y0, x1, y1) in boxes)
+    return box_masks(boxes, width, height), prompts, reading
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Layout nodes: entities from a painted colour layout, or from boxes written as text."""
 
+import logging
+
 from comfy_api.latest import io
 
 from ..core import conditioning as entity_conds
@@ -79,7 +81,9 @@ class EliGenBoxLayout(io.ComfyNode):
             display_name="EliGen Box Layout",
             category=CATEGORY,
             description="Entities from boxes written as text, one 'x, y, w, h' line per entity (for API and "
-                        "headless use).",
+                        "headless use). With units 'auto', a layout whose numbers are all at most 1 is read as "
+                        "fractions of the image (so '0, 0, 1, 1' is the whole image), any other as pixels; the "
+                        "'boxes' output says how every line was read.",
             inputs=[
                 io.String.Input("boxes", multiline=True, default="",
                                 tooltip="One box per line: 'x, y, w, h' (left, top, width, height), in pixels "
@@ -93,18 +97,22 @@ class EliGenBoxLayout(io.ComfyNode):
                              tooltip="Height of the image to generate, in pixels."),
                 io.Combo.Input("units", options=list(layouts.UNITS), default="auto",
                                tooltip="pixels, fractions of the width/height, or auto: fractions when every "
-                               "number is at most 1, else pixels."),
+                               "number of every line is at most 1 ('0, 0, 1, 1' = the whole image), pixels when "
+                               "every line has a bigger one. Numbers are plain decimals (12, 0.5, 1e2)."),
                 _text_length_input(),
                 _previous_input(),
             ],
-            outputs=[Entities.Output(display_name="entities"), io.Mask.Output(display_name="masks")],
+            outputs=[Entities.Output(display_name="entities"), io.Mask.Output(display_name="masks"),
+                     io.String.Output(display_name="boxes", tooltip="How each line was read: its units and "
+                                      "the box in pixels.")],
         )
 
     @classmethod
     def execute(cls, boxes, prompts, clip, width=1024, height=1024, units="auto", text_length="padded_512",
                 previous=None) -> io.NodeOutput:
-        masks, texts = layouts.boxes_layout(boxes, prompts, width, height, units)
-        return io.NodeOutput(layouts.entities_from_layout(masks, texts, clip, text_length, previous), masks)
+        masks, texts, reading = layouts.boxes_layout(boxes, prompts, width, height, units)
+        logging.info("EliGen Box Layout:\n%s", reading)
+        return io.NodeOutput(layouts.entities_from_layout(masks, texts, clip, text_length, previous), masks, reading)
 
 
 NODES = [EliGenPaintedLayout, EliGenBoxLayout]

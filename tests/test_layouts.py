@@ -293,15 +293,34 @@ def test_connected_regions_match_scipy_on_random_label_maps():
 
 
 def test_boxes_in_pixels_and_fractions():
-    masks, prompts = layouts.boxes_layout("0, 0, 32, 16\n\n16 16 16 48", "top\nright", 64, 48)
+    masks, prompts, reading = layouts.boxes_layout("0, 0, 32, 16\n\n16 16 16 48", "top\nright", 64, 48)
+    assert reading == ("line 1 (0, 0, 32, 16): read as pixels -> x 0..32, y 0..16 of 64x48 pixels\n"
+                       "line 3 (16 16 16 48): read as pixels -> x 16..32, y 16..48 of 64x48 pixels")
     assert prompts == ["top", "right"]
     assert masks[0].sum() == 32 * 16 and masks[0, :16, :32].all()
     assert masks[1].sum() == 16 * 32 and masks[1, 16:48, 16:32].all()  # clipped at the bottom
-    fractions, _ = layouts.boxes_layout("0, 0, 0.5, 1/3".replace("1/3", "0.3333"), "left", 64, 48)
-    assert torch.equal(fractions[0], layouts.box_masks([(1, (0, 0, 32, 16))], 64, 48)[0])
+    fractions, _, _ = layouts.boxes_layout("0, 0, 0.5, 1/3".replace("1/3", "0.3333"), "left", 64, 48)
+    assert torch.equal(fractions[0], layouts.box_masks([(1, "", (0, 0, 32, 16))], 64, 48)[0])
+    # all numbers at most 1: the whole image, and the output says so
+    whole, _, reading = layouts.boxes_layout("0, 0, 1, 1", "everything", 64, 48)
+    assert whole[0].all() and reading == ("line 1 (0, 0, 1, 1): read as fractions (units auto: every number is "
+                                          "at most 1) -> x 0..64, y 0..48 of 64x48 pixels")
     # explicit units override auto
-    pixels, _ = layouts.boxes_layout("0, 0, 1, 1", "dot", 64, 48, units="pixels")
+    pixels, _, reading = layouts.boxes_layout("0, 0, 1, 1", "dot", 64, 48, units="pixels")
+    assert reading.endswith("read as pixels -> x 0..1, y 0..1 of 64x48 pixels")
     assert pixels[0].sum() == 1
+
+
+def test_masks_past_the_memory_limit_are_refused_before_they_are_made():
+    boxes = "\n".join(["0, 0, 0.5, 0.5"] * 16)
+    with pytest.raises(ValueError) as error:
+        layouts.boxes_layout(boxes, "\n".join(["x"] * 16), 16384, 16384)
+    assert str(error.value).startswith("16 masks at 16384x16384 need 16.0 GiB (one float mask per entity at the "
+                                       "image size); the limit is 1 GiB, e.g. 16 masks at 4096x4096.")
+    assert "masks 4 times smaller on each side (4096x4096, the same aspect)" in str(error.value)
+    layouts.check_mask_memory(16, 4096, 4096, "the image size")  # exactly the limit: allowed
+    with pytest.raises(ValueError, match="17 masks at 4096x4096 need 1.1 GiB"):
+        layouts.check_mask_memory(17, 4096, 4096, "the image size")
 
 
 @pytest.mark.parametrize("boxes, prompts, message", [
@@ -309,6 +328,10 @@ def test_boxes_in_pixels_and_fractions():
     ("0, 0, 10, 10\n\n5, 5, ten, 10", "a\nb", "line 3 ('5, 5, ten, 10'): x, y, w, h must be numbers"),
     ("0, 0, 10, -4", "a", "line 1 ('0, 0, 10, -4'): the width and height must be positive"),
     ("0, 0, 10, nan", "a", "line 1 ('0, 0, 10, nan'): x, y, w, h must be finite"),
+    ("1_0, 0, 10, 10", "a", "line 1 ('1_0, 0, 10, 10'): x, y, w, h must be numbers; '1_0' is not a plain decimal"),
+    ("0, \u0661\u0660, 10, 10", "a", "'\u0661\u0660' is not a plain decimal number"),
+    ("0, 0, \uff11\uff10, 10", "a", "'\uff11\uff10' is not a plain decimal number"),
+    ("0, 0, 1e2, 0x10", "a", "'0x10' is not a plain decimal number"),
     ("0, 0, 10, 10\n100, 100, 10, 10", "a\nb", "line 2 ('100, 100, 10, 10'): the box lies outside the 64x48"),
     ("0, 0, 10, 10\n5, 5, 10, 10", "only one", "2 boxes but 1 prompt lines"),
     ("", "a", "no boxes"),
@@ -329,7 +352,7 @@ def test_nodes_make_entities_with_the_entity_helpers():
     assert all(torch.equal(e.mask, m) for e, m in zip(entities, masks))
     expected = layouts.entity_conds.encode_entity_text(clip, "blue square", "real_length")
     assert torch.equal(entities[1].embeds, expected)
-    more, box_masks = EliGenBoxLayout.execute("0, 0, 0.5, 0.5", "a red circle", clip, 128, 128,
+    more, box_masks, reading = EliGenBoxLayout.execute("0, 0, 0.5, 0.5", "a red circle", clip, 128, 128,
                                               previous=entities).result
     assert len(more) == 4 and more[:3] == entities and more[3].mask.sum() == 64 * 64
     with pytest.raises(ValueError, match="too many entities"):
