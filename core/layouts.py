@@ -27,7 +27,7 @@ nothing (``"none"``: every colour is an entity).
 
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +282,34 @@ def _legend_colour(text):
     return None
 
 
+@dataclass(frozen=True)
+class _Painting:
+    """What the pixels of a painted layout say, for pairing prompts and for messages."""
+    colours: torch.Tensor   # [K, 3] 0-255: every candidate colour
+    labels: torch.Tensor    # [H, W]: each pixel's colour after the speck rule
+    present: list           # colours with a region of the minimum area (they keep pixels)
+    entities: list          # present colours that are entities (the background taken out)
+    largest: torch.Tensor   # [K]: area of each colour's largest region before the speck rule
+    min_share: float
+
+    def describe(self, indices):
+        """'#dc1e1e (6.6%, centre x=30, y=23), ...' for colours that keep pixels."""
+        regions = _largest_regions(self.labels, indices)
+        total = self.labels.numel()
+        return ", ".join(f"{hex_colour(self.colours[k])} ({_share(int((self.labels == k).sum()), total)}, centre "
+                         f"x={regions[k][0].centre_x:.0f}, y={regions[k][0].centre_y:.0f})" for k in indices)
+
+    def too_small(self):
+        """'#aabbcc (0.3%), ...': the colours whose regions are all smaller than the minimum area."""
+        total = self.labels.numel()
+        return ", ".join(f"{hex_colour(self.colours[k])} ({_share(int(self.largest[k]), total)})"
+                         for k in torch.argsort(self.largest, descending=True).tolist()[:8]
+                         if k not in self.present and self.largest[k] > 0)
+
+    def minimum(self):
+        return f"min_area_percent ({100 * self.min_share:g}%)"
+
+
 def painted_layout(image, prompts_text, background="largest", min_share=0.005):
     """A painted layout -> ``(masks float [N, H, W], prompts [N], colours [N] as #rrggbb)``; see the
     module docstring for the rules.
@@ -299,45 +327,42 @@ def painted_layout(image, prompts_text, background="largest", min_share=0.005):
         raise ValueError(f"the minimum colour share must be between 0 and 50 %, not {100 * min_share:g} %")
     height, width = pixels.shape[:2]
     total = height * width
-    min_pixels = min_share * total
     colours, flat_areas = painted_colours(pixels)
     if len(colours) == 0:
         raise ValueError("the layout image has no flat colour region; paint each entity in one flat colour")
-    candidates = torch.nonzero(flat_areas >= min(min_pixels, CANDIDATE_SHARE * total)).view(-1)[:MAX_CANDIDATES]
+    candidates = torch.nonzero(flat_areas >= min(min_share, CANDIDATE_SHARE) * total).view(-1)[:MAX_CANDIDATES]
     if len(candidates) == 0:
         raise ValueError(f"the layout image has no solid colour area: its most solid colour, {hex_colour(colours[0])}, "
                          f"has {_share(int(flat_areas[0]), total)} of the image in flat pixels; paint each entity "
                          f"in one flat colour")
     colours = colours[candidates]
-    labels, largest = despeckle(assign_pixels(pixels, colours), len(colours), min_pixels)
-    too_small = ", ".join(f"{hex_colour(colours[k])} ({_share(int(largest[k]), total)})"
-                          for k in torch.argsort(largest, descending=True).tolist()[:8] if 0 < largest[k] < min_pixels)
+    labels, largest = despeckle(assign_pixels(pixels, colours), len(colours), min_share * total)
     if labels is None:
-        raise ValueError(f"no colour has a region covering min_area_percent ({100 * min_share:g}%) of the image; "
-                         f"the largest region of each colour: {too_small}; lower min_area_percent")
+        painting = _Painting(colours, torch.zeros(height, width, dtype=torch.int64), [], [], largest, min_share)
+        raise ValueError(f"no colour has a region covering {painting.minimum()} of the image; the largest region "
+                         f"of each colour: {painting.too_small()}; lower min_area_percent")
     areas = torch.bincount(labels.reshape(-1), minlength=len(colours))
     present = [k for k in range(len(colours)) if areas[k] > 0]
-    entity_indices = list(present)
+    painting = _Painting(colours, labels, present, present, largest, min_share)
 
     background = (background or "largest").strip()
     if background == "largest":
-        background_index = int(areas.argmax())
+        painting = replace(painting, entities=[k for k in present if k != int(areas.argmax())])
     elif background != "none":
-        background_index = _painted_hex(background, "background", colours, present)
-        if background_index is None:
+        found = _painted_hex(background, "background", colours, present)
+        if found is None:
+            raise ValueError(f"background colour {background.lower()} covers no pixel of the layout; the painted "
+                             f"colours are {painting.describe(present)}")
+        painting = replace(painting, entities=[k for k in present if k != found])
+    if not painting.entities:
+        background_colour = hex_colour(colours[present[0]])
+        if painting.too_small():
             raise ValueError(
-                f"background colour {background.lower()} covers no pixel of the layout; the painted colours "
-                f"are {_describe_colours(colours, labels, present)}")
-    if background != "none":
-        entity_indices.remove(background_index)
-    if not entity_indices:
-        if too_small:
-            raise ValueError(
-                f"only the background colour {hex_colour(colours[background_index])} has a region covering "
-                f"min_area_percent ({100 * min_share:g}%) of the image; the largest region of each other "
-                f"colour is smaller: {too_small}; lower min_area_percent below the entities' size")
-        raise ValueError(f"the layout holds one colour, {hex_colour(colours[background_index])}, and it is the "
-                         f"background; paint one flat colour per entity on it")
+                f"only the background colour {background_colour} has a region covering {painting.minimum()} of "
+                f"the image; the largest region of each other colour is smaller: {painting.too_small()}; lower "
+                f"min_area_percent below the entities' size")
+        raise ValueError(f"the layout holds one colour, {background_colour}, and it is the background; paint one "
+                         f"flat colour per entity on it")
 
     legend = [(_legend_colour(text), number, text) for number, text in lines]
     with_colour = [entry for entry in legend if entry[0]]
@@ -347,35 +372,37 @@ def painted_layout(image, prompts_text, background="largest", min_share=0.005):
             f"line {number} ({text!r}) has no colour ('#rrggbb:' or a colour name such as 'red:') but other "
             f"lines do; either every prompt line starts with its colour (a legend) or none does (reading order)")
     if with_colour:
-        order, prompts = _match_legend(with_colour, colours, labels, present, entity_indices)
+        order, prompts = _match_legend(with_colour, painting)
     else:
-        order = _reading_order_of_colours(colours, labels, present, entity_indices, lines)
+        order = _reading_order_of_colours(painting, lines)
         prompts = [text for _, text in lines]
     check_mask_memory(len(order), width, height, "the layout's size")
     masks = torch.stack([(labels == k).float() for k in order])
     return masks, prompts, [hex_colour(colours[k]) for k in order]
 
 
-def _reading_order_of_colours(colours, labels, present, entity_indices, lines):
+def _reading_order_of_colours(painting, lines):
     """The entity colours in reading order, or a ValueError when the count or the order is in doubt."""
-    regions = _largest_regions(labels, entity_indices)
+    regions = _largest_regions(painting.labels, painting.entities)
     places = {k: found[0] for k, found in regions.items()}
     order = reading_order(places)
-    if len(lines) != len(entity_indices):
+    if len(lines) != len(order):
+        smaller = painting.too_small()
         raise ValueError(
-            f"the layout has {len(entity_indices)} entity colours but {len(lines)} prompt lines; the colours in "
-            f"reading order: {_describe_colours(colours, labels, order)}")
+            f"the layout has {len(order)} entity colours but {len(lines)} prompt lines; the colours in reading "
+            f"order: {painting.describe(order)}"
+            + (f"; smaller than {painting.minimum()}, so no entities: {smaller}" if smaller else ""))
     alternatives = {k: found[1] for k, found in regions.items()
                     if len(found) > 1 and found[1].area >= SAME_SIZE * found[0].area}
-    tolerance = ORDER_TOLERANCE * max(labels.shape)
+    tolerance = ORDER_TOLERANCE * max(painting.labels.shape)
 
     def name(k, region):
-        return f"{hex_colour(colours[k])} (centre x={region.centre_x:.0f}, y={region.centre_y:.0f})"
+        return f"{hex_colour(painting.colours[k])} (centre x={region.centre_x:.0f}, y={region.centre_y:.0f})"
 
     doubt = order_doubt(places, alternatives, tolerance, name)
     if doubt:
-        example = "\n".join(f"{colour_name(colours[k], colours[present])}: {text}"
-                            for k, (_, text) in zip(order, lines))
+        present = painting.colours[painting.present]
+        example = "\n".join(f"{colour_name(painting.colours[k], present)}: {text}" for k, (_, text) in zip(order, lines))
         raise ValueError(
             f"the order of the colours is not clear from the picture: {doubt}. Pair the prompts with the "
             f"colours by a legend instead: start every prompt line with its colour, e.g. (this is the pairing "
@@ -383,35 +410,30 @@ def _reading_order_of_colours(colours, labels, present, entity_indices, lines):
     return order
 
 
-def _describe_colours(colours, labels, indices):
-    regions = _largest_regions(labels, indices)
-    total = labels.numel()
-    parts = []
-    for k in indices:
-        region = regions[k][0]
-        parts.append(f"{hex_colour(colours[k])} ({_share(int((labels == k).sum()), total)}, centre "
-                     f"x={region.centre_x:.0f}, y={region.centre_y:.0f})")
-    return ", ".join(parts)
-
-
-def _match_legend(legend, colours, labels, present, entity_indices):
+def _match_legend(legend, painting):
+    """(colour indices, prompts) in the legend's order; every entity colour must have exactly one line."""
     order, prompts, named = [], [], {}
     for (colour_text, prompt), number, _ in legend:
         if not prompt:
             raise ValueError(f"line {number}: colour {colour_text} has no prompt after the ':'")
         if colour_text.startswith("#"):
-            nearest = _painted_hex(colour_text, f"line {number}", colours, present)
+            nearest = _painted_hex(colour_text, f"line {number}", painting.colours, painting.present)
             if nearest is None:
-                raise ValueError(
-                    f"line {number}: colour {colour_text} covers no pixel of the layout; the entity colours "
-                    f"are {_describe_colours(colours, labels, entity_indices)}")
+                dropped = _painted_hex(colour_text, f"line {number}", painting.colours, range(len(painting.colours)))
+                if dropped is not None and painting.largest[dropped] > 0:
+                    raise ValueError(
+                        f"line {number}: colour {colour_text} has no region covering {painting.minimum()} of the "
+                        f"image (its largest: {_share(int(painting.largest[dropped]), painting.labels.numel())}), "
+                        f"so it is no entity; lower min_area_percent")
+                raise ValueError(f"line {number}: colour {colour_text} covers no pixel of the layout; the entity "
+                                 f"colours are {painting.describe(painting.entities)}")
         else:
-            matched = _match_name(colour_text.lower(), colours[present])
+            matched = _match_name(colour_text.lower(), painting.colours[painting.present])
             if isinstance(matched, str):
                 raise ValueError(f"line {number}: {matched}; the entity colours are "
-                                 f"{_describe_colours(colours, labels, entity_indices)}")
-            nearest = present[matched]
-        if nearest not in entity_indices:
+                                 f"{painting.describe(painting.entities)}")
+            nearest = painting.present[matched]
+        if nearest not in painting.entities:
             raise ValueError(f"line {number}: colour {colour_text} is the background; choose another "
                              f"background or remove the line")
         if nearest in named:
@@ -420,11 +442,12 @@ def _match_legend(legend, colours, labels, present, entity_indices):
         named[nearest] = number
         order.append(nearest)
         prompts.append(prompt)
-    unnamed = [k for k in entity_indices if k not in named]
+    unnamed = [k for k in painting.entities if k not in named]
     if unnamed:
-        raise ValueError(f"painted colours without a legend line: {_describe_colours(colours, labels, unnamed)}; "
+        raise ValueError(f"painted colours without a legend line: {painting.describe(unnamed)}; "
                          f"add a '#rrggbb: prompt' line for each")
     return order, prompts
+
 
 # ---------------------------------------------------------------------------------------------
 # Boxes as text

@@ -270,6 +270,12 @@ def test_alpha_values_out_of_range_and_a_high_minimum_area_each_get_their_own_me
     assert ("only the background colour #ffffff has a region covering min_area_percent (40%) of the image; the "
             "largest region of each other colour is smaller: #1e3cdc (15.") in str(error.value)
     assert "#dc1e1e (6." in str(error.value)
+    with pytest.raises(ValueError, match=r"3 prompt lines; .*; smaller than min_area_percent \(10%\), so no "
+                                         r"entities: #dc1e1e \(6\.\d%\)"):
+        layouts.painted_layout(image, PROMPTS, min_share=0.1)
+    with pytest.raises(ValueError, match=r"line 1: colour #dc1e1e has no region covering min_area_percent \(10%\) "
+                                         r"of the image \(its largest: 6\.\d%\), so it is no entity"):
+        layouts.painted_layout(image, "#dc1e1e: r\n#1e3cdc: b\n#28b43c: g", min_share=0.1)
     with pytest.raises(ValueError, match=r"no colour has a region covering min_area_percent \(40%\)"):
         thirds = [((0, 0, 0), "rectangle", (0, 0, 42, 128)), ((30, 60, 220), "rectangle", (86, 0, 128, 128))]
         layouts.painted_layout(painted(thirds)[0], "a\nb\nc", min_share=0.4, background="none")
