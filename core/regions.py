@@ -73,23 +73,27 @@ def solid_parts(labels):
 def fill_from_neighbours(labels, count):
     """``labels`` with every negative pixel given a label in ``0 .. count-1``: ring by ring from the
     labelled pixels, each takes the label most common among its labelled 8-neighbours (a tie: the lower
-    label). Needs at least one labelled pixel."""
+    label). Needs at least one labelled pixel. Each ring costs only the pixels still to fill."""
     labels = labels.clone()
     height, width = labels.shape
-    while True:
-        todo_y, todo_x = torch.nonzero(labels < 0, as_tuple=True)
-        if todo_y.numel() == 0:
-            return labels
-        padded = F.pad(labels, (1, 1, 1, 1), value=-1)
-        around = torch.stack([padded[todo_y + dy, todo_x + dx] for dy, dx in _NEIGHBOURS8], dim=1)
-        reached = torch.nonzero((around >= 0).any(1)).squeeze(1)
-        if reached.numel() == 0:
-            raise ValueError("no labelled pixel to fill from")
-        around = around[reached]
-        rows = torch.arange(len(reached))[:, None].expand_as(around)
+    todo_y, todo_x = torch.nonzero(labels < 0, as_tuple=True)
+    while todo_y.numel():
+        around = []
+        for dy, dx in _NEIGHBOURS8:
+            y, x = todo_y + dy - 1, todo_x + dx - 1
+            inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+            around.append(torch.where(inside, labels[y.clamp(0, height - 1), x.clamp(0, width - 1)], -1))
+        around = torch.stack(around, dim=1)
         valid = around >= 0
-        votes = torch.bincount((rows * count + around.clamp(min=0))[valid], minlength=len(reached) * count)
-        labels[todo_y[reached], todo_x[reached]] = votes.view(len(reached), count).argmax(1)
+        reached = valid.any(1)
+        if not bool(reached.any()):
+            raise ValueError("no labelled pixel to fill from")
+        around, valid = around[reached], valid[reached]
+        rows = torch.arange(len(around))[:, None].expand_as(around)
+        votes = torch.bincount((rows * count + around.clamp(min=0))[valid], minlength=len(around) * count)
+        labels[todo_y[reached], todo_x[reached]] = votes.view(len(around), count).argmax(1)
+        todo_y, todo_x = todo_y[~reached], todo_x[~reached]
+    return labels
 
 
 @dataclass(frozen=True)

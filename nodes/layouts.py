@@ -36,8 +36,9 @@ class EliGenPaintedLayout(io.ComfyNode):
             "'red: ...' or '#ff0000: ...') or, without one, in reading order: each colour stands at the centre "
             "of its largest region; the topmost centre starts a row with every colour whose centre lies "
             "between that region's top and bottom edges, read left to right; then the next row. When moving "
-            f"a region by {100 * layouts.ORDER_TOLERANCE:g}% of the image would change that order, the node "
-            "asks for a legend instead of guessing.",
+            f"a region by {100 * layouts.ORDER_TOLERANCE:g}% of the image would change that order (a near "
+            "tie, a centre near a row's edge, one colour painted twice at one size), the node asks for a "
+            "legend instead of guessing.",
             inputs=[
                 io.Image.Input("layout", tooltip="The painted layout: one flat colour per entity on a background "
                                "colour, at the aspect ratio of the image to generate (RGB; no transparency)."),
