@@ -1,7 +1,7 @@
 """Atomic file writes: every file the package writes goes to a temp file in the target folder first and is
 moved over the target with ``os.replace``, so an interrupted write never leaves a half-written file.
 
-Each write gets a private temp folder ``.eligen-tmp.<host>.<pid>.<random>.part`` beside the target and
+Each write gets a private temp folder ``.eligen-tmp.<host>.<pid>.<process>-<random>.part`` beside the target and
 writes ``content.part`` inside it. Libraries that make their own temp file next to the path they are given
 (safetensors writes ``.tmpXXXXXX`` and renames it) therefore make it inside that folder too, so whatever a
 killed write leaves is in one folder that a later write recognises by name. No name involved ends with an
@@ -24,8 +24,12 @@ TEMP_PREFIX = ".eligen-tmp."
 TEMP_SUFFIX = ".part"
 CONTENT_NAME = "content.part"  # the file a write fills inside its temp folder
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-# A temp folder (this version) or a temp file (earlier versions), both removed when their process is dead.
-_TEMP_NAME = re.compile(r"\.eligen-tmp\.([0-9a-f]{8})\.(\d+)\.[0-9a-z]+\.part")
+# This process, among those that had its pid: a container restarted on the same folders often gives the
+# new ComfyUI the old one's pid, and the temps of that dead process must not pass for this one's.
+_PROCESS = os.urandom(4).hex()
+# A temp folder (this version) or a temp file (earlier versions, no process token), both removed when
+# their process is dead.
+_TEMP_NAME = re.compile(r"\.eligen-tmp\.([0-9a-f]{8})\.(\d+)\.(?:([0-9a-f]{8})-)?[0-9a-z]+\.part")
 # Temps of earlier versions, removed when over LEGACY_TEMP_AGE_S old (their process is unknown):
 # tempfile.mkstemp(prefix=".tmp-", suffix=<the target's extension>) ...
 _LEGACY_TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}\.[A-Za-z0-9]+")
@@ -96,7 +100,12 @@ def stale_temp_files(folder):
         path = os.path.join(folder, name)
         match = _TEMP_NAME.fullmatch(name)
         if match:
-            if match.group(1) == _HOST and int(match.group(2)) != os.getpid() and not _process_alive(int(match.group(2))):
+            host, pid, process = match.group(1), int(match.group(2)), match.group(3)
+            if pid == os.getpid():
+                dead = process is not None and process != _PROCESS  # an earlier holder of this pid
+            else:
+                dead = not _process_alive(pid)
+            if host == _HOST and dead:
                 stale.append(path)
         elif _LEGACY_TEMP_NAME.fullmatch(name):
             if _old(path):
@@ -136,7 +145,8 @@ def remove_stale_temp_files(folder):
 def _new_temp(folder, make):
     """A new temp name in ``folder`` that ``make(path)`` creates exclusively (FileExistsError: try again)."""
     while True:
-        path = os.path.join(folder, f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{os.urandom(5).hex()}{TEMP_SUFFIX}")
+        name = f"{TEMP_PREFIX}{_HOST}.{os.getpid()}.{_PROCESS}-{os.urandom(5).hex()}{TEMP_SUFFIX}"
+        path = os.path.join(folder, name)
         try:
             make(path)
             return path

@@ -115,16 +115,19 @@ def test_temp_files_are_never_listed_and_stale_ones_are_removed(tmp_path):
     assert os.listdir(tmp_path) == ["lora.safetensors"]  # the temp folder went with the write
     host = files._HOST
     stale = tmp_path / "fresh" / f".eligen-tmp.{host}.{dead_pid()}.abcdef.part"
-    mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.abcdef.part"
+    mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.{files._PROCESS}-abcdef.part"
+    old_mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.abcdef.part"  # no process token: kept
+    # the same pid as this process but another process token: a process before this one had the pid
+    earlier = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.0badf00d-abcdef.part"
     other_host = tmp_path / "fresh" / f".eligen-tmp.00000000.{dead_pid()}.abcdef.part"
     stale.parent.mkdir()
-    for path in (stale, mine, other_host):
+    for path in (stale, mine, old_mine, earlier, other_host):
         path.write_bytes(b"half a file")
     legacy = tmp_path / "fresh" / ".tmp-ab12cd34.safetensors"
     legacy.write_bytes(b"old")
     os.utime(legacy, (0, 0))
     lora_formats.save_lora(str(tmp_path / "fresh" / "new.safetensors"), {"a.lora_up.weight": torch.zeros(1)})
-    assert sorted(os.listdir(tmp_path / "fresh")) == sorted(["new.safetensors", mine.name, other_host.name])
+    assert sorted(os.listdir(tmp_path / "fresh")) == sorted(["new.safetensors", mine.name, old_mine.name, other_host.name])
 
 
 KILLED_WRITERS = {
