@@ -25,6 +25,13 @@ TEXT_LENGTHS = {
 }
 
 
+# Text embeddings larger than this are a broken encoder, not a prompt. FLUX.1 (T5-XXL) and Qwen-Image
+# (Qwen2.5-VL) prompt embeddings are the encoder's final-norm output: each value is at most sqrt(D) (64
+# for D = 4096) times the largest norm weight, far below this; and ComfyUI runs these models in fp16 or
+# bf16, where a value past fp16's largest finite number (65504) is already infinity.
+MAX_EMBEDDING_MAGNITUDE = float(torch.finfo(torch.float16).max)
+
+
 @dataclass(frozen=True)
 class Entity:
     embeds: torch.Tensor   # [1, L, D] text embeddings of the entity prompt
@@ -77,17 +84,43 @@ def entity_embeds(conditioning, name):
     if embeds.shape[1] == 0:
         raise ValueError(f"{name}: the text embeddings hold 0 tokens; the entity's prompt would reach nothing "
                          f"(encode a non-empty prompt)")
-    if not bool(torch.isfinite(embeds).all()):
-        raise ValueError(f"{name}: the text embeddings hold NaN or inf values; re-encode the entity's prompt")
+    check_embeddings(embeds, name, "the conditioning")
     return embeds.detach()
 
 
-def encode_entity_text(clip, text, text_length="padded_512"):
-    """Encode one entity prompt with ``clip`` -> ``[1, L, D]``."""
+def embedding_problem(tensor):
+    """None for usable text embeddings, else what is wrong with them (NaN, infinite or absurdly large
+    values): the one check for entities, layouts and training."""
+    values = tensor.detach()
+    nan, inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+    if nan or inf:
+        return f"hold NaN or inf values ({nan} NaN and {inf} infinite of {values.numel()})"
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    if peak > MAX_EMBEDDING_MAGNITUDE:
+        return (f"hold values as large as {peak:.3g}; text embeddings stay far below {MAX_EMBEDDING_MAGNITUDE:g} "
+                f"(the largest fp16 number)")
+    return None
+
+
+def check_embeddings(embeds, name, source):
+    """A ValueError naming the entity when its embeddings are unusable (``embedding_problem``), instead
+    of the all-black image they would give; ``source`` says where they came from."""
+    problem = embedding_problem(embeds)
+    if problem:
+        raise ValueError(f"{name}: the text embeddings from {source} {problem}; the text encoder or the "
+                         f"node that made them is broken (check its weights and precision), so sampling "
+                         f"with them would give a black image")
+
+
+def encode_entity_text(clip, text, text_length="padded_512", name=None):
+    """Encode one entity prompt with ``clip`` -> ``[1, L, D]``; errors start with ``name`` (default: the
+    prompt)."""
     if text_length not in TEXT_LENGTHS:
         raise ValueError(f"text_length must be one of {', '.join(TEXT_LENGTHS)}, not {text_length!r}")
     tokens = clip.tokenize(text, tokenizer_options=TEXT_LENGTHS[text_length])
-    return clip.encode_from_tokens(tokens).detach()
+    embeds = clip.encode_from_tokens(tokens).detach()
+    check_embeddings(embeds, name or f'entity "{text}"', "clip")
+    return embeds
 
 
 def add_entity(previous, entity):

@@ -136,7 +136,7 @@ def _comfy_module(module, key_map, renames):
     return None
 
 
-def to_comfy(state_dict, key_map, renames=DIFFSYNTH_FLUX_RENAMES):
+def to_comfy(state_dict, key_map, renames=DIFFSYNTH_FLUX_RENAMES, sources=None):
     """Convert a LoRA state dict to ComfyUI's form for the model whose LoRA key map is ``key_map``.
 
     Returns ``(converted, unmatched_keys)``. Every LoRA matrix or alpha whose module the model has becomes
@@ -144,10 +144,11 @@ def to_comfy(state_dict, key_map, renames=DIFFSYNTH_FLUX_RENAMES):
     as ``.dora_scale`` follow the same rename); a module without an alpha gets ``alpha = rank`` (scale 1,
     what peft files without alpha mean). Other keys the stock loader takes (e.g. diffusers names that map
     onto slices of a fused qkv) are kept as they are. ``unmatched_keys`` lists, in file order, every key
-    neither path can place.
+    neither path can place. ``sources``, when given, is filled with converted key -> the file's key.
     """
+    sources = {} if sources is None else sources
     stock_dropped = set(stock_unmatched_keys(state_dict, key_map))
-    converted, sources, unmatched = {}, {}, []
+    converted, unmatched = {}, []
     for key, tensor in state_dict.items():
         split = split_lora_key(key)
         module = _comfy_module(split[0], key_map, renames) if split else None
@@ -177,21 +178,41 @@ def unmatched_error(unmatched, source="LoRA", limit=12):
     return ValueError(f"{source}: {len(unmatched)} key(s) match no module of this model: {shown}{more}")
 
 
-def shape_problems(comfy_state_dict, model_state_dict):
-    """Modules whose LoRA matrices do not fit the model's weight, as messages naming the key."""
+def shape_problems(comfy_state_dict, model_state_dict, sources=None):
+    """Keys that do not fit the model's weights, as messages naming the key (the file's name for it when
+    ``sources`` maps converted keys to the file's): LoRA matrices whose product is not the weight's shape,
+    and the extras the stock loader would skip with only a console warning or fail on while sampling: a
+    ``.diff`` / ``.diff_b`` not of the weight's / bias's shape, a ``.dora_scale`` of neither side's size."""
+    sources = sources or {}
     problems = []
-    for key, down in comfy_state_dict.items():
-        if not key.endswith(".lora_down.weight"):
+    for key, tensor in comfy_state_dict.items():
+        split = split_lora_key(key)
+        if split is None:
             continue
-        module = key[: -len(".lora_down.weight")]
-        up = comfy_state_dict.get(module + ".lora_up.weight")
+        module, role = split
+        name = sources.get(key, key)
         weight = model_state_dict.get(module + ".weight")
-        if up is None:
-            problems.append(f"{module}.lora_down.weight has no lora_up partner")
-        elif weight is not None and (up.shape[0] != weight.shape[0] or up.shape[1] != down.shape[0]
-                                     or down.shape[1] != math.prod(weight.shape[1:])):
-            problems.append(f"{key}: up {tuple(up.shape)} x down {tuple(down.shape)} does not fit the "
-                            f"model weight {tuple(weight.shape)}")
+        if key.endswith(".lora_down.weight"):  # (other names are kept for the stock loader's own forms)
+            up = comfy_state_dict.get(module + ".lora_up.weight")
+            if up is None:
+                problems.append(f"{module}.lora_down.weight has no lora_up partner")
+            elif weight is not None and (up.shape[0] != weight.shape[0] or up.shape[1] != tensor.shape[0]
+                                         or tensor.shape[1] != math.prod(weight.shape[1:])):
+                problems.append(f"{key}: up {tuple(up.shape)} x down {tuple(tensor.shape)} does not fit the "
+                                f"model weight {tuple(weight.shape)}")
+        elif role in ("diff", "diff_b"):
+            target = module + (".weight" if role == "diff" else ".bias")
+            wanted = model_state_dict.get(target)
+            if wanted is None and role == "diff_b" and weight is not None:
+                problems.append(f"key {name!r}: the model's {module} has no bias for it to change")
+            elif wanted is not None and tuple(tensor.shape) != tuple(wanted.shape):
+                problems.append(f"key {name!r} has shape {tuple(tensor.shape)} but the model's {target} is "
+                                f"{tuple(wanted.shape)} (ComfyUI would leave it out with only a console warning)")
+        elif role == "dora_scale" and weight is not None and tensor.numel() not in (
+                weight.shape[0], math.prod(weight.shape[1:])):
+            problems.append(f"key {name!r} has {tensor.numel()} values but the model's {module}.weight "
+                            f"{tuple(weight.shape)} has {weight.shape[0]} outputs and "
+                            f"{math.prod(weight.shape[1:])} inputs (one scale per output or input)")
     return problems
 
 
@@ -201,7 +222,7 @@ def tensor_problems(state_dict):
     matrices that are not 2-D (or 4-D conv) or lack their partner, and partners whose ranks differ."""
     if not isinstance(state_dict, dict):
         return [f"expected a dict of tensors, got {type(state_dict).__name__}"]
-    problems, modules = [], {}
+    problems, modules, mids = [], {}, {}
     for key, tensor in state_dict.items():
         if not isinstance(key, str):
             problems.append(f"key {key!r} is not text")
@@ -223,6 +244,18 @@ def tensor_problems(state_dict):
                 problems.append(f"key {key!r}: a LoRA matrix must be 2-D (or 4-D), got shape {tuple(tensor.shape)}")
             else:
                 modules.setdefault(module, {})[role] = (key, tensor)
+        elif role == "mid":
+            mids[module] = key
+    for module, key in mids.items():
+        # ComfyUI applies a mid tensor (LoCon's Tucker core) to every LoRA that has one: with 2-D
+        # matrices it fails inside the sampler (IndexError), long after the file was loaded.
+        parts = modules.get(module, {})
+        if len(parts) != 2:
+            problems.append(f"key {key!r}: a lora_mid tensor needs its module's lora_up and lora_down")
+        elif any(tensor.ndim != 4 for _, tensor in parts.values()):
+            problems.append(f"key {key!r}: a lora_mid (LoCon Tucker) tensor belongs to convolution LoRAs with "
+                            f"4-D lora_up/lora_down, but this module's are 2-D; ComfyUI would load it and then "
+                            f"fail while sampling (IndexError). Remove the key")
     for module, parts in modules.items():
         if len(parts) == 1:
             (role, (key, _)), = parts.items()
@@ -243,10 +276,11 @@ def to_comfy_for_model(state_dict, model, source="LoRA"):
     if not state_dict:
         raise ValueError(f"{source}: the LoRA file holds no tensors")
     base_model = getattr(model, "model", model)
-    converted, unmatched = to_comfy(state_dict, model_key_map(base_model))
+    sources = {}
+    converted, unmatched = to_comfy(state_dict, model_key_map(base_model), sources=sources)
     if unmatched:
         raise unmatched_error(unmatched, source)
-    problems = shape_problems(converted, base_model.state_dict())
+    problems = shape_problems(converted, base_model.state_dict(), sources)
     if problems:
         raise ValueError(f"{source}: {len(problems)} module(s) do not fit this model: " + "; ".join(problems[:8]))
     return converted

@@ -82,12 +82,13 @@ def latent_to_token_grid(inside, patch=2):
 ASPECT_SLACK = 2  # latent pixels (one token) of tolerance on each side
 
 
-def aspect_problem(mask_hw, latent_hw, slack=ASPECT_SLACK):
+def aspect_problem(mask_hw, latent_hw, slack=ASPECT_SLACK, scale=None):
     """None when a mask of ``mask_hw`` fits a latent of ``latent_hw``, else the reason (a sentence part).
 
     A latent ``h x w`` comes from images of ``8h..8h+7 x 8w..8w+7`` pixels, so its aspect is known
     only to about one latent pixel. A mask fits when its aspect lies between those of ``h x (w + slack)``
     and ``(h + slack) x w``; an image-sized mask always fits. Integers only: no rounding at the edges.
+    ``scale`` (image pixels per latent cell): name the image's size in pixels, as the user typed it.
     """
     mh, mw = int(mask_hw[0]), int(mask_hw[1])
     h, w = int(latent_hw[0]), int(latent_hw[1])
@@ -95,7 +96,9 @@ def aspect_problem(mask_hw, latent_hw, slack=ASPECT_SLACK):
         return f"mask is {mw}x{mh} (empty)"
     if h * mw <= mh * (w + slack) and mh * w <= (h + slack) * mw:
         return None
-    return (f"mask is {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {w}x{h} (aspect {w / h:.3f}; masks "
+    target = (f"the image being sampled is {w * scale}x{h * scale} pixels (its latent is {w}x{h}; "
+              if scale else f"the latent is {w}x{h} (")
+    return (f"mask is {mw}x{mh} (aspect {mw / mh:.3f}) but {target}aspect {w / h:.3f}; masks "
             f"of aspect {w / (h + slack):.3f} to {(w + slack) / h:.3f} fit it)")
 
 

@@ -59,17 +59,21 @@ def is_active(entity, base_model, transformer_options):
             <= host.models.percent_to_sigma(base_model, entity.start))
 
 
-def check_mask_aspect(entity, latent_hw):
-    """Every mask must fit the latent's aspect (core/mask_rule.py); a ValueError names the entities."""
+def check_mask_aspect(entity, latent_hw, latent_scale=None):
+    """Every mask must fit the latent's aspect (core/mask_rule.py); a ValueError names the entities and,
+    with ``latent_scale`` (image pixels per latent cell), the image size in pixels. It is raised while
+    sampling, so the message itself says it comes from the entities given to EliGen Apply."""
     labels = entity.labels or ("?",) * len(entity.sizes())
     problems = {}
     for index, (size, label) in enumerate(zip(entity.sizes(), labels)):
-        problem = aspect_problem(size, latent_hw)
+        problem = aspect_problem(size, latent_hw, scale=latent_scale)
         if problem:
             problems.setdefault(problem, []).append(describe(index, label))
     if problems:
-        raise ValueError("; ".join(f"{', '.join(who)}: {problem}" for problem, who in problems.items())
-                         + "; draw the masks at the image's aspect ratio")
+        raise ValueError("EliGen Apply: the entity masks do not fit the image being sampled: "
+                         + "; ".join(f"{', '.join(who)}: {problem}" for problem, who in problems.items())
+                         + "; draw the masks at the image's aspect ratio, or sample an image (latent size) of "
+                           "the masks' aspect")
 
 
 class EntityWrapper:
@@ -112,7 +116,7 @@ class EntityWrapper:
             raise ValueError(
                 f"EliGen: the prompt has {context.shape[1]} text tokens but the entities were applied to "
                 f"{sum(entity.segment_lengths)}; apply EliGen after any node that changes the conditioning")
-        check_mask_aspect(entity, tuple(x.shape[-2:]))
+        check_mask_aspect(entity, tuple(x.shape[-2:]), adapter.latent_scale)
 
         if not is_active(entity, self.base_model, options):
             # Plain prompt for this step: the global segment only (another node's joint mask shrinks too).

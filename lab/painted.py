@@ -8,8 +8,10 @@ scripts/make_ui_workflow.py makes the UI twin from the API graph (docs/design.md
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..core.layouts import masks_in_reading_order
 from ..toyworld import data
 from ..toyworld.files import write_json
 from .evaluate import SAMPLER, TEXT_LENGTH
@@ -42,10 +44,10 @@ def paint(layout, scale=SCALE):
     return Image.fromarray(big).resize((size, size), Image.LANCZOS)
 
 
-def prompts_in_raster_order(layout):
-    """The entity prompts in the order the node pairs them with colours: first appearance, row by row."""
-    first = [int(np.flatnonzero(entity.mask.reshape(-1))[0]) for entity in layout.entities]
-    return [layout.entities[k].prompt for k in np.argsort(first, kind="stable")]
+def prompts_in_reading_order(layout):
+    """The entity prompts in the order EliGen Painted Layout pairs them with colours (its reading order)."""
+    masks = torch.from_numpy(np.stack([entity.mask for entity in layout.entities]))
+    return [layout.entities[k].prompt for k in masks_in_reading_order(masks)]
 
 
 def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="eligen_toy",
@@ -57,7 +59,7 @@ def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="
         "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": "flux", "weights": "pretrained", "seed": 0}},
         "2": {"class_type": "LoadImage", "inputs": {"image": layout_file}},
         "3": {"class_type": "EliGenPaintedLayout", "inputs": {
-            "layout": ["2", 0], "clip": ["1", 1], "prompts": "\n".join(prompts_in_raster_order(layout)),
+            "layout": ["2", 0], "clip": ["1", 1], "prompts": "\n".join(prompts_in_reading_order(layout)),
             "background": "largest", "min_area_percent": 0.5, "text_length": TEXT_LENGTH}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": layout.caption, "clip": ["1", 1]}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},

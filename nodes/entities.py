@@ -55,7 +55,7 @@ class EliGenEntity(io.ComfyNode):
         elif clip is not None:
             if not (text or "").strip():
                 raise ValueError(f"{name}: the text is empty")
-            embeds = entity_conds.encode_entity_text(clip, text, text_length)
+            embeds = entity_conds.encode_entity_text(clip, text, text_length, name)
         else:
             raise ValueError(f"{name}: connect a conditioning, or a clip and a text")
         entity = entity_conds.Entity(embeds, entity_conds.entity_mask(mask, name), label)

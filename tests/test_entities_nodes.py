@@ -168,3 +168,54 @@ def test_bad_step_range_and_too_many_entities_at_apply():
     too_many = entity_chain(16) + entity_chain(1)
     with pytest.raises(ValueError, match="17 entities given; EliGen takes at most 16"):
         EliGenApply.execute(model=tiny_flux(), positive=encoded(), entities=too_many)
+
+
+# ---- broken text encoders: named by every node that encodes entity prompts ------------------------
+
+def broken_toy_clip(kind):
+    """The toy text encoder with its word table made NaN, infinite, or a million times too large."""
+    from comfyui_eligen.toyworld.models import build_clip
+
+    weights = build_clip().cond_stage_model.state_dict()
+    [key] = [k for k in weights if k.endswith("word_table")]
+    factor = {"nan": float("nan"), "inf": float("inf"), "huge": 1e6}[kind]
+    return build_clip(text_encoder_sd={**weights, key: weights[key] * factor})
+
+
+BROKEN = [("nan", "hold NaN or inf values"), ("inf", "hold NaN or inf values"),
+          ("huge", "hold values as large as ")]
+
+
+@pytest.mark.parametrize("kind, problem", BROKEN, ids=[kind for kind, _ in BROKEN])
+def test_a_broken_text_encoder_is_named_by_entity_and_layout_nodes(kind, problem):
+    from comfyui_eligen.nodes.layouts import EliGenBoxLayout, EliGenPaintedLayout
+    from test_layouts import PROMPTS, painted
+
+    clip = broken_toy_clip(kind)
+    calls = {
+        'entity 3 ("red circle")': lambda: EliGenEntity.execute(
+            mask=box_mask(), clip=clip, text="red circle", previous=entity_chain(2)),
+        'entity 1 ("red circle")': lambda: EliGenPaintedLayout.execute(painted()[0], clip, PROMPTS),
+        'entity 2 ("a blue square")': lambda: EliGenBoxLayout.execute(
+            "0.5, 0.5, 0.5, 0.5", "a blue square", clip, 128, 128, previous=entity_chain(1)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        message = str(error.value)
+        assert message.startswith(f"{name}: the text embeddings from clip {problem}"), message
+        assert "would give a black image" in message
+
+
+@pytest.mark.parametrize("value, problem", [(float("nan"), "(1 NaN and 0 infinite of 128)"),
+                                            (float("-inf"), "(0 NaN and 1 infinite of 128)"),
+                                            (-7e4, "as large as 7e+04; text embeddings stay far below 65504")])
+def test_a_broken_conditioning_is_named_and_healthy_large_values_pass(value, problem):
+    embeds = encoded()
+    embeds[0][0][0, 2, 5] = value
+    with pytest.raises(ValueError) as error:
+        EliGenEntity.execute(mask=box_mask(), conditioning=embeds, label="sky")
+    assert str(error.value).startswith('entity 1 ("sky"): the text embeddings from the conditioning hold')
+    assert problem in str(error.value)
+    embeds[0][0][0, 2, 5] = 6e4  # within fp16's range: kept
+    assert EliGenEntity.execute(mask=box_mask(), conditioning=embeds, label="sky").result[0][0].embeds[0, 2, 5] == 6e4

@@ -225,6 +225,8 @@ def test_mask_of_another_aspect_is_an_error_naming_the_entity(family):
     message = str(error.value)
     assert 'entity 1 ("thing 0")' in message and "64x64" in message and "16x8" in message
     assert "aspect 1.000" in message and "aspect 2.000" in message
+    assert message.startswith("EliGen Apply: the entity masks do not fit the image being sampled")
+    assert "the image being sampled is 128x64 pixels (its latent is 16x8" in message
 
 
 def test_near_aspect_within_one_token_is_accepted():

@@ -115,6 +115,9 @@ def test_mask_of_another_aspect_fails_the_prompt_naming_the_entity(comfy_server)
     message = str(error.value)
     assert 'entity 1 ("red circle")' in message and 'entity 2 ("blue square")' in message
     assert "aspect 1.000" in message and "aspect 2.000" in message
+    # raised inside KSampler: the message itself says it is EliGen's, with the size the user typed
+    assert "EliGen Apply: the entity masks do not fit the image being sampled" in message
+    assert "mask is 64x64 (aspect 1.000) but the image being sampled is 128x64 pixels (its latent is 16x8" in message
 
 
 def test_entity_node_errors_reach_the_user(comfy_server):

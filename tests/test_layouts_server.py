@@ -35,8 +35,8 @@ def test_painted_layout_with_trained_lora_places_entities(comfy_server):
     entry, trained = run_painted(comfy_server, layout, lora, "painted_test")
     _, base = run_painted(comfy_server, layout, None, "painted_test")
 
-    # the node read exactly the painted entities, paired with the prompts in raster order
-    assert [[r["prompt"] for r in image] for image in trained["images"]] == [painted.prompts_in_raster_order(layout)] * 4
+    # the node read exactly the painted entities, paired with the prompts in reading order
+    assert [[r["prompt"] for r in image] for image in trained["images"]] == [painted.prompts_in_reading_order(layout)] * 4
     assert len(comfy_server.output_files(entry)) >= 4
     d, b = trained["summary"], base["summary"]
     print(f"painted, base + EliGen attention: {b}\npainted, trained LoRA: {d}")

@@ -235,6 +235,16 @@ LORA_CASES = [
     ("shape-misfit", changed(lora_up__weight=torch.zeros(100, 2)), [QKV, "does not fit the model weight"]),
     ("unknown-module", {"diffusion_model.nowhere.lora_up.weight": torch.zeros(4, 2),
                         "diffusion_model.nowhere.lora_down.weight": torch.zeros(2, 4)}, ["diffusion_model.nowhere.lora_up.weight", "match no module"]),
+    ("mid-on-linear", changed(lora_mid__weight=torch.zeros(2, 2)),
+     [QKV + ".lora_mid.weight", "4-D lora_up/lora_down, but this module's are 2-D", "IndexError"]),
+    ("mid-alone", {QKV + ".lora_mid.weight": torch.zeros(2, 2, 3, 3)}, [QKV + ".lora_mid.weight", "needs its module's lora_up"]),
+    ("diff-shape", changed(diff=torch.zeros(3, 4)),
+     [QKV + ".diff' has shape (3, 4) but the model's " + QKV + ".weight is (192, 64)", "console warning"]),
+    ("diff-shape-other-names", {"double_blocks.0.img_attn.qkv.diff": torch.zeros(192, 63)},
+     ["key 'double_blocks.0.img_attn.qkv.diff' has shape (192, 63)", "(192, 64)"]),
+    ("diff-bias-shape", changed(diff_b=torch.zeros(5)), [QKV + ".diff_b' has shape (5,)", ".bias is (192,)"]),
+    ("dora-scale-size", changed(dora_scale=torch.ones(7, 1)),
+     [QKV + ".dora_scale' has 7 values", "192 outputs and 64 inputs"]),
     ("not-a-tensor", dict(good_pair(), extra=[1, 2]), ["'extra'", "holds a list"]),
     ("key-not-text", {5: torch.zeros(1)}, ["key 5 is not text"]),
     ("empty", {}, ["holds no tensors"]),
@@ -254,6 +264,8 @@ def test_bad_lora_state_dicts(flux_model, case):
 
 def test_good_pair_passes(flux_model):
     assert QKV + ".lora_up.weight" in lora_formats.to_comfy_for_model(good_pair(), flux_model)
+    extras = changed(diff=torch.zeros(192, 64), diff_b=torch.zeros(192), dora_scale=torch.ones(192, 1))
+    assert QKV + ".diff" in lora_formats.to_comfy_for_model(extras, flux_model)  # extras of the right shape load
 
 
 LORA_FILE_CASES = [
@@ -350,6 +362,8 @@ TRAINING_INPUT_CASES = [
      ["training sample 0", "entity 1 embeddings"]),
     ("nan-pooled", lambda: faults.check_finite_samples([sample(pooled=torch.full((1, TEXT_WIDTH), float("nan")))]),
      ["training sample 0", "pooled prompt embedding"]),
+    ("huge-entity-embeds", lambda: faults.check_finite_samples([sample(), sample(entity_embeds=[torch.full((1, 2, TEXT_WIDTH), 1e6)])]),
+     ["training sample 1", "entity 1 embeddings hold values as large as 1e+06", "far below 65504"]),
     ("validation-positive-width (issue 8)", lambda: faults.check_validation_inputs(sample(), [[torch.zeros(1, 3, 16), {}]], None, TEXT_WIDTH),
      ["validation_positive", "16 wide", "32"]),
     ("validation-entity-aspect (issue 8)", lambda: faults.check_validation_inputs(sample(), None, [entity((32, 64), "wide")], TEXT_WIDTH),
@@ -437,6 +451,12 @@ def test_the_suite_has_at_least_80_cases():
 
 SERVER_LORA_CASES = [
     ("up-without-down", {"double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(384, 2)}, "has no lora_down"),
+    ("extra-mid", {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(384, 2),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_mid.weight": torch.zeros(2, 2)},
+     "'lora_unet_double_blocks_0_img_attn_qkv.lora_mid.weight': a lora_mid (LoCon Tucker) tensor"),
+    ("diff-shape", {"lora_unet_double_blocks_0_img_attn_qkv.diff": torch.zeros(384, 127)},
+     "'lora_unet_double_blocks_0_img_attn_qkv.diff' has shape (384, 127) but the model's"),
     ("nan-alpha", {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(384, 2),
                    "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
                    "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float("nan"))}, "NaN or inf"),

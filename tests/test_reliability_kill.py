@@ -4,7 +4,8 @@ A second server of its own (not the shared session one, which other tests keep u
 LoRA, then resumes it; the moment the final LoRA's temp file appears in ``models/loras`` the whole
 server is killed with SIGKILL, so the write is cut off half-way. After a restart on the same folders:
 no temp file is offered by LoraLoaderModelOnly or EliGen LoRA Loader, the previous LoRA file is intact,
-and resuming the run finishes it (removing the dead process's temp file).
+and resuming the run finishes it (removing the dead process's temp folder, with safetensors' own
+temp file inside it).
 """
 
 import hashlib
@@ -100,6 +101,8 @@ def test_kill_during_lora_save_then_restart_and_resume(tmp_path):
             before = digest(lora_file)
         left = temps(loras)
         assert left and all(name.endswith(".part") for name in left)
+        # whatever the write had made (safetensors' own .tmpXXXXXX included) is inside its temp folder
+        assert [name for name in os.listdir(loras) if name.startswith(".")] == left
         assert digest(lora_file) == before and steps_done(lora_file) == attempt  # the old file is whole
 
         server = restart(server, tmp_path, 10)
@@ -112,6 +115,7 @@ def test_kill_during_lora_save_then_restart_and_resume(tmp_path):
 
         server.run_workflow(graph(steps=attempt + 2, resume="latest"), timeout=600)
         assert steps_done(lora_file) == attempt + 2
-        assert temps(loras) == []  # the dead process's temp file was removed
+        assert temps(loras) == []  # the dead process's temp folder was removed
+        assert [name for name in os.listdir(loras) if name.startswith(".")] == []  # and nothing else was left
     finally:
         server.stop()

@@ -3,9 +3,12 @@ temp files, disk full, damaged checkpoints and cache entries, resume with other 
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -122,21 +125,111 @@ def dead_pid():
 def test_temp_files_are_never_listed_and_stale_ones_are_removed(tmp_path):
     listed = tuple(folder_paths.supported_pt_extensions) + (".json",)
     with files.atomic_path(str(tmp_path / "lora.safetensors")) as temp:
-        assert not temp.endswith(listed) and os.path.basename(temp).startswith(".eligen-tmp.")
+        assert not temp.endswith(listed) and os.path.basename(os.path.dirname(temp)).startswith(".eligen-tmp.")
         with open(temp, "wb") as handle:
             handle.write(b"x")
+    assert os.listdir(tmp_path) == ["lora.safetensors"]  # the temp folder went with the write
     host = files._HOST
     stale = tmp_path / "fresh" / f".eligen-tmp.{host}.{dead_pid()}.abcdef.part"
-    mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.abcdef.part"
+    mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.{files._PROCESS}-abcdef.part"
+    old_mine = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.abcdef.part"  # no process token: kept
+    # the same pid as this process but another process token: a process before this one had the pid
+    earlier = tmp_path / "fresh" / f".eligen-tmp.{host}.{os.getpid()}.0badf00d-abcdef.part"
     other_host = tmp_path / "fresh" / f".eligen-tmp.00000000.{dead_pid()}.abcdef.part"
     stale.parent.mkdir()
-    for path in (stale, mine, other_host):
+    for path in (stale, mine, old_mine, earlier, other_host):
         path.write_bytes(b"half a file")
     legacy = tmp_path / "fresh" / ".tmp-ab12cd34.safetensors"
     legacy.write_bytes(b"old")
     os.utime(legacy, (0, 0))
     lora_formats.save_lora(str(tmp_path / "fresh" / "new.safetensors"), {"a.lora_up.weight": torch.zeros(1)})
-    assert sorted(os.listdir(tmp_path / "fresh")) == sorted(["new.safetensors", mine.name, other_host.name])
+    assert sorted(os.listdir(tmp_path / "fresh")) == sorted(["new.safetensors", mine.name, old_mine.name, other_host.name])
+
+
+KILLED_WRITERS = {
+    # a checkpoint of ~200 MB written after a small one; a second process then writes step 3
+    "checkpoint": ("""
+        import torch
+        from comfyui_eligen.training import checkpoints
+        def save(step, numel):
+            weight = torch.nn.Parameter(torch.zeros(4))
+            checkpoints.save_checkpoint(FOLDER, step, {"m.lora_A": torch.ones(numel)},
+                                        torch.optim.SGD([weight], lr=0.1), None, {"run": "killed"})
+        """, ["latest.json", "step_000001.safetensors", "step_000003.safetensors"]),
+    # the disk encoding cache: entry k1, then a ~200 MB k2 that is cut off; a second process writes k3
+    "cache": ("""
+        import os, torch
+        from comfyui_eligen.training.cache import EncodingCache
+        def save(step, numel):
+            EncodingCache(os.path.dirname(FOLDER)).put("latent", f"k{step}", {"latent": torch.ones(numel)})
+        """, ["k1.safetensors", "k3.safetensors"]),
+}
+
+
+def run_writer(source, folder, steps_and_sizes):
+    lines = [f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); import conftest",
+             f"FOLDER = {str(folder)!r}", textwrap.dedent(source)]
+    lines += [f"save({step}, {numel}); print('wrote {step}', flush=True)" for step, numel in steps_and_sizes]
+    return subprocess.Popen([sys.executable, "-c", "\n".join(lines)], stdout=subprocess.PIPE, text=True)
+
+
+def safetensors_temps(folder):
+    """safetensors' own temp files (``.tmpXXXXXX``) anywhere under ``folder``."""
+    return [name for _, _, names in os.walk(folder) for name in names if name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("writer", sorted(KILLED_WRITERS))
+def test_a_write_killed_mid_way_leaves_only_a_temp_that_the_next_write_removes(tmp_path, writer):
+    """SIGKILL while safetensors writes: its own temp file lands in the write's temp folder, which no file
+    list shows and a later process's first write in that folder removes (the earlier file stays whole)."""
+    source, expected = KILLED_WRITERS[writer]
+    folder = tmp_path / "run" if writer == "checkpoint" else tmp_path / "cache" / "latent"
+    for attempt in range(3):
+        process = run_writer(source, folder, [(1, 16), (2, 50_000_000)])
+        assert process.stdout.readline().strip() == "wrote 1"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if safetensors_temps(folder):
+                process.send_signal(signal.SIGKILL)  # mid-write: safetensors' temp exists
+                break
+            time.sleep(0.001)
+        process.wait()
+        if process.returncode == -signal.SIGKILL:
+            break
+        shutil.rmtree(tmp_path / ("run" if writer == "checkpoint" else "cache"))  # finished first: again
+    assert process.returncode == -signal.SIGKILL, "the kill never landed during the write"
+    left = [name for name in os.listdir(folder) if name not in expected]
+    assert left and all(name.startswith(files.TEMP_PREFIX) and name.endswith(".part") for name in left), left
+    listed, _ = folder_paths.recursive_search(str(folder))
+    shown = folder_paths.filter_files_extensions(listed, folder_paths.supported_pt_extensions | {".json", ".png"})
+    assert all(not name.startswith(files.TEMP_PREFIX) for name in shown), shown
+    assert run_writer(source, folder, [(3, 16)]).wait() == 0
+    assert sorted(os.listdir(folder)) == expected
+
+
+def our_header(path, metadata):
+    save_file({"x": torch.zeros(2)}, str(path), metadata=metadata)
+    os.utime(path, (0, 0))
+    return path
+
+
+def test_earlier_versions_safetensors_temps_are_removed_only_when_they_are_ours(tmp_path):
+    """Before temp folders, safetensors' ``.tmpXXXXXX`` sat beside the target: removed when its header
+    holds this package's metadata and it is over an hour old; a user's files of that shape stay."""
+    ours = [our_header(tmp_path / ".tmpAb12Cd", {"eligen_checkpoint": "{}"}),
+            our_header(tmp_path / ".tmp9zYx8W", {"eligen_cache_version": "1", "kind": "latent"})]
+    kept = [our_header(tmp_path / ".tmpUser01", {"format": "pt"}),  # someone else's safetensors
+            our_header(tmp_path / ".tmpNoMeta", None)]
+    young = tmp_path / ".tmpYoung1"
+    save_file({"x": torch.zeros(2)}, str(young), metadata={"eligen_training": "{}"})
+    (tmp_path / ".tmpNotST1").write_bytes(b"\x10" + b"\0" * 7 + b"not json at all!")
+    os.utime(tmp_path / ".tmpNotST1", (0, 0))
+    os.mkfifo(tmp_path / ".tmpFifo01")  # never opened (it would block)
+    os.symlink(ours[0], tmp_path / ".tmpLink01")
+    kept += [young, tmp_path / ".tmpNotST1", tmp_path / ".tmpFifo01", tmp_path / ".tmpLink01"]
+    removed = files.remove_stale_temp_files(str(tmp_path))
+    assert sorted(removed) == sorted(map(str, ours))
+    assert sorted(os.listdir(tmp_path)) == sorted(path.name for path in kept) and not os.path.exists(ours[0])
 
 
 def test_disk_full_names_the_file_and_the_folder(tmp_path):

@@ -3,7 +3,7 @@ inputs that do not fit the training data. Each ValueError names the sample (and 
 
 import torch
 
-from ..core.conditioning import describe
+from ..core.conditioning import describe, embedding_problem
 from ..core.mask_rule import aspect_problem
 
 
@@ -15,23 +15,31 @@ def sample_name(index, sample):
 
 
 def _parts(sample):
-    yield "latent (VAE encoding of the image)", sample.latent
-    yield "prompt embeddings", sample.context
+    """(name, tensor, whether it is text embeddings) of every tensor of a sample."""
+    yield "latent (VAE encoding of the image)", sample.latent, False
+    yield "prompt embeddings", sample.context, True
     if sample.pooled is not None:
-        yield "pooled prompt embedding", sample.pooled
+        yield "pooled prompt embedding", sample.pooled, True
     for k, embeds in enumerate(sample.entity_embeds):
-        yield f"entity {k + 1} embeddings", embeds
-    yield "entity masks", sample.masks
+        yield f"entity {k + 1} embeddings", embeds, True
+    yield "entity masks", sample.masks, False
 
 
 def check_finite_samples(samples, what="training"):
-    """ValueError naming the first sample and part that holds NaN or inf (never trained on)."""
+    """ValueError naming the first sample and part that holds NaN or inf, or text embeddings that are
+    absurdly large (core/conditioning.py: ``embedding_problem``, the entity nodes' check): never trained on."""
     for index, sample in enumerate(samples):
-        for part, tensor in _parts(sample):
-            if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        for part, tensor, text in _parts(sample):
+            if tensor is None or not tensor.is_floating_point():
+                continue
+            if text:
+                problem = embedding_problem(tensor)
+            else:
+                problem = None if bool(torch.isfinite(tensor).all()) else "holds NaN or inf values"
+            if problem:
                 name = sample_name(index, sample) if what == "training" else f"{what} sample {index}"
-                raise ValueError(f"{name}: its {part} holds NaN or inf values; check the image and "
-                                 f"prompts of that record (and the encoder that made them)")
+                raise ValueError(f"{name}: its {part} {problem}; check the image and prompts of that record "
+                                 f"(and the encoder that made them)")
 
 
 def check_validation_inputs(first, positive, entities, text_width):
