@@ -24,6 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -418,8 +419,9 @@ def package_training_step(model_patcher, rank, values, x0, noise, index, context
         set_lora(layers, values)
         sampler = loss.TimestepSampler("reference", schedule=adapter.reference_schedule)
         sigma, weight = sampler.sigmas[index:index + 1], sampler.weights[index:index + 1]
-        wrappers = model.get_wrappers(patch.WRAPPER_TYPE, patch.WRAPPER_KEY)
-        options = {"wrappers": {patch.WRAPPER_TYPE: {patch.WRAPPER_KEY: wrappers}}}
+        # What sampling hands the diffusion model: the EliGen DIFFUSION_MODEL wrapper of the patched clone.
+        kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+        options = {"wrappers": {kind: {patch.WRAPPER_KEY: model.get_wrappers(kind, patch.WRAPPER_KEY)}}}
         options = blocks.training_transformer_options(diffusion_model, adapter.training_blocks, options, checkpointing)
         condition = conditioning.EntityCondition.for_training(lengths, masks)
         prediction = adapter.training_forward(model.model, loss.noisy_latent(x0, noise, sigma), sigma, context, pooled,
