@@ -24,6 +24,7 @@ It fails, never skips, when the environment cannot be built (no package index, n
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -165,9 +166,10 @@ def running():
     yield started
     problems = []
     for server, package, guard in started:
-        server.stop()
+        server.stop(keep_files=True)  # the package folder lies in the server's private folder
         changed = guard.changes()
         guard.restore()
+        shutil.rmtree(server.base_dir, ignore_errors=True)
         if changed:
             problems.append(f"{package}: written at run time: {changed[:10]}")
     assert not problems, "\n".join(problems)
@@ -304,6 +306,6 @@ def test_without_peft_every_other_node_works_and_training_says_how_to_install_it
         server.run_workflow(toy_training_graph(package, "user_install_no_peft"), timeout=600)
     message = str(failure.value)
     say("EliGen Train LoRA: " + next(l for l in message.splitlines() if "PeftUnavailable" in l))
-    assert "(EliGenTrain): PeftUnavailable: EliGen training needs peft>=0.13" in message
+    assert "(EliGenTrain): " in message and "PeftUnavailable: EliGen training needs peft>=0.13" in message
     assert f"Install it with: {command} and restart ComfyUI" in message
     assert not os.listdir(os.path.join(server.models_dir, "loras"))
