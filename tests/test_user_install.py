@@ -64,7 +64,8 @@ def user_env(tmp_path_factory):
     assert torch_file.startswith(os.path.join(str(folder), "torch-family")), f"torch comes from {torch_file!r}"
     say(f"user venv built in {env.seconds['total']:.0f} s (venv {env.seconds['venv']:.0f} s, torch-family overlay "
         f"{env.seconds['overlay']:.0f} s for {len(env.shared)} distributions, pip {env.seconds['pip']:.0f} s)")
-    return env
+    yield env
+    shutil.rmtree(folder, ignore_errors=True)  # ~0.8 GB; pytest would keep it with its last three runs
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +138,23 @@ class ReadOnlyPackage:
 
     def restore(self):
         set_writable(self.folder, True)
+
+
+def test_a_write_into_the_package_folder_is_seen(tmp_path):
+    folder = tmp_path / "package"
+    (folder / "core").mkdir(parents=True)
+    (folder / "core" / "a.py").write_text("x = 1\n")
+    guard = ReadOnlyPackage(str(folder))
+    try:
+        assert guard.changes() == []
+        try:
+            (folder / "core" / "cache.bin").write_bytes(b"0")
+        except PermissionError:  # not root: the permission bits stop it already
+            assert os.geteuid() != 0
+            return
+        assert guard.changes() == ["core", os.path.join("core", "cache.bin")]
+    finally:
+        guard.restore()
 
 
 # ---- the user's ComfyUI --------------------------------------------------------------------------------
