@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/test_browser.py needs: Debian's headless-capable `chromium` and Playwright for Python
+# What tests/server/test_browser.py needs: Debian's headless-capable `chromium` and Playwright for Python
 # (driving that Chromium through executable_path; Playwright's own browser download is not used, so
 # this works offline once the packages are installed). Idempotent: a second run only checks.
 #

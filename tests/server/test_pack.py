@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEFT_OUT = ("tests/", "bench/", "lab/", "docs/", ".ci/")
 LAB_IMPORT = re.compile(r"^\s*(from\s+(\.+|comfyui_eligen\.)lab\b|import\s+comfyui_eligen\.lab\b)", re.MULTILINE)
 

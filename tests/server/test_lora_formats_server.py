@@ -93,3 +93,32 @@ def test_loader_names_keys_the_model_has_no_place_for(server):
     message = str(error.value)
     assert "EliGenLoraLoader" in message and "toy_bad.safetensors" in message
     assert "'blocks.0.attn.a_to_nowhere.lora_A.default.weight'" in message and "2 key(s)" in message
+
+
+# A few of the broken-file cases of tests/unit/test_reliability_inputs.py through the server: the message
+# reaches the user and names the item.
+
+SERVER_LORA_CASES = [
+    ("up-without-down", {"double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(384, 2)}, "has no lora_down"),
+    ("extra-mid", {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(384, 2),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_mid.weight": torch.zeros(2, 2)},
+     "'lora_unet_double_blocks_0_img_attn_qkv.lora_mid.weight': a lora_mid (LoCon Tucker) tensor"),
+    ("diff-shape", {"lora_unet_double_blocks_0_img_attn_qkv.diff": torch.zeros(384, 127)},
+     "'lora_unet_double_blocks_0_img_attn_qkv.diff' has shape (384, 127) but the model's"),
+    ("nan-alpha", {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(384, 2),
+                   "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
+                   "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(float("nan"))}, "NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("case", SERVER_LORA_CASES, ids=[c[0] for c in SERVER_LORA_CASES])
+def test_bad_lora_files_through_the_server(comfy_server, case):
+    name, state_dict, expected = case
+    file_name = f"bad_{name}.safetensors"
+    lf.save_lora(os.path.join(comfy_server.models_dir, "loras", file_name), state_dict)
+    with pytest.raises(ServerError) as error:
+        comfy_server.run_workflow(graph("EliGenLoraLoader", file_name))
+    message = str(error.value)
+    assert "EliGenLoraLoader" in message and file_name in message and expected in message
+    assert "KeyError" not in message

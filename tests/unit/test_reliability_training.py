@@ -18,7 +18,7 @@ import folder_paths
 from comfyui_eligen.core import files, lora_formats
 from comfyui_eligen.training import cache, checkpoints, outputs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_checkpoint(path, meta):

@@ -1,4 +1,4 @@
-"""Random inputs for the package's entry points, shared by the hypothesis tests (tests/test_reliability_fuzz.py)
+"""Random inputs for the package's entry points, shared by the hypothesis tests (tests/unit/test_reliability_fuzz.py)
 and scripts/fuzz.py. Each ``*_case(rng, ...)`` builds one hostile input from a ``random.Random`` and feeds
 it to the real function; the only exceptions allowed out are ValueError and its subclasses (the
 package's named errors). Successful calls are checked for what they promise.

@@ -25,9 +25,7 @@ from comfyui_eligen.training.run_file import write_run
 from comfyui_eligen.training.runner import JobInputs
 from comfyui_eligen.training.settings import TrainSettings
 
-from test_training_node import comfy_folders  # noqa: F401 - the fixture
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 LORA = dict(rank=2, alpha=2.0)
 TRAIN = dict(learning_rate=1e-2, precision="fp32", gradient_checkpointing=False, checkpoint_every=0)

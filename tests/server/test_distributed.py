@@ -21,7 +21,7 @@ from comfyui_eligen.training import checkpoints, headless
 from comfyui_eligen.training.job import read_job
 from comfyui_eligen.training.run_file import write_run
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -75,7 +75,7 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path, dataset):
         for mode in ("two", "fsdp"):
             jobs.append({"run": path, "run_dir": str(tmp_path / family / mode), "batch_size": 1, "fsdp": mode == "fsdp"})
     started = time.monotonic()
-    done = subprocess.run(TORCHRUN + [os.path.join(TESTS, "torchrun_worker.py"), json.dumps(jobs)],
+    done = subprocess.run(TORCHRUN + [os.path.join(TESTS, "support", "torchrun_worker.py"), json.dumps(jobs)],
                           env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"torchrun, 2 processes, both families, with and without FSDP: {time.monotonic() - started:.1f} s")

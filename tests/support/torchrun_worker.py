@@ -1,11 +1,11 @@
-"""Started by torchrun in tests/test_distributed.py: trains several run files in one process group, so a
+"""Started by torchrun in tests/server/test_distributed.py: trains several run files in one process group, so a
 test pays ComfyUI's import once per rank. argv[1]: JSON list of {"run", "run_dir", "batch_size", "fsdp"}."""
 
 import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 from comfy_env import setup_comfy  # noqa: E402

@@ -10,6 +10,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
+from comfyui_eligen.core import conditioning
 
 TEXT_WIDTH = 32
 
@@ -65,3 +66,26 @@ def tiny_qwen_image(seed=0, heads=2, head_dim=32, layers=2, text_width=TEXT_WIDT
 
 
 TINY_MODELS = {"flux": tiny_flux, "qwen_image": tiny_qwen_image}
+
+
+def prompts(seed=0, global_length=6, negative_length=4):
+    """Random positive and negative CONDITIONING (FLUX-shaped: text and pooled) at the tiny text width."""
+    generator = torch.Generator().manual_seed(seed)
+    positive = [[torch.randn(1, global_length, TEXT_WIDTH, generator=generator),
+                 {"pooled_output": torch.randn(1, TEXT_WIDTH, generator=generator)}]]
+    negative = [[torch.randn(1, negative_length, TEXT_WIDTH, generator=generator),
+                 {"pooled_output": torch.randn(1, TEXT_WIDTH, generator=generator)}]]
+    return positive, negative
+
+
+def entities(count=2, mask_hw=(64, 96), lengths=(3, 5), seed=1):
+    """``count`` entities with random prompts and overlapping rectangles on the diagonal."""
+    generator = torch.Generator().manual_seed(seed)
+    out = ()
+    for i in range(count):
+        mask = torch.zeros(mask_hw)
+        h, w = mask_hw
+        mask[i * h // (2 * count): h // 2 + i * h // (2 * count), i * w // (2 * count): w // 2 + i * w // (2 * count)] = 1
+        out = conditioning.add_entity(out, conditioning.Entity(
+            torch.randn(1, lengths[i % len(lengths)], TEXT_WIDTH, generator=generator), mask, f"thing {i}"))
+    return out

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "example_workflows")
 EXAMPLE_NAMES = ["eligen_flux1_dev", "eligen_qwen_image", "eligen_train_flux1_dev", "eligen_train_qwen_image"]
 

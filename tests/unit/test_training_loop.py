@@ -149,7 +149,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint_with_a_finite_loss(
     assert resumed.step == kept.step + 3
     assert all(math.isfinite(loss) for _, loss in resumed.losses[kept.step:])
 
-    # At 1e6 (issue 8) the first update already blows up: its weights are set aside and the weights
+    # At 1e6 the first update already blows up: its weights are set aside and the weights
     # before it (kept in memory) become step 0; resuming from them at 1e-4 trains on.
     for every in (1, 0):
         run = str(tmp_path / f"nan_first_{every}")

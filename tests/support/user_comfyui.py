@@ -1,4 +1,4 @@
-"""A user's ComfyUI environment, built for tests/test_user_install.py: a new venv that holds ComfyUI's own
+"""A user's ComfyUI environment, built for tests/server/test_user_install.py: a new venv that holds ComfyUI's own
 requirements and nothing of this project (no peft, no test tools), as the portable and desktop builds do.
 
 Installing torch again (~5 GB of CUDA wheels) would take most of a CI run on 2 cores, so the torch family

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "object_info_eligen.json")
+SNAPSHOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "object_info_eligen.json")
 # Inputs whose options list files on the server (they depend on what other tests put into models/).
 FILE_LISTS = {("EliGenLoraLoader", "lora_name")}
 

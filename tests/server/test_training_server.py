@@ -141,3 +141,17 @@ def test_interrupt_keeps_a_checkpoint_that_resumes(server):
     # The resumed run started after the checkpoint: its first reported step is stopped_at + 1.
     assert f"EliGen training: step {stopped_at + 1}/{stopped_at + 2}" in log, (stopped_at, log[-3000:])
     assert f"EliGen training: step 1/{stopped_at + 2}" not in log, (stopped_at, log[-3000:])
+
+
+def test_bad_lora_name_is_refused_by_the_training_node_before_training(comfy_server):
+    from test_reliability_kill import make_dataset
+
+    make_dataset(comfy_server.input_dir, "reliability_set")  # its own folder on the shared server
+    nodes = common_nodes()
+    nodes["2"]["inputs"]["folder"] = "reliability_set"
+    nodes["10"] = train_node("n" * 300, steps=50)
+    with pytest.raises(ServerError) as error:
+        comfy_server.run_workflow(nodes)
+    message = str(error.value)
+    assert "EliGenTrain" in message and "lora_name is 300 characters long" in message
+    assert "EliGen training: step" not in comfy_server.log_text()[-20000:]

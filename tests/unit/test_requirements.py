@@ -7,7 +7,7 @@ import tomllib
 
 from comfyui_eligen.training import peft_requirement
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
 
 

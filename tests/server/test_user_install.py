@@ -1,5 +1,5 @@
 """The package installed the way users install it, into a user's ComfyUI 0.3.75: a venv holding only
-ComfyUI's own requirements (tests/user_comfyui.py; no scripts/setup.sh, no peft, no test tools), built
+ComfyUI's own requirements (tests/support/user_comfyui.py; no scripts/setup.sh, no peft, no test tools), built
 once per session and shared by the cases:
 
 - (a) as ComfyUI-Manager (or a user by hand) installs it: a git clone of the committed HEAD into

@@ -2,7 +2,7 @@
 
 The real architecture (hidden 3072, 24 heads, T5 width 4096, CLIP pooled 768, guidance embedding) at
 reduced depth: 1 double block and 1 single block (2.2 GB of float32 weights shared by both models; the
-loading peak and the LoRA checks must fit the 6 GB test budget). tests/reference_pair.py tells how both get
+loading peak and the LoRA checks must fit the 6 GB test budget). tests/support/reference_pair.py tells how both get
 the same weights and holds the comparisons. Float32 on the CPU, a 96x64 image (8x12 latent, 4x6 tokens).
 
 Entity text: the reference stacks entity embeddings into one tensor, so every entity has the global

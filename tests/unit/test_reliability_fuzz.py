@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis, a small budget here; scripts/fuzz.py runs 10,000 cases): mask
 building, dataset records and LoRA key conversion only ever raise the package's named errors
 (ValueError), and what succeeds keeps its promises (token-grid shape, PIL-exact masks, sample sizes,
-tensors out of the conversion). The inputs are built by tests/fuzz_cases.py from hypothesis' Random."""
+tensors out of the conversion). The inputs are built by tests/support/fuzz_cases.py from hypothesis' Random."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -26,7 +26,7 @@ from toy_lora import trained_toy_lora
 
 pytestmark = pytest.mark.server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "example_workflows")
 UI_WORKFLOWS = sorted(glob.glob(os.path.join(EXAMPLES, "*.json")))
 SETUP_HINT = "run `bash scripts/setup_browser.sh` (apt-get install chromium; pip install playwright)"

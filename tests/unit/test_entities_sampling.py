@@ -3,7 +3,7 @@ plain prompts unchanged, CFG and the negative branch, batches, step ranges, Qwen
 composition with LoRAs and other patches, and errors raised while sampling.
 
 These tests read the mask handed to attention, which only the dense method hands over: they patch with
-``attention="dense"``. tests/test_entity_attention_exact.py shows that the default (grouped) method gives
+``attention="dense"``. tests/unit/test_entity_attention.py shows that the default (grouped) method gives
 the same outputs in the same situations.
 """
 
@@ -17,8 +17,8 @@ import comfy.sample
 import comfy.sd
 from comfyui_eligen.core import conditioning, host, patch
 from comfyui_eligen.core.adapters import adapter_for
-from test_entities_attention import Recorder, sample_and_record
-from tiny_models import TEXT_WIDTH, tiny_flux, tiny_qwen_image
+from test_entity_attention import Recorder, sample_and_record
+from tiny_models import TEXT_WIDTH, entities, prompts, tiny_flux, tiny_qwen_image
 
 FAMILIES = {"flux": tiny_flux, "qwen_image": tiny_qwen_image}
 
@@ -29,27 +29,6 @@ def dense_patch(model):
 
 def latent(family, batch=1, hw=(8, 12)):
     return torch.zeros((batch, 16) + ((1,) if family == "qwen_image" else ()) + hw)
-
-
-def prompts(seed=0, global_length=6, negative_length=4):
-    generator = torch.Generator().manual_seed(seed)
-    positive = [[torch.randn(1, global_length, TEXT_WIDTH, generator=generator),
-                 {"pooled_output": torch.randn(1, TEXT_WIDTH, generator=generator)}]]
-    negative = [[torch.randn(1, negative_length, TEXT_WIDTH, generator=generator),
-                 {"pooled_output": torch.randn(1, TEXT_WIDTH, generator=generator)}]]
-    return positive, negative
-
-
-def entities(count=2, mask_hw=(64, 96), lengths=(3, 5), seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    out = ()
-    for i in range(count):
-        mask = torch.zeros(mask_hw)
-        h, w = mask_hw
-        mask[i * h // (2 * count): h // 2 + i * h // (2 * count), i * w // (2 * count): w // 2 + i * w // (2 * count)] = 1
-        out = conditioning.add_entity(out, conditioning.Entity(
-            torch.randn(1, lengths[i % len(lengths)], TEXT_WIDTH, generator=generator), mask, f"thing {i}"))
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import comfy.sd
-import folder_paths
 from comfyui_eligen.core import lora_formats
 from comfyui_eligen.nodes.training import EliGenLoraConfig, node_job, run_training
 from comfyui_eligen.toyworld.models import load_toy_models
@@ -17,18 +16,6 @@ from comfyui_eligen.training.dataset import dataset_from_images
 from comfyui_eligen.training.outputs import plain_lora_name
 from comfyui_eligen.training.runner import JobInputs
 from comfyui_eligen.training.settings import TrainSettings
-
-
-@pytest.fixture
-def comfy_folders(tmp_path, monkeypatch):
-    """ComfyUI's output and loras folders pointed at a temp dir (the ComfyUI copy is never written)."""
-    output, loras = tmp_path / "output", tmp_path / "loras"
-    output.mkdir()
-    loras.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(output))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(loras)], folder_paths.supported_pt_extensions))
-    return output, loras
 
 
 def toy_dataset(count=2):

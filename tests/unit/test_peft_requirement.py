@@ -1,6 +1,6 @@
 """Without peft (or with one older than the minimum) nothing but training needs it: the node modules load
 without importing it, the start-up log gets one line, and training stops before any work with a message
-naming what is missing and the command that installs it. (tests/test_user_install.py runs a real
+naming what is missing and the command that installs it. (tests/server/test_user_install.py runs a real
 ComfyUI in a venv without peft.)"""
 
 import logging

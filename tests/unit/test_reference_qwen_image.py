@@ -3,7 +3,7 @@
 The real architecture (hidden 3072 = 24 heads x 128, Qwen2.5-VL text width 3584, MLP 12288, 3-axis RoPE
 16/56/56) at reduced depth: 2 transformer blocks (2.9 GB of float32 weights shared by both models), so
 that every per-block part of this package (text positions, training blocks) runs on more than one block.
-tests/reference_pair.py tells how both get the same weights and holds the comparisons. Float32 on the CPU,
+tests/support/reference_pair.py tells how both get the same weights and holds the comparisons. Float32 on the CPU,
 a 96x64 image.
 
 Every entity case checks Qwen-Image's per-segment text positions: the reference gives each entity's text,

@@ -49,7 +49,7 @@ def tie_prone_sides(rng, latent_side):
 def random_pairs(count, seed=SEED):
     """(mask (H, W), image (H, W)) pairs: image-sized, scaled, tie-prone and upsampled masks."""
     rng = random.Random(seed)
-    pairs = [((200, 300), (344, 512)), ((442, 1157), (442, 1157))]  # the cases from issue 8
+    pairs = [((200, 300), (344, 512)), ((442, 1157), (442, 1157))]  # sizes where rounding once went wrong
     while len(pairs) < count:
         image = (rng.randint(16, 2048), rng.randint(16, 2048))
         latent = (image[0] // 8, image[1] // 8)
@@ -131,7 +131,7 @@ def test_training_masks_use_the_same_rule_as_pil():
 
 
 def test_torch_nearest_exact_differs_where_pil_and_we_agree():
-    """The case from issue 8: a 300x200 mask to a 64x43 latent; PIL reads row 99 at output 21."""
+    """A 300x200 mask to a 64x43 latent; PIL reads row 99 at output 21."""
     assert pil_indices(200, 43)[21] == 99 and mask_rule.nearest_indices(200, 43)[21] == 99
     rows = torch.nn.functional.interpolate(torch.arange(200.0)[None, None, :, None], size=(43, 1),
                                            mode="nearest-exact")[0, 0, :, 0]
@@ -139,7 +139,7 @@ def test_torch_nearest_exact_differs_where_pil_and_we_agree():
 
 
 def test_masks_of_different_sizes_are_each_resized_once():
-    """Issue 8's example: an 88x80 image, masks 92x84 and 42x38; the strip of the second covers 3 tokens."""
+    """An 88x80 image, masks 92x84 and 42x38; the strip of the second covers 3 tokens."""
     big = torch.zeros(84, 92)
     big[10:30, 10:40] = 1.0
     strip = torch.zeros(38, 42)
