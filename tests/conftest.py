@@ -118,3 +118,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    """ComfyUI's output and loras folders pointed at a temp dir (the ComfyUI copy is never written)."""
+    import folder_paths  # ComfyUI's: importable once the module-level set-up above has run
+
+    output, loras = tmp_path / "output", tmp_path / "loras"
+    output.mkdir()
+    loras.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(loras)], folder_paths.supported_pt_extensions))
+    return output, loras
