@@ -126,7 +126,7 @@ class _Arguments:
             return
         image = torch.arange(length, mask.shape[-1], device=mask.device)
         keep = torch.cat([rows.to(mask.device), image[None].expand(rows.shape[0], -1)], 1)
-        keep = keep if mask.shape[0] == keep.shape[0] else keep[:1]  # a mask shared by the batch
+        mask = mask.expand(keep.shape[0], *mask.shape[1:])  # a mask shared by the batch: one per row now
         mask = torch.gather(mask, -1, keep[:, None].expand(-1, mask.shape[-2], -1) if mask.ndim == 3 else keep)
         if mask.ndim == 3:
             mask = torch.gather(mask, 1, keep[..., None].expand(-1, -1, mask.shape[-1]))

@@ -201,14 +201,16 @@ def test_the_sampler_batches_conditionings_of_different_layouts(family):
     # Both 14 text tokens, split differently: FLUX.1 and Qwen-Image hand the prompt to ComfyUI as a
     # CONDRegular, which batches equal lengths only (the repeating concat is tested above).
     second, _ = prompts(seed=4, global_length=10)
-    first, _ = conditioning.apply_entities(first, entities(2, (64, 80), lengths=(3, 5)))
-    second, _ = conditioning.apply_entities(second, entities(3, (64, 80), lengths=(2, 1, 1), seed=2))
+    # Entities for the first half of the steps: later steps keep each row's caption only (6 and 10
+    # tokens: padded, with no entities).
+    first, _ = conditioning.apply_entities(first, entities(2, (64, 80), lengths=(3, 5)), end=0.5)
+    second, _ = conditioning.apply_entities(second, entities(3, (64, 80), lengths=(2, 1, 1), seed=2), end=0.5)
     positive = first + second  # ConditioningCombine: both predictions, averaged
     shape = (2, 16) + ((1,) if family == "qwen_image" else ()) + (8, 10)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def run(model):
-        return comfy.sample.sample(model, noise, 2, 2.5, "euler", "simple", positive, negative,
+        return comfy.sample.sample(model, noise, 3, 2.5, "euler", "simple", positive, negative,
                                    torch.zeros(shape, dtype=torch.float64), disable_pbar=True, seed=0)
 
     for method in attention.METHODS:
@@ -217,7 +219,9 @@ def test_the_sampler_batches_conditionings_of_different_layouts(family):
         recorded = model.clone()
         recorded.model_options["transformer_options"]["optimized_attention_override"] = recorder
         together = run(recorded)
-        assert any(len(rows) == 4 for rows in recorder.layouts), recorder.layouts[:2]  # 2 layouts x 2 latents
+        # 2 layouts x 2 latents in one call: with entities, then the captions alone
+        assert {tuple(sorted(rows)) for rows in recorder.layouts if len(rows) == 4} == {
+            ((2, 1, 1, 10), (2, 1, 1, 10), (3, 5, 0, 6), (3, 5, 0, 6)), ((6,), (6,), (10,), (10,))}, recorder.layouts
         reference = model.clone()
         reference.model_options["sampler_calc_cond_batch_function"] = each_alone
         alone = run(reference)
