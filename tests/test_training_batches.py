@@ -1,5 +1,6 @@
-"""Training micro-batches: any samples of an aspect bucket share one forward, and every micro-batch is
-full, so every rank always trains its share.
+"""Training micro-batches: any samples of an aspect bucket share one forward, every micro-batch is full
+(so every rank always trains its share), and a step's gradient does not depend on how its micro-batches
+are split over ranks.
 
 float64, both families: in a batch of samples with different entity counts (0 to 3) and prompt lengths,
 each sample's prediction, loss and LoRA gradients equal those of the sample trained alone (no padding).
