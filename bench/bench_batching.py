@@ -11,7 +11,10 @@ its own process(es), one thread each, on the same run file:
 
 Samples per second = samples of the global batch / median time between consecutive optimizer steps
 (the first steps excluded); ratios are against batch_1 and ranks_1 measured in the same run. Each rank
-counts the samples it trained in every step (``samples_per_rank``).
+counts the samples it trained in every step (``samples_per_rank``). On a machine shared with other jobs
+the ranks also compete for cores, so each rank records its own CPU time too: ``own_core_samples_per_second``
+= global batch / the busiest rank's median CPU seconds per step, the rate if every rank had a core to itself
+(waiting in collectives costs no CPU time, so the ranks' communication is not counted there).
 
     .venv/bin/python bench/bench_batching.py [--steps 14] [--images 24] [--size 64]
 
@@ -83,7 +86,7 @@ def worker(options):
     from dataclasses import replace
 
     group = distributed.init_from_environment("cpu")
-    counted, stamps = [0], []
+    counted, stamps, cpu = [0], [], []
     trained = []
     real_loss = loop.batch_loss
 
@@ -93,6 +96,7 @@ def worker(options):
 
     def progress(step, *rest):
         stamps.append(time.monotonic())
+        cpu.append(time.process_time())
         trained.append(counted[0])
         counted[0] = 0
 
@@ -111,7 +115,18 @@ def worker(options):
         if group is not None:
             group.close()
     with open(os.path.join(options.out, f"rank_{rank}.json"), "w") as handle:
-        json.dump({"rank": rank, "stamps": stamps, "samples": trained}, handle)
+        json.dump({"rank": rank, "stamps": stamps, "cpu": cpu, "samples": trained}, handle)
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (other jobs on the machine change the figures)."""
+    return [float(v) for v in os.getloadavg()]
+
+
+def median_step(stamps):
+    """Median interval between consecutive steps, the first ``WARMUP_STEPS`` left out."""
+    stamps = stamps[WARMUP_STEPS - 1:]
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
 def measure(name, command, out, global_batch):
@@ -122,10 +137,12 @@ def measure(name, command, out, global_batch):
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     ranks = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith("rank_")]
-    stamps = ranks[0]["stamps"][WARMUP_STEPS - 1:]
-    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    step = median_step(ranks[0]["stamps"])
+    cpu_step = max(median_step(r["cpu"]) for r in ranks)
     per_step = [[r["samples"][i] for r in ranks] for i in range(len(ranks[0]["samples"]))]
     return {"seconds_per_step": round(step, 4), "samples_per_second": round(global_batch / step, 3),
+            "cpu_seconds_per_step": round(cpu_step, 4),
+            "own_core_samples_per_second": round(global_batch / cpu_step, 3),
             "samples_per_rank": [sum(r["samples"]) for r in ranks],
             "max_rank_spread_per_step": max(max(s) - min(s) for s in per_step),
             "wall_seconds": round(time.monotonic() - started, 1)}
@@ -145,6 +162,7 @@ def main():
         return worker(options)
 
     setup_comfy("cpu")
+    load_at_start = load_average()
     folder = tempfile.mkdtemp(prefix="eligen_bench_batching_")
     dataset = os.path.join(folder, "data")
     write_mixed_dataset(dataset, options.images, options.size)
@@ -157,15 +175,12 @@ def main():
     for name, (command, batch, world) in configs.items():
         out = os.path.join(folder, name)
         results[name] = measure(name, command + ["--batch", str(batch), "--out", out], out, batch * world)
-    for name in ("batch_2", "batch_4"):
-        results[name]["ratio_vs_batch_1"] = round(results[name]["samples_per_second"]
-                                                  / results["batch_1"]["samples_per_second"], 3)
-    results["ranks_2"]["ratio_vs_ranks_1"] = round(results["ranks_2"]["samples_per_second"]
-                                                   / results["ranks_1"]["samples_per_second"], 3)
-    with open("/proc/loadavg") as handle:
-        load = handle.read().split()[:3]
+    for name, baseline in (("batch_2", "batch_1"), ("batch_4", "batch_1"), ("ranks_2", "ranks_1")):
+        for rate in ("samples_per_second", "own_core_samples_per_second"):
+            results[name][f"{rate}_ratio_vs_{baseline}"] = round(results[name][rate] / results[baseline][rate], 3)
     print(json.dumps({"bench": "batching", "steps": options.steps, "images": options.images, "size": options.size,
-                      "load_average": load, "cpus": os.cpu_count(), "results": results}))
+                      "load_average_at_start": load_at_start, "load_average_at_end": load_average(),
+                      "cpus": os.cpu_count(), "results": results}))
 
 
 if __name__ == "__main__":
