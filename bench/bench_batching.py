@@ -16,7 +16,7 @@ the ranks also compete for cores, so each rank records its own CPU time too: ``o
 = global batch / the busiest rank's median CPU seconds per step, the rate if every rank had a core to itself
 (waiting in collectives costs no CPU time, so the ranks' communication is not counted there).
 
-    .venv/bin/python bench/bench_batching.py [--steps 14] [--images 24] [--size 64]
+    .venv/bin/python bench/bench_batching.py [--steps 60] [--images 24] [--size 128]
 
 Prints one JSON line.
 """
@@ -150,9 +150,9 @@ def measure(name, command, out, global_batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--images", type=int, default=24)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
