@@ -33,26 +33,69 @@ def mask_to_token_grid(masks, latent_hw, patch=2, mask_sizes=None):
     return latent_to_token_grid(masks_to_latent(masks, latent_hw, mask_sizes), patch)
 
 
-def entity_attention_mask(segment_lengths, token_masks):
-    """Bool "may attend" matrix ``[B, S, S]``, ``S = sum(segment_lengths) + T_img``.
+def layout_rows(segment_lengths):
+    """The text layout of every batch row as a tuple of per-row tuples ``(L1 .. LN, LG)``: one row (shared
+    by the whole batch) when ``segment_lengths`` is flat or all rows are equal. Within a row an entity of
+    length 0 is padding (the row has fewer entities than the batch)."""
+    if not len(segment_lengths):
+        raise ValueError("no text segments (the global prompt is the last one)")
+    first = segment_lengths[0]
+    if isinstance(first, (list, tuple)) or torch.is_tensor(first) and first.ndim == 1:
+        rows = tuple(tuple(int(n) for n in row) for row in segment_lengths)
+    else:
+        rows = (tuple(int(n) for n in segment_lengths),)
+    if len({len(row) for row in rows}) != 1:
+        raise ValueError(f"text layouts of one batch must have one entry per entity slot, got {rows}")
+    if any(n < 0 for row in rows for n in row):
+        raise ValueError(f"negative text segment length in {rows}")
+    return rows[:1] if len(set(rows)) == 1 else rows
 
-    segment_lengths: ``[L1 .. LN, LG]`` (the last is the global prompt); token_masks: bool ``[B, N, T_img]``.
+
+def segment_ids(rows, text_length, device=None):
+    """``[R, T]`` long: the segment of every text position of each layout row (0..N-1 the entities, N the
+    global prompt) and N + 1 for padding (positions after the row's own text, up to ``text_length``)."""
+    width = len(rows[0])
+    ids = torch.full((len(rows), text_length), width, dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        ids[r, :sum(row)] = torch.repeat_interleave(torch.arange(width, device=device), torch.tensor(row, device=device))
+    return ids
+
+
+def _rows_for(rows, masks):
+    """(segment ids ``[B, T]``, masks ``[B, N, T_img]``) with the layout rows and mask rows broadcast to
+    one batch size (either may hold one row for all)."""
+    batch = max(len(rows), masks.shape[0])
+    if {len(rows), masks.shape[0]} - {1, batch}:
+        raise ValueError(f"{len(rows)} text layouts for {masks.shape[0]} mask rows")
+    return batch, masks.expand(batch, -1, -1) if masks.shape[0] != batch else masks
+
+
+def entity_attention_mask(segment_lengths, token_masks, text_length=None):
+    """Bool "may attend" matrix ``[B, S, S]``, ``S = T + T_img``, ``T = text_length`` (default: the
+    longest row's text).
+
+    segment_lengths: ``[L1 .. LN, LG]`` for every row, or one such list per row (``layout_rows``);
+    token_masks: bool ``[B, N, T_img]``. Text positions after a row's own text are padding: never a key
+    for any query; as queries they see every real token (their output reaches nothing).
     """
-    lengths = [int(n) for n in segment_lengths]
+    rows = layout_rows(segment_lengths)
     batch, entities, image_tokens = token_masks.shape
-    if entities != len(lengths) - 1:
-        raise ValueError(f"{len(lengths) - 1} entity text segments but {entities} masks")
+    if entities != len(rows[0]) - 1:
+        raise ValueError(f"{len(rows[0]) - 1} entity text segments but {entities} masks")
+    text = max(sum(row) for row in rows) if text_length is None else int(text_length)
     device = token_masks.device
-    text = sum(lengths)
-    segment_of = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                         torch.tensor(lengths, device=device))
-    # Which image tokens each text segment may see: its mask for entities, all of them for G.
-    sees_image = torch.cat([token_masks.bool(), token_masks.new_ones(batch, 1, image_tokens, dtype=torch.bool)], 1)
-    text_image = sees_image[:, segment_of]                                   # [B, L, T]
+    batch, token_masks = _rows_for(rows, token_masks)
+    segment_of = segment_ids(rows, text, device).expand(batch, -1)           # [B, T]
+    padding = segment_of == entities + 1
+    # Which image tokens each text segment may see: its mask for entities, all of them for G and padding.
+    everything = token_masks.new_ones(batch, 2, image_tokens, dtype=torch.bool)
+    sees_image = torch.cat([token_masks.bool(), everything], 1)             # [B, N + 2, T]
+    text_image = torch.gather(sees_image, 1, segment_of[:, :, None].expand(-1, -1, image_tokens))  # [B, L, T]
     allowed = torch.ones(batch, text + image_tokens, text + image_tokens, dtype=torch.bool, device=device)
-    allowed[:, :text, :text] = segment_of[:, None] == segment_of[None, :]
+    allowed[:, :text, :text] = (segment_of[:, :, None] == segment_of[:, None, :]) | padding[:, :, None]
     allowed[:, :text, text:] = text_image
     allowed[:, text:, :text] = text_image.transpose(1, 2)
+    allowed[:, :, :text] &= ~padding[:, None, :]
     return allowed
 
 
@@ -79,63 +122,85 @@ CALL_COST_PAIRS = 2 ** 16
 CALL_COST_PER_KEY = 128
 
 
-def augmented_width(head_dim, entities):
-    """The head dim of the augmented call: D + 2N + 1, padded to a multiple of 8 (kernels want that)."""
-    width = head_dim + 2 * entities + 1
+def augmented_width(head_dim, features):
+    """The head dim of the augmented call: D + the rule's feature count, padded to a multiple of 8
+    (kernels want that)."""
+    width = head_dim + features
     return width + (-width) % 8
 
 
-def rule_features(segment_lengths, token_masks):
-    """Query and key features ``[B or 1, S, 2N+1]`` whose dot product is 0 for an allowed pair and -1 for
-    a blocked one: the "may attend" rule as a rank-(2N+1) bias, with no S x S tensor.
+def rule_features(segment_lengths, token_masks, text_length=None):
+    """Query and key features ``[B or 1, S, F]`` whose dot product is 0 for an allowed pair and -1 for a
+    blocked one: the "may attend" rule (``entity_attention_mask``) as a rank-F bias, with no S x S tensor.
+    F = 2N + 1, plus 1 when some row has padding.
 
     Dimensions 0..N (one per text segment): a text key carries its segment's one-hot; a text query
     carries -1 on every other segment; an image query carries -1 on the entities whose mask misses it.
     Dimensions N+1..2N (one per entity): an image key carries 1 for every entity whose mask misses it;
-    an entity's text query carries -1 on its own entity. Every other pair meets zeros."""
-    lengths = [int(n) for n in segment_lengths]
-    batch, entities, image_tokens = token_masks.shape
+    an entity's text query carries -1 on its own entity. The padding dimension: every query carries -1,
+    a padding key 1 (and nothing else), so no query sees padding, while a padding query meets zeros
+    everywhere else (it sees every real token). Every other pair meets zeros."""
+    rows = layout_rows(segment_lengths)
+    _, entities, image_tokens = token_masks.shape
+    text = max(sum(row) for row in rows) if text_length is None else int(text_length)
     device = token_masks.device
-    text = sum(lengths)
-    segment_of = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    one_hot = F.one_hot(segment_of, entities + 1).float()  # [L, N+1]
-    outside = (~token_masks.bool()).transpose(1, 2).float()  # [B, T, N]
-    width = 2 * entities + 1
+    batch, token_masks = _rows_for(rows, token_masks) if len(rows) > 1 else (token_masks.shape[0], token_masks)
+    segment_of = segment_ids(rows, text, device)                       # [R, T]
+    padding = segment_of == entities + 1
+    padded = bool(padding.any())
+    one_hot = F.one_hot(segment_of, entities + 2)[..., :entities + 1].float()  # [R, T, N+1]; padding: zeros
+    real = (~padding)[..., None].float()
+    outside = (~token_masks.bool()).transpose(1, 2).float()  # [B, T_img, N]
+    width = 2 * entities + 1 + padded
     query = torch.zeros(batch, text + image_tokens, width, device=device)
     key = torch.zeros(batch, text + image_tokens, width, device=device)
-    query[:, :text, :entities + 1] = one_hot - 1
+    query[:, :text, :entities + 1] = (one_hot - 1) * real
     query[:, text:, :entities] = -outside
     key[:, :text, :entities + 1] = one_hot
-    query[:, :text, entities + 1:] = -one_hot[:, :entities]
-    key[:, text:, entities + 1:] = outside
+    query[:, :text, entities + 1:2 * entities + 1] = -one_hot[..., :entities]
+    key[:, text:, entities + 1:2 * entities + 1] = outside
+    if padded:
+        query[..., -1] = -1
+        key[:, :text, -1] = padding.float()
     return query, key
 
 
 class EntityAttention:
     """What the model patch puts in ``transformer_options[OPTIONS_KEY]`` for one forward pass: the text
-    segment lengths, the image-token masks ``[B or 1, N, T_img]`` and how to apply them. The grouped
-    plan, the augmented features, the dense mask and the auto choice are each built once, on first use,
-    and reused by every block."""
+    layout (segment lengths, one list for every row or one per row; text positions after a row's own text
+    are padding), the image-token masks ``[B or 1, N, T_img]`` and how to apply them. The grouped plan, the
+    augmented features, the dense mask and the auto choice are each built once, on first use, and reused
+    by every block."""
 
-    def __init__(self, segment_lengths, token_masks, method=AUTO):
+    def __init__(self, segment_lengths, token_masks, method=AUTO, text_length=None):
         if method not in METHODS:
             raise ValueError(f"entity attention method must be one of {', '.join(METHODS)}, not {method!r}")
-        self.segment_lengths = tuple(int(n) for n in segment_lengths)
-        if token_masks.shape[1] != len(self.segment_lengths) - 1:
-            raise ValueError(f"{len(self.segment_lengths) - 1} entity text segments but {token_masks.shape[1]} masks")
+        self.rows = layout_rows(segment_lengths)
+        if token_masks.shape[1] != len(self.rows[0]) - 1:
+            raise ValueError(f"{len(self.rows[0]) - 1} entity text segments but {token_masks.shape[1]} masks")
+        _rows_for(self.rows, token_masks)  # the batch sizes fit
         self.token_masks = token_masks.bool()
         self.method = method
-        self.text_length = sum(self.segment_lengths)
+        longest = max(sum(row) for row in self.rows)
+        self.text_length = longest if text_length is None else int(text_length)
+        if self.text_length < longest:
+            raise ValueError(f"a text of {self.text_length} tokens cannot hold a layout of {longest}")
+        self.padded = any(sum(row) < self.text_length for row in self.rows)
         self.sequence_length = self.text_length + token_masks.shape[-1]
         self._allowed = None
         self._cache = {}
         self._plans = {}
 
     @property
+    def feature_count(self):
+        """How many head dimensions the augmented method adds (``rule_features``)."""
+        return 2 * self.token_masks.shape[1] + 1 + self.padded
+
+    @property
     def allowed(self):
         """The bool "may attend" matrix ``[B or 1, S, S]`` (dense method and tests only)."""
         if self._allowed is None:
-            self._allowed = entity_attention_mask(self.segment_lengths, self.token_masks)
+            self._allowed = entity_attention_mask(self.rows, self.token_masks, self.text_length)
         return self._allowed
 
     def additive(self, dtype, device):
@@ -148,7 +213,7 @@ class EntityAttention:
         """``rule_features`` scaled for the augmented method, cached per dtype and device."""
         key = ("features", dtype, str(device))
         if key not in self._cache:
-            query, key_features = rule_features(self.segment_lengths, self.token_masks.to(device))
+            query, key_features = rule_features(self.rows, self.token_masks.to(device), self.text_length)
             self._cache[key] = ((query * BLOCKED_PRODUCT).to(dtype)[:, None], key_features.to(dtype)[:, None])
         return self._cache[key]
 
@@ -160,7 +225,7 @@ class EntityAttention:
         key = ("auto", str(device), head_dim)
         if key not in self._cache:
             plan = self.plan(device)
-            width = augmented_width(head_dim, len(self.segment_lengths) - 1)
+            width = augmented_width(head_dim, self.feature_count)
             augmented = len(plan.rows) * self.sequence_length ** 2 * width / head_dim
             self._cache[key] = GROUPED if plan.cost < augmented else AUGMENTED
         return self._cache[key]
@@ -168,26 +233,29 @@ class EntityAttention:
     def plan(self, device):
         key = str(device)
         if key not in self._plans:
-            self._plans[key] = GroupedPlan(self.segment_lengths, self.token_masks.to(device))
+            self._plans[key] = GroupedPlan(self.rows, self.token_masks.to(device), self.text_length)
         return self._plans[key]
 
 
 class _RowPlan:
-    """The pieces of one batch row's attention (rows with equal masks share one).
+    """The pieces of one batch row's attention (rows with equal layouts and masks share one).
 
     Image queries are grouped by signature (the set of entities whose mask holds the token): every query
     of a group may see the same keys (G, those entities' text, all image tokens), so a group is one
     unmasked attention call. Entity k's text queries see their own text and the image tokens inside
-    mask k (a gather); G's text queries see G and every image token (a contiguous slice)."""
+    mask k (a gather); G's text queries see G and every image token; padding queries (after the row's
+    own text) see every real token; no query sees padding. Entities of length 0 (padding) make no call."""
 
-    def __init__(self, masks, segment_lengths):
+    def __init__(self, masks, segment_lengths, text_length):
         entities, image_tokens = masks.shape
         device = masks.device
+        lengths = [int(n) for n in segment_lengths]
         starts = [0]
-        for n in segment_lengths:
+        for n in lengths:
             starts.append(starts[-1] + n)
         self.entity_ranges = [(starts[i], starts[i + 1]) for i in range(entities)]
-        self.global_start = starts[entities]
+        self.global_range = (starts[entities], starts[entities + 1])
+        self.real_text, self.text_length = starts[-1], text_length
         self.entity_image = [masks[i].nonzero().squeeze(1) for i in range(entities)]
         # Signature of every image token as a bit pattern over the entities (at most 16 entities).
         weights = 2 ** torch.arange(entities, device=device, dtype=torch.int64)
@@ -201,29 +269,44 @@ class _RowPlan:
         self.inverse_order = torch.argsort(order)  # concatenated group outputs -> image-token order
         # Query-key pairs this row computes (what the rule allows) and how many attention calls it takes.
         inside = masks.sum(1).tolist()
-        lengths = [int(n) for n in segment_lengths]
-        global_length = lengths[-1]
+        global_length, padding = lengths[-1], text_length - self.real_text
         self.pairs = (sum(n * (n + t) for n, t in zip(lengths, inside)) + global_length * (global_length + image_tokens)
-                      + image_tokens * (image_tokens + global_length) + sum(n * t for n, t in zip(lengths, inside)))
-        self.calls = entities + 1 + len(self.groups)
+                      + image_tokens * (image_tokens + global_length) + sum(n * t for n, t in zip(lengths, inside))
+                      + padding * (self.real_text + image_tokens))
+        self.calls = sum(1 for n in lengths[:-1] if n) + (global_length > 0) + len(self.groups) + (padding > 0)
+
+    def _with_image(self, tensor, pieces):
+        """The text ``pieces`` ((start, end) ranges) of ``tensor``, then every image token (one slice when
+        the pieces end where the image starts)."""
+        pieces = [(a, b) for a, b in pieces if b > a]
+        if pieces and pieces[-1][1] == self.text_length:
+            *pieces, (last, _) = pieces
+            tail = tensor[:, :, last:]
+        else:
+            tail = tensor[:, :, self.text_length:]
+        return torch.cat([tensor[:, :, a:b] for a, b in pieces] + [tail], dim=2) if pieces else tail
 
     def text_keys(self, tensor, members):
         """Keys (or values) of the entities in ``members``, then G and every image token."""
-        tail = tensor[:, :, self.global_start:]
-        if not members:
-            return tail
-        return torch.cat([tensor[:, :, a:b] for a, b in (self.entity_ranges[i] for i in members)] + [tail], dim=2)
+        return self._with_image(tensor, [self.entity_ranges[i] for i in members] + [self.global_range])
 
-    def attend(self, attention, q, k, v, text_length):
+    def attend(self, attention, q, k, v):
         """``[b, H, S, D]`` output for queries/keys/values ``[b, H, S, D]``."""
+        text_length = self.text_length
         image_q, image_k, image_v = q[:, :, text_length:], k[:, :, text_length:], v[:, :, text_length:]
         text = []
         for (a, b), inside in zip(self.entity_ranges, self.entity_image):
+            if b == a:
+                continue  # a padding entity: no tokens
             keys = torch.cat([k[:, :, a:b], image_k.index_select(2, inside)], dim=2)
             values = torch.cat([v[:, :, a:b], image_v.index_select(2, inside)], dim=2)
             text.append(attention(q[:, :, a:b], keys, values))
-        g = self.global_start
-        text.append(attention(q[:, :, g:text_length], k[:, :, g:], v[:, :, g:]))
+        g, end = self.global_range
+        if end > g:
+            text.append(attention(q[:, :, g:end], self._with_image(k, [(g, end)]), self._with_image(v, [(g, end)])))
+        if self.real_text < text_length:
+            real = [(0, self.real_text)]
+            text.append(attention(q[:, :, self.real_text:text_length], self._with_image(k, real), self._with_image(v, real)))
         image = []
         for members, indices in self.groups:
             queries = image_q if len(self.groups) == 1 else image_q.index_select(2, indices)
@@ -235,20 +318,24 @@ class _RowPlan:
 
 
 class GroupedPlan:
-    """Exact entity attention without an S x S mask: batch rows with equal masks share a ``_RowPlan``."""
+    """Exact entity attention without an S x S mask: batch rows with equal layouts and masks share a
+    ``_RowPlan``."""
 
-    def __init__(self, segment_lengths, token_masks):
-        self.text_length = sum(segment_lengths)
-        rows = []  # (row indices, plan)
-        for b in range(token_masks.shape[0]):
-            for indices, plan, mask in rows:
-                if torch.equal(mask, token_masks[b]):
+    def __init__(self, segment_lengths, token_masks, text_length=None):
+        layouts = layout_rows(segment_lengths)
+        self.text_length = max(sum(row) for row in layouts) if text_length is None else int(text_length)
+        batch, token_masks = _rows_for(layouts, token_masks)
+        rows = []  # (row indices, plan, layout, mask)
+        for b in range(batch):
+            layout = layouts[b if len(layouts) > 1 else 0]
+            for indices, plan, other_layout, mask in rows:
+                if other_layout == layout and torch.equal(mask, token_masks[b]):
                     indices.append(b)
                     break
             else:
-                rows.append(([b], _RowPlan(token_masks[b], segment_lengths), token_masks[b]))
-        self.rows = [(indices, plan) for indices, plan, _ in rows]
-        self.broadcast = token_masks.shape[0] == 1
+                rows.append(([b], _RowPlan(token_masks[b], layout, self.text_length), layout, token_masks[b]))
+        self.rows = [(indices, plan) for indices, plan, _, _ in rows]
+        self.broadcast = batch == 1
         sequence = self.text_length + token_masks.shape[-1]
         self.sequence_length = sequence
         self.cost = sum(plan.pairs + plan.calls * (CALL_COST_PAIRS + CALL_COST_PER_KEY * sequence)
@@ -256,14 +343,14 @@ class GroupedPlan:
 
     def attend(self, attention, q, k, v):
         if self.broadcast or len(self.rows) == 1 and len(self.rows[0][0]) == q.shape[0]:
-            return self.rows[0][1].attend(attention, q, k, v, self.text_length)
+            return self.rows[0][1].attend(attention, q, k, v)
         if q.shape[0] != sum(len(indices) for indices, _ in self.rows):
             raise ValueError(f"entity attention: {sum(len(i) for i, _ in self.rows)} mask rows for a batch of {q.shape[0]}")
         parts, order = [], []
         for indices, plan in self.rows:
             index = torch.tensor(indices, device=q.device)
             pick = (lambda t: t.index_select(0, index))
-            parts.append(plan.attend(attention, pick(q), pick(k), pick(v), self.text_length))
+            parts.append(plan.attend(attention, pick(q), pick(k), pick(v)))
             order.extend(indices)
         out = torch.cat(parts, dim=0)
         if order != sorted(order):
@@ -321,7 +408,7 @@ def _augmented_attention(entity, call, named):
     batch, _, sequence, dim = q.shape
     query_features, key_features = entity.features(q.dtype, q.device)
     extra = query_features.shape[-1]
-    wide = augmented_width(dim, (extra - 1) // 2)
+    wide = augmented_width(dim, extra)
     pad = wide - dim - extra
     shape = (batch, heads, sequence)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import host
+from .attention import layout_rows
 
 MAX_ENTITIES = 16
 MODEL_CONDS_KEY = "eligen"
@@ -137,16 +138,24 @@ def add_entity(previous, entity):
 # The model condition
 
 class EntityCondition(host.models.regular_cond_class()):
-    """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text segment lengths
-    ``[L1 .. LN, LG]``, the active step range and the entity labels.
+    """``model_conds["eligen"]``: masks ``[B, N, H, W]`` (``cond``), the text layout, the active step range
+    and the entity labels.
 
+    The layout is ``[L1 .. LN, LG]`` (``segment_lengths``) for every row, or one such list per row
+    (``rows``) when the rows differ: rows with fewer entities carry zero-length entities with all-zero
+    masks (padding), and a row's text may end before the context does (the tokens after it are padding).
     ComfyUI calls ``process_cond`` (repeat to the batch), ``can_concat`` / ``concat`` (batch several
-    conditionings into one model call); the diffusion model receives the result as ``eligen``.
+    conditionings into one model call, whatever their entities and prompt lengths); the diffusion model
+    receives the result as ``eligen``.
     """
 
     def __init__(self, masks, segment_lengths, start=0.0, end=1.0, labels=(), mask_sizes=None):
         super().__init__(masks)
-        self.segment_lengths = tuple(int(n) for n in segment_lengths)
+        self.rows = layout_rows(segment_lengths)
+        if len(self.rows) not in (1, masks.shape[0]):
+            raise ValueError(f"{len(self.rows)} text layouts for {masks.shape[0]} mask rows")
+        if len(self.rows[0]) != masks.shape[1] + 1:
+            raise ValueError(f"{len(self.rows[0]) - 1} entity text segments but {masks.shape[1]} masks")
         self.start = float(start)
         self.end = float(end)
         self.labels = tuple(labels)
@@ -155,8 +164,18 @@ class EntityCondition(host.models.regular_cond_class()):
 
     @classmethod
     def for_training(cls, segment_lengths, masks, labels=()):
-        """The ``eligen`` argument for a direct diffusion-model call: masks ``[B, N, H, W]``, always active."""
+        """The ``eligen`` argument for a direct diffusion-model call: masks ``[B, N, H, W]``, always active;
+        ``segment_lengths`` one list for every row or one per row (as ``rows``)."""
         return cls(masks, segment_lengths, 0.0, 1.0, labels)
+
+    @property
+    def segment_lengths(self):
+        """``(L1 .. LN, LG)`` shared by every row; None when the rows' layouts differ (see ``rows``)."""
+        return self.rows[0] if len(self.rows) == 1 else None
+
+    def rows_for(self, batch):
+        """One layout per batch row."""
+        return self.rows * batch if len(self.rows) == 1 else self.rows
 
     def sizes(self):
         """(H, W) of every entity's mask, in entity order."""
@@ -168,21 +187,42 @@ class EntityCondition(host.models.regular_cond_class()):
 
     @property
     def entity_tokens(self):
-        return sum(self.segment_lengths[:-1])
+        """Entity text tokens before the global prompt (of every row; None when the rows differ)."""
+        return None if self.segment_lengths is None else sum(self.segment_lengths[:-1])
 
     def _copy_with(self, cond):
-        return EntityCondition(cond, self.segment_lengths, self.start, self.end, self.labels, self.mask_sizes)
+        return EntityCondition(cond, self.rows, self.start, self.end, self.labels, self.mask_sizes)
+
+    def process_cond(self, batch_size, **kwargs):
+        if len(self.rows) == 1:
+            return super().process_cond(batch_size, **kwargs)
+        # Repeat the layouts exactly as ComfyUI repeats the masks: run its repeat on the row numbers.
+        order = host.models.regular_cond_class()(torch.arange(len(self.rows))).process_cond(batch_size).cond
+        masks = self.cond[order.to(self.cond.device)]
+        return EntityCondition(masks, [self.rows[i] for i in order.tolist()], self.start, self.end, self.labels,
+                               self.mask_sizes)
 
     def can_concat(self, other):
+        # Any layouts batch together (padded); the masks need one size, each entity's own size the same.
         return (isinstance(other, EntityCondition)
-                and other.segment_lengths == self.segment_lengths
-                and other.sizes() == self.sizes()
-                and other.cond.shape[1:] == self.cond.shape[1:]
+                and other.cond.shape[2:] == self.cond.shape[2:]
+                and other.mask_sizes == self.mask_sizes
                 and (other.start, other.end) == (self.start, self.end)
                 and other.cond.device == self.cond.device)
 
     def concat(self, others):
-        return self._copy_with(torch.cat([self.cond] + [other.cond for other in others]))
+        parts = [self] + list(others)
+        entities = max(part.cond.shape[1] for part in parts)
+        masks = torch.cat([F.pad(part.cond, (0, 0, 0, 0, 0, entities - part.cond.shape[1])) for part in parts])
+        rows = [pad_layout(row, entities) for part in parts for row in part.rows_for(part.cond.shape[0])]
+        labels = max((part.labels for part in parts), key=len)
+        return EntityCondition(masks, rows, self.start, self.end, labels, self.mask_sizes)
+
+
+def pad_layout(segment_lengths, entities):
+    """``(L1 .. Lk, LG)`` with zero-length (padding) entities up to ``entities``: ``(L1 .. Lk, 0 .., LG)``."""
+    row = tuple(int(n) for n in segment_lengths)
+    return row[:-1] + (0,) * (entities + 1 - len(row)) + row[-1:]
 
 
 def stack_masks(entities):

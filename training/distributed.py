@@ -6,9 +6,9 @@
   a prompt) is owned by one rank (its key modulo the world size); each rank first encodes only the
   entries it owns that are missing, then all wait, then every rank reads the whole dataset from disk.
   So nothing is computed twice, and a second run encodes nothing.
-- ``Group.reduce_step`` sums the LoRA gradients and the loss of a step over ranks (one all-reduce).
-  The loop (training/loop.py) divides each rank's loss by the size of the whole step's batch, so the sum
-  is the mean over all samples, exactly what one process with the whole batch computes.
+- ``Group.reduce_step`` sums the LoRA gradients (float64) and the loss of a step over ranks. The loop
+  (training/loop.py) divides each rank's loss by the size of the whole step's batch, so the sum is the
+  mean over all samples, what one process with the whole batch computes.
 """
 
 import datetime
@@ -46,24 +46,18 @@ class Group:
         else:
             dist.barrier()
 
-    def reduce_step(self, parameters, loss):
-        """Sum gradients and ``loss`` (a float) over ranks, in place. A parameter keeps ``grad = None``
-        only when no rank produced a gradient for it, as in one process (AdamW skips such parameters)."""
-        parameters = list(parameters)
-        present = torch.tensor([p.grad is not None for p in parameters] + [0.0], dtype=torch.float64,
-                               device=self.device)
-        present[-1] = loss
-        dist.all_reduce(present)
-        if parameters:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for p in parameters])
-            dist.all_reduce(flat)
-            offset = 0
-            for p, seen in zip(parameters, present[:-1].tolist()):
-                size = p.numel()
-                p.grad = flat[offset:offset + size].view_as(p).to(p.dtype) if seen else None
-                offset += size
-        return float(present[-1])
+    def reduce_step(self, gradients, loss):
+        """Sum a step's gradients (a loop.GradientSum, float64) and ``loss`` (a float) over ranks, in
+        place; returns the summed loss. A parameter no rank reached keeps ``grad = None``."""
+        seen = torch.tensor(gradients.seen.tolist() + [False], dtype=torch.float64, device=self.device)
+        seen[-1] = loss
+        dist.all_reduce(seen)
+        gradients.seen = seen[:-1].cpu() > 0
+        if gradients.total is not None:
+            total = gradients.total.to(self.device)
+            dist.all_reduce(total)
+            gradients.total = total
+        return float(seen[-1])
 
     def shard_frozen_base(self, module, trainable):
         """FSDP2 (``fully_shard``) on every module that owns frozen weights, so each rank keeps 1/world of
@@ -89,21 +83,6 @@ class Group:
         for p in trainable:  # the LoRA was made beside the weights (still on the CPU when sharding on GPUs)
             p.data = p.data.to(self.device)
         return sharded
-
-    @staticmethod
-    def lockstep_backward(model, batch, generators, per_rank, filler, loss_of, scaler):
-        """Forward and backward of each sample of this rank's ``batch`` on its own, then zero-weighted ones
-        of ``filler`` until ``per_rank`` passes ran, so every rank issues the same FSDP collectives.
-        ``loss_of(samples, generators)`` is the loop's loss. Returns the summed loss of the real samples."""
-        total = 0.0
-        for index in range(per_rank):
-            if index < len(batch):
-                loss = loss_of([batch[index]], [generators[index]])
-                total += loss.item()
-            else:
-                loss = loss_of([filler], [torch.Generator().manual_seed(0)]) * 0.0
-            scaler.scale(loss).backward()
-        return total
 
     def close(self):
         if dist.is_initialized():

@@ -23,6 +23,7 @@ from .dataset import load_dataset
 from .hooks import Hooks
 from .job import COMPONENTS, LOADERS, RunFileError
 from .outputs import folder_outputs
+from .rank_watch import RankWatch
 from .run_file import load_run
 from .runner import JobInputs, run_job
 
@@ -61,8 +62,8 @@ class Options:
     cache_dir: str | None = None      # disk cache (default: <run_dir>/../cache)
 
 
-def printing_hooks(group):
-    """Progress lines on stdout (the writing rank only)."""
+def printing_hooks(group, check_cancel=None):
+    """Progress lines on stdout (the writing rank only); ``check_cancel`` before each micro-batch."""
     started = time.monotonic()
     ranks = "" if group is None else f" ({group.world} ranks)"
 
@@ -74,13 +75,14 @@ def printing_hooks(group):
         print(f"EliGen training: {message}", flush=True)
 
     if group is not None and not group.is_writer:
-        return Hooks()
-    return Hooks(progress=progress, log=log)
+        return Hooks(check_cancel=check_cancel)
+    return Hooks(progress=progress, log=log, check_cancel=check_cancel)
 
 
-def run(job, options, group=None, loaders=None):
+def run(job, options, group=None, loaders=None, watch=None):
     """Train a job read from a run file. Returns the runner's JobResult (on every rank; ``lora_path``
-    only on the writing rank). ``loaders`` adds loader nodes to the stock ones (e.g. the toy world's)."""
+    only on the writing rank). ``loaders`` adds loader nodes to the stock ones (e.g. the toy world's);
+    ``watch``: the rank's RankWatch under torchrun (the loop stops at a safe point after SIGTERM)."""
     overrides = {k: v for k, v in (("batch_size", options.batch_size), ("steps", options.steps)) if v is not None}
     job = replace(job, train=replace(job.train, **overrides))
     job.validate()
@@ -88,7 +90,8 @@ def run(job, options, group=None, loaders=None):
     with torch.inference_mode():  # as ComfyUI runs nodes: loaders see the same mode
         model, clip, vae = load_components(job, {**STOCK_LOADERS, **(loaders or {})})
         dataset = load_dataset(job.dataset.folder, job.dataset.max_pixels)
-    return run_job(job, JobInputs(model, clip, vae, dataset), folders, printing_hooks(group), options.resume, group)
+    hooks = printing_hooks(group, watch.check_stop if watch is not None else None)
+    return run_job(job, JobInputs(model, clip, vae, dataset), folders, hooks, options.resume, group)
 
 
 def _eligen_or_warning(record):
@@ -128,18 +131,27 @@ def main(argv=None, device="cpu", loaders=None):
         parser.error("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
     if group is not None:
         group.fsdp = args.fsdp
+    watch = None
     try:
-        job = load_run(args.run_file)
         run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.run_file))
+        if group is not None:  # a rank that dies is named by the others (training/rank_watch.py)
+            watch = RankWatch(group, run_dir).start()
+        job = load_run(args.run_file)
         options = Options(run_dir=run_dir, resume=args.resume, batch_size=args.batch_size, steps=args.steps,
                           cache_dir=args.cache_dir)
-        done = run(job, options, group, loaders)
+        done = run(job, options, group, loaders, watch)
         if done.lora_path is not None:
             print(f"saved {done.lora_path} after {done.result.step} steps", flush=True)
+        if watch is not None:
+            watch.finished()
     except BaseException as error:
-        where = "" if group is None else f"rank {rank} of {group.world}: "
-        print(f"EliGen training failed: {where}{type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        raise
+        if watch is None:
+            where = "" if group is None else f"rank {rank} of {group.world}: "
+            print(f"EliGen training failed: {where}{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            raise
+        if watch.report(error):
+            raise  # this rank's own error: its traceback too
+        raise SystemExit(1) from None  # another rank's failure, already named
     finally:
         if group is not None:
             group.close()

@@ -154,6 +154,7 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
     rank = 0 if distributed is None else distributed.rank
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
+    gradients = GradientSum(model.parameters)
     devices = [] if model.device.type != "cuda" else [model.device]
     with torch.random.fork_rng(devices=devices):
         # peft's LoRA dropout draws from the global generator: seed it per step, restore it after.
@@ -161,28 +162,21 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
         for micro in range(settings.grad_accumulation):
             if check_cancel is not None:
                 check_cancel()
+            # Every rank has batch_size samples of one bucket: one forward and backward each, so FSDP's
+            # collectives match on every rank.
             batch = micro_batch(stream, settings, step, micro, rank, empty)
-
-            def loss_of(samples, generators):
-                return batch_loss(model, samples, sampler, settings, generators, batch.whole) / settings.grad_accumulation
-
-            if model.fsdp is not None:
-                # Sharded weights are gathered by collectives in every forward and backward: each rank runs
-                # exactly batch_size of them, one sample each, padded with zero-weighted ones.
-                total += model.fsdp.lockstep_backward(model, batch.samples, batch.generators, settings.batch_size,
-                                                      batch.first, loss_of, scaler)
-                continue
-            if not batch.samples:
-                continue  # a short last batch of a layout: this rank has nothing in it
-            loss = loss_of(batch.samples, batch.generators)
+            loss = batch_loss(model, batch.samples, sampler, settings, batch.generators, batch.whole)
+            loss = loss / settings.grad_accumulation
             if distributed is None and not torch.isfinite(loss):
                 raise TrainingStopped(f"the loss became {loss.item()} at step {step + 1}")
             scaler.scale(loss).backward()
+            gradients.add()
             total += loss.item()
     if distributed is not None:
-        total = distributed.reduce_step(model.parameters, total)
-        if not math.isfinite(total):
-            raise TrainingStopped(f"the loss became {total} at step {step + 1}")
+        total = distributed.reduce_step(gradients, total)
+    gradients.apply()
+    if not math.isfinite(total):
+        raise TrainingStopped(f"the loss became {total} at step {step + 1}")
     scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters if p.grad is not None]
     if settings.max_grad_norm:
@@ -196,3 +190,36 @@ def _one_step(model, stream, sampler, settings, empty, optimizer, scaler, step, 
     scaler.step(optimizer)  # with fp16 loss scaling, an overflowing step is skipped and the scale lowered
     scaler.update()
     return total
+
+
+class GradientSum:
+    """The step's gradients summed in float64, one micro-batch at a time (``add`` after each backward),
+    then over ranks (``Group.reduce_step``), then written back in each parameter's dtype (``apply``).
+
+    A float64 sum of a few float32 gradients does not depend on their order (to float64 rounding), so
+    one process with the whole batch and several ranks with parts of it, with or without accumulation,
+    sum the same numbers to the same float32 result; summing in float32 in different orders (each rank
+    its micro-batches, then the ranks) differed by float32 roundings that AdamW magnifies."""
+
+    def __init__(self, parameters):
+        self.parameters = list(parameters)
+        self.total = None          # one flat float64 vector of every parameter's gradient
+        self.seen = None           # bool per parameter: some micro-batch gave it a gradient
+
+    def add(self):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                          for p in self.parameters]) if self.parameters else None
+        seen = torch.tensor([p.grad is not None for p in self.parameters], dtype=torch.bool)
+        self.total = flat if self.total is None else self.total + flat
+        self.seen = seen if self.seen is None else self.seen | seen
+        for p in self.parameters:
+            p.grad = None
+
+    def apply(self):
+        """Put the sum into ``p.grad``; a parameter no micro-batch (of any rank) reached keeps None, as
+        in one process (AdamW skips such parameters)."""
+        offset = 0
+        for p, seen in zip(self.parameters, self.seen.tolist() if self.seen is not None else []):
+            size = p.numel()
+            p.grad = self.total[offset:offset + size].view_as(p).to(p.dtype) if seen else None
+            offset += size

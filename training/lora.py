@@ -156,9 +156,11 @@ def inject(diffusion_model, settings, adapter):
             # peft gives the LoRA the base layer's dtype: on a bf16 or fp8 base its initial A is rounded to
             # that dtype. Draw it again in the LoRA dtype, so the start does not depend on how the base is
             # stored (an fp8 base and the same weights in bf16 start alike).
-            rounded = layer.lora_A[ADAPTER_NAME].weight.dtype != dtype
+            # A float64 model (exact comparisons in tests) keeps a float64 LoRA: a narrower one would round.
+            wanted = torch.float64 if layer.get_base_layer().weight.dtype == torch.float64 else dtype
+            rounded = layer.lora_A[ADAPTER_NAME].weight.dtype != wanted
             for module in (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]):
-                module.weight.data = module.weight.data.to(dtype)
+                module.weight.data = module.weight.data.to(wanted)
             if rounded:
                 layer.reset_lora_parameters(ADAPTER_NAME, INITS[settings.init])
         for param in lora_parameters(diffusion_model):

@@ -95,10 +95,11 @@ def entity_region_weight(masks, latent_hw, extra_weight):
     return 1 + extra_weight * (union > 0.5).float()
 
 
-def flow_matching_loss(prediction, target, timestep_weight, region_weight=None):
-    """Weighted MSE in fp32 (or wider: float64 models keep float64). prediction/target: [B, C, ...];
-    timestep_weight: [B]; region_weight: None or broadcastable to prediction, e.g. [B, 1, h, w].
-    Region weights are normalised per sample so they change where the loss looks, not its scale."""
+def flow_matching_losses(prediction, target, timestep_weight, region_weight=None):
+    """Weighted MSE of each sample ``[B]`` in fp32 (or wider: float64 models keep float64).
+    prediction/target: [B, C, ...]; timestep_weight: [B]; region_weight: None or broadcastable to
+    prediction, e.g. [B, 1, h, w]. Region weights are normalised per sample so they change where the
+    loss looks, not its scale."""
     dtype = torch.promote_types(prediction.dtype, torch.float32)
     error = (prediction.to(dtype) - target.to(dtype)) ** 2
     if region_weight is not None:
@@ -108,4 +109,9 @@ def flow_matching_loss(prediction, target, timestep_weight, region_weight=None):
         region_weight = region_weight / region_weight.mean(dim=tuple(range(1, region_weight.ndim)), keepdim=True)
         error = error * region_weight
     per_sample = error.mean(dim=tuple(range(1, error.ndim)))
-    return (per_sample * timestep_weight.to(per_sample)).mean()
+    return per_sample * timestep_weight.to(per_sample)
+
+
+def flow_matching_loss(prediction, target, timestep_weight, region_weight=None):
+    """The mean of ``flow_matching_losses`` over the batch."""
+    return flow_matching_losses(prediction, target, timestep_weight, region_weight).mean()

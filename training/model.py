@@ -7,8 +7,8 @@ from ..core import blocks, host
 from ..core.adapters import adapter_for
 from ..core.patch import patch_model
 from . import lora, offload
-from .batching import group_by_layout, stack_condition
-from .loss import entity_region_weight, flow_matching_loss, noisy_latent, velocity_target
+from .batching import group_by_bucket, stack_condition
+from .loss import entity_region_weight, flow_matching_losses, noisy_latent, velocity_target
 from .settings import PRECISIONS
 
 
@@ -103,15 +103,16 @@ class TrainingModel:
         return self.patched.get_model_object("latent_format")
 
 
-def batch_loss(training_model, batch, sigma_sampler, settings, generator, denominator=None):
-    """Weighted flow-matching loss of one micro-batch: the sum over its samples / ``denominator`` (default:
-    their count, i.e. the mean). ``generator``: one per sample (noise, then timestep), or one for all."""
+def sample_losses(training_model, batch, sigma_sampler, settings, generator):
+    """Weighted flow-matching loss of every sample of ``batch`` (``[len(batch)]``, batch order): one
+    forward per aspect bucket, whatever the samples' entities and prompt lengths (padded and masked,
+    training/batching.py). ``generator``: one per sample (noise, then timestep), or one for all."""
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(batch)
-    total, count = 0.0, 0
     device = training_model.device
     autocast = PRECISIONS[settings.precision]
     by_sample = {id(s): g for s, g in zip(batch, generators)}
-    for group in group_by_layout(batch):
+    losses = {}
+    for group in group_by_bucket(batch):
         x0 = torch.stack([s.latent for s in group]).to(device)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         noise, sigma, weight = [], [], []
@@ -125,14 +126,17 @@ def batch_loss(training_model, batch, sigma_sampler, settings, generator, denomi
         context, pooled, condition = stack_condition(group, device)
         region = None
         if settings.entity_weight and condition is not None:
-            masks = torch.stack([s.masks for s in group])
-            region = entity_region_weight(masks, x0.shape[-2:], settings.entity_weight).to(device)
+            region = entity_region_weight(condition.masks, x0.shape[-2:], settings.entity_weight).to(device)
         x_t = noisy_latent(x0, noise, sigma)
         dtype = training_model.compute_dtype
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             prediction = training_model.velocity(x_t.to(dtype), sigma, context.to(dtype),
                                                  None if pooled is None else pooled.to(dtype), condition)
-        loss = flow_matching_loss(prediction, velocity_target(x0, noise), weight, region)
-        total = total + loss * len(group)
-        count += len(group)
-    return total / (denominator or count)
+        for s, loss in zip(group, flow_matching_losses(prediction, velocity_target(x0, noise), weight, region)):
+            losses[id(s)] = loss
+    return torch.stack([losses[id(s)] for s in batch])
+
+
+def batch_loss(training_model, batch, sigma_sampler, settings, generator, denominator=None):
+    """The sum of ``sample_losses`` over ``batch`` / ``denominator`` (default: their count, i.e. the mean)."""
+    return sample_losses(training_model, batch, sigma_sampler, settings, generator).sum() / (denominator or len(batch))

@@ -28,6 +28,11 @@ class Adapter:
         return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "ref_latents")
 
     @property
+    def ATTENTION_MASK_INDEX(self):
+        """None where ``attention_mask`` travels as a keyword argument (FLUX.1)."""
+        return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "attention_mask")
+
+    @property
     def TRANSFORMER_OPTIONS_INDEX(self):
         return host.models.forward_argument_index(host.models.model_class(self.diffusion_model_class), "transformer_options")
 
@@ -54,8 +59,10 @@ class Adapter:
         return torch.cat(grids, dim=-1)
 
     # -- text positions ---------------------------------------------------------------------
-    def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
+    def text_position_options(self, diffusion_model, transformer_options, rows, text_length):
         """transformer_options that give every text segment the positions the reference gives it.
+        ``rows``: the text layout ``(L1 .. LN, LG)`` of every batch row, or one for all (a tuple of one);
+        text positions from a row's own text up to ``text_length`` are padding (never seen).
         Default: nothing to do (all text positions are equal)."""
         return transformer_options
 

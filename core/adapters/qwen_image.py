@@ -41,15 +41,19 @@ class QwenImageAdapter(Adapter):
         return super().training_forward(base_model, x_t, sigma, context, pooled, entity_condition,
                                          transformer_options, guidance)
 
-    def text_position_options(self, diffusion_model, transformer_options, segment_lengths):
-        swap = _SegmentPositions(torch.cat([torch.arange(int(n)) for n in segment_lengths]))
+    def text_position_options(self, diffusion_model, transformer_options, rows, text_length):
+        # Each segment from its own first position; padding after a row's text is never seen.
+        swap = _SegmentPositions(torch.stack([
+            torch.cat([torch.arange(int(n)) for n in row] + [torch.arange(text_length - sum(row))]) for row in rows]))
         count = len(host.models.block_list(diffusion_model, "transformer_blocks"))
         return host.models.with_block_replacements(transformer_options, "double_block", count,
                                                    lambda index, existing: swap.replacement(existing))
 
 
 class _SegmentPositions:
-    """Swaps ``pe`` in every double block; the gathered tensor is computed once per forward pass."""
+    """Swaps ``pe`` in every double block; the gathered tensor is computed once per forward pass.
+    ``text_rows`` ``[R, T]``: which row of ``pe`` each text position takes (one list for the whole batch,
+    or one per batch row)."""
 
     def __init__(self, text_rows):
         self.text_rows = text_rows
@@ -60,8 +64,15 @@ class _SegmentPositions:
             rows = self.text_rows.to(pe.device)
             # Text rows first, then the image rows unchanged, along pe's sequence axis.
             axis = host.models.rope_sequence_axis(pe)
-            swapped = torch.cat([pe.index_select(axis, rows), pe.narrow(axis, len(rows), pe.shape[axis] - len(rows))],
-                                dim=axis)
+            text = rows.shape[1]
+            image = pe.narrow(axis, text, pe.shape[axis] - text)
+            if rows.shape[0] == 1:
+                swapped = torch.cat([pe.index_select(axis, rows[0]), image], dim=axis)
+            else:  # per batch row (pe holds one row per batch row, or one for all)
+                swapped = torch.stack([
+                    torch.cat([pe[min(b, pe.shape[0] - 1)].index_select(axis - 1, rows[b]),
+                               image[min(b, image.shape[0] - 1)]], dim=axis - 1)
+                    for b in range(rows.shape[0])])
             self._last = (pe, swapped)
         return self._last[1]
 

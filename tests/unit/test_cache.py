@@ -22,7 +22,7 @@ from comfyui_eligen.training.cache import (
     shared_cache,
 )
 from comfyui_eligen.training.dataset import dataset_from_images, load_dataset, prepare_image, prepare_masks
-from comfyui_eligen.training.batching import layout_key
+from comfyui_eligen.training.batching import bucket_key
 
 ENTITY_OPTIONS = {"t5xxl_min_length": 12}
 
@@ -120,7 +120,7 @@ def test_samples_match_direct_encoding(tmp_path, toy_flux):
     assert samples[0].entity_embeds[0].shape[1] == ENTITY_OPTIONS["t5xxl_min_length"]
     assert torch.equal(samples[0].entity_embeds[0], encode_text(clip, "a red circle", ENTITY_OPTIONS)[0])
     assert samples[3].masks.shape == (0, 64, 64) and samples[3].entity_embeds == []
-    assert layout_key(samples[0]) == layout_key(samples[2]) != layout_key(samples[1])
+    assert bucket_key(samples[0]) == bucket_key(samples[2]) != bucket_key(samples[1])
 
 
 def test_disk_cache_second_run_runs_no_encoder(tmp_path, toy_flux, counter):
