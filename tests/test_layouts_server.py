@@ -57,7 +57,7 @@ def test_shipped_painted_workflow_is_the_builder_graph(comfy_server):
     layout = painted.example_layout()
     graph = painted.painted_workflow(layout)
     with open(os.path.join(painted.EXAMPLES_DIR, "api", f"{painted.NAME}.json")) as f:
-        assert json.load(f) == graph, "run lab.painted.write_example() and scripts/make_ui_workflow.py"
+        assert json.load(f) == graph, "run `scripts/toyworld.py workflows` to rewrite it"
     object_info = comfy_server.object_info()
     assert make_ui.check_api_graph(graph, object_info) == []
     with open(os.path.join(painted.EXAMPLES_DIR, f"{painted.NAME}.json")) as f:
