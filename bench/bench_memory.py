@@ -4,8 +4,9 @@ Per family, each configuration runs in its own child process (its own peak memor
 
   bf16        bf16 base weights, no limit
   fp8         fp8 e4m3fn base weights (bf16 compute), no limit
-  fp8_swap    fp8 base + block swap with max_vram_gb = the cap, under a hard cap of the allocator
-              (torch.cuda.set_per_process_memory_fraction): 12 GB for FLUX.1, 16 GB for Qwen-Image
+  fp8_swap    fp8 base + block swap with the default max_vram_gb (automatic: what the process may use minus
+              1 GiB), under a hard cap of the allocator (torch.cuda.set_per_process_memory_fraction): 12 GB
+              for FLUX.1, 16 GB for Qwen-Image, as a 12 / 16 GB card
 
 All with gradient checkpointing, bf16 autocast, rank 16, the `eligen` targets, 1024x1024 px, 4 entities.
 The models (FLUX.1 19+38 blocks, Qwen-Image 60 blocks) are built with random weights directly on the
@@ -14,7 +15,8 @@ optimizer steps (set-up and the first step excluded), the block-swap plan from t
 ratios against the uncapped fp8 run (aim: fp8_swap at most 1.3x its step time).
 
 If the swap run runs out of memory under the cap (the planner's activation estimate is an estimate), it is
-retried with a budget 1.5 GB lower, at most twice; the result says which budget worked.
+retried with max_vram_gb set 1.5 and 3 GB below the automatic budget; the result says which worked
+(max_vram_gb 0 = the default).
 
     python bench/bench_memory.py --device cuda                  # the real thing (H200: a few minutes)
     python bench/bench_memory.py --device cpu --tiny --steps 3  # the same code at toy size (tests)
@@ -189,13 +191,14 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
 
     cuda = opts.device == "cuda"
     lora = LoraSettings(rank=opts.rank, alpha=float(opts.rank), preset="eligen")
-    budgets = [cap - 1.5 * i for i in range(3)] if swap and not opts.tiny else [0.0]
+    # the default (0: automatic, the cap minus 1 GiB), then two lower budgets if it runs out of memory
+    budgets = [0.0, cap - 2.5, cap - 4.0] if swap and not opts.tiny else [0.0]
     tries = []
     for budget in budgets:
         stamps = []
         settings = TrainSettings(
             steps=opts.steps, learning_rate=1e-4, batch_size=1, precision="bf16", gradient_checkpointing=True,
-            timestep_sampling="uniform", max_vram_gb=budget if swap and not opts.tiny else 0.0,
+            timestep_sampling="uniform", max_vram_gb=budget,
             blocks_to_swap=opts.tiny_swap if swap and opts.tiny else -1)
         try:
             train(model, TrainingData(data), lora, settings, hooks=Hooks(progress=lambda *a: stamps.append(time.perf_counter())))
@@ -217,36 +220,54 @@ def run(opts, model, data, family, config, swap, cap, built, plan):
     print("RESULT " + json.dumps({"family": family, "config": config, "error": "out of memory", "tries": tries}))
 
 
-def plan_table(opts, budgets=(11, 15, 23)):
-    """What ``max_vram_gb`` chooses for each family and base dtype, from the trainer's own estimate: the
-    model is built on the meta device (shapes and dtypes only), the LoRA injected, nothing computed."""
+def meta_model(opts, family, weights):
+    """The model of ``family`` (full size, or --tiny) with ``weights`` bf16 or fp8 on the meta device: shapes
+    and dtypes only, no memory."""
     import torch
 
     import comfy.supported_models
+
+    class_name, full, tiny, _, _ = SPECS[family]
+    config = getattr(comfy.supported_models, class_name)(dict(tiny if opts.tiny else full))
+    if weights == "fp8":
+        config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    else:
+        config.set_inference_dtype(torch.bfloat16, None)
+    return config.get_model({}, device="meta")
+
+
+def training_plan(opts, family, base, budget):
+    """The trainer's own memory plan (training/model.py: ``offload.plan_memory``) for training ``base``
+    under ``budget`` (an ``offload.MemoryBudget``) with this benchmark's settings; nothing is computed."""
+    import torch
+
     from comfyui_eligen.core.adapters import adapter_for
     from comfyui_eligen.training import lora, offload
 
+    adapter = adapter_for(base)
+    settings = lora.LoraSettings(rank=opts.rank, alpha=float(opts.rank))
+    request = offload.MemoryRequest(samples=samples(opts, family), batch_size=1, autocast_dtype=torch.bfloat16)
+    return offload.plan_memory(base.diffusion_model, adapter.training_blocks,
+                               lora.parameter_count(base.diffusion_model, settings, adapter),
+                               lora.DTYPES[settings.dtype], request, budget, torch.bfloat16, checkpointing=True)
+
+
+def plan_table(opts, budgets=(11, 15, 23)):
+    """What ``max_vram_gb`` chooses for each family and base dtype, from the trainer's own estimate: the
+    model is built on the meta device (shapes and dtypes only), nothing computed."""
+    from comfyui_eligen.training import offload
+
     table = {}
     for family in (FAMILIES if opts.family == "both" else [opts.family]):
-        class_name, full, tiny, _, _ = SPECS[family]
         for weights in ("bf16", "fp8"):
-            config = getattr(comfy.supported_models, class_name)(dict(tiny if opts.tiny else full))
-            if weights == "fp8":
-                config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
-            else:
-                config.set_inference_dtype(torch.bfloat16, None)
-            base = config.get_model({}, device="meta")
-            adapter = adapter_for(base)
-            lora.inject(base.diffusion_model, lora.LoraSettings(rank=opts.rank, alpha=float(opts.rank)), adapter)
-            estimate = offload.estimate_memory(base.diffusion_model, adapter.training_blocks,
-                                               lora.lora_parameters(base.diffusion_model), samples(opts, family),
-                                               1, torch.bfloat16, checkpointing=True)
-            row = {"no_limit_gib": round(estimate.device_bytes([]) / GB, 2)}
+            base = meta_model(opts, family, weights)
+            row = {}
             for budget in budgets:
-                plan = offload.plan_block_swap(estimate, int(budget * GB))
+                plan = training_plan(opts, family, base, offload.MemoryBudget(int(budget * GB), f"{budget:g} GiB"))
+                row.setdefault("no_limit_gib", round(plan.estimate.device_bytes([]) / GB, 2))
                 row[f"{budget:g}GB"] = {"blocks_swapped": f"{plan.count}/{plan.total_blocks}", "fits": plan.fits,
-                                      "estimated_gib": round(estimate.device_bytes(plan.positions) / GB, 2),
-                                      "streamed_gib_per_pass": round(sum(estimate.block_bytes[i] for i in plan.positions) / GB, 2)}
+                                      "estimated_gib": round(plan.estimate.device_bytes(plan.positions) / GB, 2),
+                                      "streamed_gib_per_pass": round(sum(plan.estimate.block_bytes[i] for i in plan.positions) / GB, 2)}
             table[f"{family} {weights}"] = row
     return table
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The memory benchmark on a GPU, one command: bench/run_gpu_memory.sh [OUT_DIR (default bench_out)]
 # Full-depth FLUX.1 (19+38 blocks) and Qwen-Image (60 blocks), random weights built on the GPU, 1024 px,
-# 4 entities, rank 16, eligen targets, bf16 autocast, checkpointing: bf16 and fp8 without a limit, fp8 +
-# block swap under a hard 12 GB (FLUX.1) / 16 GB (Qwen-Image) cap. Writes OUT_DIR/memory.txt; its last
+# 4 entities, rank 16, eligen targets, bf16 autocast, checkpointing, the default max_vram_gb (automatic):
+# bf16 and fp8 on the whole GPU, fp8 under a hard 12 GB (FLUX.1) / 16 GB (Qwen-Image) cap of the allocator,
+# where the automatic budget (the cap minus 1 GiB) chooses the blocks to swap. Writes OUT_DIR/memory.txt; its last
 # line is the JSON summary. Needs a CUDA torch ($PYTHON, default python3) and COMFYUI_DIR (or a
 # scripts/setup.sh checkout). About 5 minutes on an H200 (each configuration is limited to 240 s).
 set -uo pipefail

@@ -80,10 +80,11 @@ class ComfyServer:
     custom_nodes: {folder name: path} linked into the private custom_nodes/; default: this repo only.
     python:       interpreter that runs main.py (default: the one running the tests, i.e. the venv).
     log_path:     where stdout and stderr go (default: a new eligen-comfy-*.log in the temp folder).
+    env:          the server's environment (default: this process's), plus the settings below.
     """
 
     def __init__(self, comfyui_dir=None, custom_nodes=None, python=None, log_path=None, extra_args=(),
-                 torch_threads=None):
+                 torch_threads=None, env=None):
         self.comfyui_dir = os.path.abspath(comfyui_dir or find_comfyui_dir())
         self.custom_nodes = dict(custom_nodes) if custom_nodes is not None else {PACKAGE_NAME: REPO}
         self.python = python or sys.executable
@@ -92,6 +93,7 @@ class ComfyServer:
         # models (measured ~20 ms against ~1 s per sampling step on 2 busy cores); None keeps the
         # environment's setting.
         self.torch_threads = torch_threads
+        self.env = env
         self.base_dir = tempfile.mkdtemp(prefix="eligen-comfy-")
         if log_path is None:  # outside base_dir, so the log outlives stop()
             handle, log_path = tempfile.mkstemp(prefix="eligen-comfy-", suffix=".log")
@@ -152,7 +154,7 @@ class ComfyServer:
         for name, path in self.custom_nodes.items():
             os.symlink(os.path.abspath(path), os.path.join(self.custom_nodes_dir, name))
         self.port = free_port()
-        env = dict(os.environ, DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ if self.env is None else self.env, DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
         if self.torch_threads:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)
         pinned = os.path.join(self.comfyui_dir, PINNED_PACKAGES_DIR)

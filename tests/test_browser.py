@@ -11,9 +11,10 @@ update the frontend before ComfyUI. Each frontend gets one fresh server of its o
   from the page and its picture is fetched; the LoRA that template 3 trains is offered by the LoRA lists
   of loader nodes already on the canvas and of new ones, without Refresh or a reload.
 - Every UI-format workflow in example_workflows/ loads through the page's file input (what Load and drag
-  and drop use) with no missing-node dialog and no unknown (red) node, and every EliGen node shows the
-  widgets its /object_info inputs call for. Newer frontends also draw a loader red when its model file
-  is missing (the real-model templates name files this server lacks): that is told apart.
+  and drop use) with no missing-node dialog and no node drawn red (unknown, or registered but not built
+  by the frontend), and every EliGen node shows the widgets its /object_info inputs call for. Newer
+  frontends also draw a loader red when its model file is missing (the real-model templates name files
+  this server lacks): that is told apart.
 - The toy-world painted-layout workflow runs from the page's Run button and its images appear on the page.
 
 Responses with an error status are collected per page; the only ones allowed are those a frontend newer
@@ -386,18 +387,38 @@ def load_workflow(page, path):
     return nodes, dialogs
 
 
-def problems_in(nodes, dialogs, object_info):
+def stock_loader_builds(page):
+    """Whether the frontend can build ComfyUI's own CheckpointLoaderSimple. Frontend 1.27 (ComfyUI 0.3.64's
+    pin) builds no node with a ckpt_name/lora_name/vae_name input once one of the stock loaders it indexes
+    for its model browser is missing from /object_info (UpscaleModelLoader, when spandrel is absent)."""
+    return page.evaluate("() => !!LiteGraph.createNode('CheckpointLoaderSimple')")
+
+
+def problems_in(nodes, dialogs, object_info, page, server):
+    """What a user would see go wrong. A node drawn red is either unknown (its type is not registered:
+    a missing node) or registered but not built by the frontend (it lost its widgets and cannot run);
+    for the second kind the cause is named when the frontend cannot build ComfyUI's own loaders either."""
     problems = [f"missing-node dialog: {text[:300]!r}" for text in dialogs
                 if re.search("missing nodes?|not found", text, re.IGNORECASE)]
+    unbuilt = []
     for node in nodes:
-        if node["error"] and node["known"] and node["missing_model"]:
-            continue  # newer frontends draw a loader red while its model file is not on the server
-        if node["error"] or not node["known"]:
+        if not node["known"]:
             problems.append(f"node {node['id']} ({node['type']}) is unknown to the frontend (drawn red)")
+        elif node["error"] and node["missing_model"]:
+            continue  # newer frontends draw a built loader red while its model file is not on the server
+        elif node["error"]:
+            unbuilt.append(node["type"])
+            problems.append(f"node {node['id']} ({node['type']}) is registered but the frontend could not build "
+                            f"it (drawn red, no widgets)")
         elif node["type"].startswith("EliGen"):
             absent = [name for name in widget_names(object_info[node["type"]]) if name not in node["widgets"]]
             if absent:
                 problems.append(f"node {node['id']} ({node['type']}) does not show the widgets {absent}")
+    if unbuilt and not stock_loader_builds(page):
+        failed = sorted(set(re.findall(r"^IMPORT FAILED: (\S+)", server.log_text(), re.MULTILINE)))
+        problems.append(f"the frontend cannot build ComfyUI's own CheckpointLoaderSimple either, so {sorted(set(unbuilt))} "
+                        f"fail for a reason outside this package: a stock loader node it expects is missing "
+                        f"(ComfyUI modules that failed to import: {failed}; nodes_upscale_model.py needs spandrel)")
     return problems
 
 
@@ -410,7 +431,7 @@ def test_every_example_workflow_loads_with_known_nodes_and_widgets(page, comfy_s
         nodes, dialogs = load_workflow(page, path)
         shot(page, comfy_server, name)
         assert any(n["type"].startswith("EliGen") for n in nodes), name
-        problems = problems_in(nodes, dialogs, object_info)
+        problems = problems_in(nodes, dialogs, object_info, page, comfy_server)
         if problems:
             report[name] = problems
     assert not report, json.dumps(report, indent=1)
@@ -425,7 +446,7 @@ def test_the_checks_see_an_unknown_node(page, comfy_server, tmp_path):
     path = tmp_path / "toyworld_unknown_node.json"
     path.write_text(json.dumps(workflow))
     nodes, dialogs = load_workflow(page, str(path))
-    problems = problems_in(nodes, dialogs, comfy_server.object_info())
+    problems = problems_in(nodes, dialogs, comfy_server.object_info(), page, comfy_server)
     assert any("missing-node dialog" in p and "EliGenNoSuchNode" in p for p in problems), problems
     assert any("EliGenNoSuchNode) is unknown" in p for p in problems), problems
 
@@ -434,7 +455,7 @@ def test_painted_layout_workflow_runs_from_the_run_button(page, comfy_server):
     if not os.path.exists(os.path.join(comfy_server.models_dir, "loras", LORA_NAME)):  # run on its own
         trained_toy_lora(comfy_server)
     nodes, dialogs = load_workflow(page, os.path.join(EXAMPLES, f"{painted.NAME}.json"))
-    assert problems_in(nodes, dialogs, comfy_server.object_info()) == []
+    assert problems_in(nodes, dialogs, comfy_server.object_info(), page, comfy_server) == []
     # a user shortening the run: fewer steps in the KSampler widget
     page.evaluate("""() => { for (const n of window.app.graph._nodes) if (n.type == 'KSampler') {
         const w = n.widgets.find(w => w.name == 'steps'); w.value = 10; w.callback && w.callback(10); } }""")

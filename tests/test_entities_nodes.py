@@ -130,15 +130,32 @@ def test_apply_returns_a_patched_clone_and_the_entity_conditioning():
     assert torch.count_nonzero(out_negative[0][0]) == 0 and out_negative[0][0].shape == positive[0][0].shape
 
 
-def test_unsupported_family_is_named():
-    config = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None,
+# Other families built on ComfyUI's FLUX classes (subclasses of model_base.Flux), tiny. Chroma is in every
+# tested ComfyUI; FLUX.2 only in newer ones, so its case runs where ComfyUI has the model class.
+OTHER_FAMILIES = {
+    "Chroma": {"image_model": "chroma", "in_channels": 16, "out_channels": 16, "context_in_dim": TEXT_WIDTH,
+               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+               "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64,
+               "out_dim": 64, "hidden_dim": 32, "n_layers": 1},
+    "Flux2": {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None,
               "context_in_dim": TEXT_WIDTH, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
               "depth_single_blocks": 1, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1,
               "qkv_bias": False, "guidance_embed": False, "global_modulation": True, "mlp_silu_act": True,
-              "ops_bias": False}
-    model = comfy.model_patcher.ModelPatcher(comfy.supported_models.Flux2(config).get_model({}),
+              "ops_bias": False},
+}
+
+
+@pytest.mark.parametrize("family", [
+    "Chroma",
+    pytest.param("Flux2", marks=pytest.mark.skipif(
+        not hasattr(comfy.supported_models, "Flux2"),
+        reason="this ComfyUI has no FLUX.2 model class (comfy.supported_models.Flux2)")),
+])
+def test_unsupported_family_is_named(family):
+    config_class = getattr(comfy.supported_models, family)
+    model = comfy.model_patcher.ModelPatcher(config_class(OTHER_FAMILIES[family]).get_model({}),
                                              comfy.model_management.get_torch_device(), "cpu")
-    with pytest.raises(ValueError, match="EliGen supports FLUX.1 and Qwen-Image; this model is Flux2"):
+    with pytest.raises(ValueError, match=f"EliGen supports FLUX.1 and Qwen-Image; this model is {family}"):
         EliGenApply.execute(model=model, positive=encoded(), entities=entity_chain(1))
 
 

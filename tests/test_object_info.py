@@ -1,6 +1,8 @@
 """What the frontend and API users see of every EliGen node (/object_info: inputs, defaults, limits,
-tooltips, outputs) is unchanged: equal to a snapshot taken from the server before the training job and
-its runner replaced the node's hand-written inputs (tests/data/object_info_eligen.json)."""
+tooltips, outputs) changes only on purpose: it must equal the snapshot in tests/data/object_info_eligen.json.
+Saved workflows and API graphs depend on it, so a change there is a reviewed change: after a deliberate
+one, rewrite the snapshot with `ELIGEN_UPDATE_OBJECT_INFO=1 bash scripts/run_tests.sh -k object_info` and
+commit it with the change (the diff shows what users will see)."""
 
 import json
 import os
@@ -27,8 +29,14 @@ def without_file_lists(info):
 def test_every_eligen_node_is_described_as_before(comfy_server):
     with open(SNAPSHOT) as handle:
         before = without_file_lists(json.load(handle))
-    now = without_file_lists({name: node for name, node in comfy_server.object_info().items()
-                              if node.get("python_module", "").startswith("custom_nodes.comfyui_eligen")})
+    ours = {name: node for name, node in comfy_server.object_info().items()
+            if node.get("python_module", "").startswith("custom_nodes.comfyui_eligen")}
+    if os.environ.get("ELIGEN_UPDATE_OBJECT_INFO") == "1":
+        with open(SNAPSHOT, "w") as handle:
+            json.dump(without_file_lists(ours), handle, indent=1, sort_keys=True)
+            handle.write("\n")
+        pytest.skip("snapshot rewritten: review its diff and commit it")
+    now = without_file_lists(ours)
     assert sorted(now) == sorted(before)
     for name in before:
         for key in sorted(set(before[name]) | set(now[name])):

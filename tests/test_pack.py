@@ -74,7 +74,7 @@ def test_comfy_node_pack_contents(copy):
     with zipfile.ZipFile(copy / "node.zip") as archive:
         importing = [n for n in names if n.endswith(".py") and LAB_IMPORT.search(archive.read(n).decode("utf-8"))]
     assert not importing, f"archive modules import the lab, which the archive leaves out: {importing}"
-    assert {"__init__.py", "pyproject.toml", "README.md"} <= names
+    assert {"__init__.py", "pyproject.toml", "README.md", "requirements.txt"} <= names  # what comfy node install reads
     # the toy weights, byte for byte (so the toy world works from a registry install)
     weights = [n for n in repo_files() if n.startswith("toyworld/weights/") and n.endswith(".safetensors")]
     assert len(weights) == 2

@@ -119,9 +119,11 @@ def test_reference_schedules():
     qwen = loss.reference_sigmas(QwenImageAdapter.reference_schedule)
     assert len(qwen) == 1000 and qwen[0] == pytest.approx(1.0) and qwen[-1] == pytest.approx(0.02)
     assert (qwen[1:] < qwen[:-1]).all()
-    weights = loss.reference_weights()
-    assert weights.mean().item() == pytest.approx(1.0)
-    assert weights.argmax().item() in (499, 500) and weights.min().item() == pytest.approx(0.0)
+    for sigmas in (flux, qwen):
+        weights = loss.reference_weights(sigmas)
+        assert weights.mean().item() == pytest.approx(1.0) and weights.min().item() == pytest.approx(0.0)
+        # The bump is over the shifted timestep 1000 * sigma: its peak is where sigma is nearest 0.5.
+        assert weights.argmax().item() == (sigmas - 0.5).abs().argmin().item()
     with pytest.raises(ValueError, match="sdxl"):
         loss.reference_sigmas({"kind": "sdxl"})
 

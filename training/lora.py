@@ -3,17 +3,19 @@
 Config (``LoraSettings``), injection (``inject``: peft wraps the chosen ``nn.Linear`` modules of the
 diffusion model in place) and extraction/removal are separate steps, as in peft. The diffusion model
 belongs to a MODEL shared by the whole graph, so ``remove`` puts every original module back and
-restores ``requires_grad``; callers run it in a ``finally``.
+restores ``requires_grad``; callers run it in a ``finally``. peft is imported by ``inject`` (the first
+step that needs it), so the settings and everything that imports this module work without it.
 """
 
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass
 
-import peft
 import torch
 
 from .fields import problems, raise_problems, setting
+from .peft_requirement import import_peft
 
 INITS = {"kaiming": True, "gaussian": "gaussian"}  # peft's init_lora_weights; both start with B = 0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,8 +103,19 @@ def matching_linears(diffusion_model, patterns):
     ]
 
 
+def parameter_count(diffusion_model, settings, adapter):
+    """How many LoRA weights ``inject`` would add (A: rank x in, B: out x rank per target Linear), read
+    from the model before injection and without peft (the memory plan is made before loading)."""
+    targets = matching_linears(diffusion_model, target_patterns(settings, adapter))
+    return sum(settings.rank * (linear.in_features + linear.out_features)
+               for linear in map(diffusion_model.get_submodule, targets))
+
+
 def lora_layers(diffusion_model):
     """{module name: peft LoRA layer} currently injected in the model."""
+    peft = sys.modules.get("peft")
+    if peft is None:  # never imported in this process, so no model holds its layers
+        return {}
     return {
         name: module for name, module in diffusion_model.named_modules()
         if isinstance(module, peft.tuners.lora.LoraLayer)
@@ -112,6 +125,7 @@ def lora_layers(diffusion_model):
 def inject(diffusion_model, settings, adapter):
     """Wrap the target Linears of ``diffusion_model`` with peft LoRA layers; freeze everything else.
     Returns the wrapped module names. Undo with ``remove``."""
+    peft = import_peft()
     settings.validate(adapter)
     if lora_layers(diffusion_model):
         raise ValueError("this model already has LoRA training layers injected (a training run still active?)")

@@ -34,20 +34,21 @@ def reference_sigmas(spec, steps=NUM_TRAIN_TIMESTEPS):
     return 1 - one_minus / (one_minus[-1] / (1 - spec["terminal"]))
 
 
-def reference_weights(steps=NUM_TRAIN_TIMESTEPS):
-    """Per-index loss weights of the reference: a Gaussian bump over the timestep index (peak in the
-    middle), lifted so its minimum is 0, normalised to mean 1 (float64)."""
-    t = torch.arange(steps, dtype=torch.float64) * (NUM_TRAIN_TIMESTEPS / steps)
+def reference_weights(sigmas):
+    """Loss weight of each of the reference's training ``sigmas``: a Gaussian bump over the timestep
+    ``1000 * sigma`` (the shifted value, not the index: peak where sigma is 0.5), lifted so its minimum
+    is 0, normalised to mean 1 (float64)."""
+    t = sigmas.to(torch.float64) * NUM_TRAIN_TIMESTEPS
     bump = torch.exp(-2 * ((t - NUM_TRAIN_TIMESTEPS / 2) / NUM_TRAIN_TIMESTEPS) ** 2)
     bump = bump - bump.min()
-    return bump * (steps / bump.sum())
+    return bump * (len(sigmas) / bump.sum())
 
 
 class TimestepSampler:
     """Draws (sigma, loss weight) per batch element from a torch.Generator.
 
     reference:    index uniform over the 1000 shifted sigmas of ``schedule`` (the family adapter's
-                  ``reference_schedule``), Gaussian-bump loss weight.
+                  ``reference_schedule``), Gaussian-bump loss weight over ``1000 * sigma``.
     logit_normal: sigma = sigmoid(N(mean, std)), weight 1.
     uniform:      sigma ~ U(0, 1), weight 1.
     """
@@ -58,8 +59,9 @@ class TimestepSampler:
         self.kind = kind
         self.logit_mean, self.logit_std = logit_mean, logit_std
         if kind == "reference":
-            self.sigmas = reference_sigmas(schedule).float()
-            self.weights = reference_weights().float()
+            sigmas = reference_sigmas(schedule)
+            self.sigmas = sigmas.float()
+            self.weights = reference_weights(sigmas).float()
 
     def __call__(self, batch, generator):
         if self.kind == "reference":

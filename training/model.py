@@ -29,11 +29,21 @@ class TrainingModel:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.device = self.patched.load_device
-        # block swap (training/offload.py) when a memory budget or a block count is asked for
-        self.offload = offload.SwapSession(self.patched, self.device, memory) if memory and memory.active else None
         self._swapped = []
         # FSDP (headless under torchrun only): the base is sharded, so the MODEL is not reusable afterwards.
         self.fsdp = distributed if distributed is not None and distributed.fsdp else None
+        # The memory plan, before loading: block swap (training/offload.py) only when the budget needs it
+        # or a block count is given; otherwise the model loads the usual way.
+        self.memory_plan = None
+        if memory is not None:
+            budget = offload.memory_budget(memory.max_vram_gb, self.device, sharded=self.fsdp is not None)
+            self.memory_plan = offload.plan_memory(
+                self.diffusion_model, self.adapter.training_blocks,
+                lora.parameter_count(self.diffusion_model, lora_settings, self.adapter),
+                lora.DTYPES[lora_settings.dtype], memory, budget, self.compute_dtype, gradient_checkpointing)
+            offload.log_plan(budget, self.memory_plan)
+        swaps = self.memory_plan is not None and self.memory_plan.swaps
+        self.offload = offload.SwapSession(self.patched, self.device, self.memory_plan) if swaps else None
 
     def __enter__(self):
         if self.offload is not None:
@@ -49,8 +59,7 @@ class TrainingModel:
                 self.targets = lora.inject(self.diffusion_model, self.lora_settings, self.adapter)
             self.parameters = lora.lora_parameters(self.diffusion_model)
             if self.offload is not None:
-                self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters,
-                                   self.compute_dtype, self.gradient_checkpointing)
+                self.offload.start(self.diffusion_model, self.adapter.training_blocks, self.parameters)
             if self.fsdp is not None:
                 self.fsdp.shard_frozen_base(self.diffusion_model, self.parameters)
             self._options = self._transformer_options()

@@ -17,8 +17,11 @@ references to the tensors a block used; releasing a block replaces the module's 
 references intact, so a backward that still needs them sees the real values, and the device memory is
 freed when the last reference goes.
 
-``plan_block_swap`` chooses how many blocks to swap from a memory budget (``max_vram_gb``) with an
-estimate of what stays on the device; ``describe`` says what it chose and why, for the log.
+``memory_budget`` turns ``max_vram_gb`` into a budget: a number is that many GiB; 0 (the default) is
+automatic: on CUDA what the device has minus ``DEVICE_RESERVE_BYTES``, no limit elsewhere.
+``plan_memory`` estimates what a training step needs (before the model is loaded, so a run that fits
+loads the usual way) and ``plan_block_swap`` chooses how many blocks to swap to stay within the budget;
+``describe`` says what was chosen and why, for the log.
 """
 
 import logging
@@ -37,6 +40,11 @@ ACTIVATION_UNITS_PER_BLOCK = 16
 WORKING_UNITS = 32
 RESERVE_BYTES = int(0.75 * GIB)   # allocator fragmentation, cuBLAS workspace, small tensors
 ADAM_BYTES_PER_PARAM = 8          # two fp32 moments
+# What the automatic budget (max_vram_gb = 0 on CUDA) leaves of the device's memory: what the estimate
+# cannot see because PyTorch's allocator does not hold it. The CUDA context with its loaded kernels
+# (cuBLAS, cuDNN) takes about 0.3-0.6 GiB with CUDA's lazy kernel loading, and a desktop drawn on the
+# same card a few hundred MiB more. (RESERVE_BYTES, inside the estimate, is the allocator's own slack.)
+DEVICE_RESERVE_BYTES = GIB
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,8 +76,9 @@ def tensor_bytes(tensor):
     return tensor.numel() * tensor.element_size()
 
 
-def frozen_bytes(module, trainable_ids=frozenset()):
-    return sum(tensor_bytes(getattr(owner, kind)[name]) for owner, kind, name in frozen_slots(module, trainable_ids))
+def module_bytes(module):
+    """Bytes of every parameter and buffer under ``module``."""
+    return sum(tensor_bytes(t) for t in module.parameters()) + sum(tensor_bytes(t) for t in module.buffers())
 
 
 def block_width(block):
@@ -122,10 +131,17 @@ class SwapPlan:
     reason: str = ""
     fits: bool = True
     block_names: list = field(default_factory=list)
+    fixed: bool = False          # the count was given (blocks_to_swap), not chosen from the budget
+    budget_reason: str = ""      # where the budget comes from (memory_budget)
 
     @property
     def count(self):
         return len(self.positions)
+
+    @property
+    def swaps(self):
+        """Whether training runs through block swap (a fixed count, or blocks chosen from the budget)."""
+        return self.fixed or self.count > 0
 
 
 def spread(count, total):
@@ -149,7 +165,7 @@ def plan_block_swap(estimate, budget_bytes, fixed_count=None):
         need = estimate.device_bytes(positions)
         return SwapPlan(positions, total, budget_bytes, estimate,
                         f"blocks_to_swap = {fixed_count} was set; estimated peak {need / GIB:.2f} GiB",
-                        budget_bytes is None or need <= budget_bytes)
+                        budget_bytes is None or need <= budget_bytes, fixed=True)
     if budget_bytes is None:
         need = estimate.device_bytes([])
         return SwapPlan([], total, None, estimate, f"no memory limit; estimated peak {need / GIB:.2f} GiB")
@@ -168,25 +184,29 @@ def plan_block_swap(estimate, budget_bytes, fixed_count=None):
                     "gradient checkpointing)", fits=False)
 
 
-def estimate_memory(diffusion_model, training_blocks, trainable, samples, batch_size, compute_dtype,
-                    checkpointing):
-    """A ``MemoryEstimate`` for training ``diffusion_model`` with LoRA parameters ``trainable`` on
-    ``samples`` (the largest sample decides: latent ``[C, (T,) h, w]``, text and entity lengths)."""
-    trainable_ids = {id(p) for p in trainable}
+def estimate_memory(diffusion_model, training_blocks, lora_parameters, lora_dtype, samples, batch_size,
+                    compute_dtype, checkpointing):
+    """A ``MemoryEstimate`` for training ``diffusion_model`` (before the LoRA layers are injected: every
+    tensor it has is frozen base) with ``lora_parameters`` LoRA weights of ``lora_dtype`` on ``samples``
+    (the largest sample decides: latent ``[C, (T,) h, w]``, text and entity lengths). Reads shapes and
+    dtypes only, so it works on a model on the meta device or on its offload device."""
     blocks = ordered_blocks(diffusion_model, training_blocks)
-    block_bytes = [frozen_bytes(block, trainable_ids) for _, _, block in blocks]
-    other_bytes = frozen_bytes(diffusion_model, trainable_ids) - sum(block_bytes)
-    lora_bytes = sum(p.numel() * (2 * p.element_size() + ADAM_BYTES_PER_PARAM) for p in trainable)
+    block_bytes = [module_bytes(block) for _, _, block in blocks]
+    other_bytes = module_bytes(diffusion_model) - sum(block_bytes)
+    lora_element = torch.empty((), dtype=lora_dtype).element_size()
+    lora_bytes = lora_parameters * (2 * lora_element + ADAM_BYTES_PER_PARAM)  # weights, gradients, moments
     width = block_width(blocks[0][2])
     compute_bytes = torch.empty((), dtype=compute_dtype).element_size()
     tokens = max(_tokens(s) for s in samples) if samples else 0
     unit = batch_size * tokens * width * compute_bytes
     largest = max(range(len(blocks)), key=lambda i: block_bytes[i])
-    weight_dtypes = {t.dtype for t in blocks[largest][2].parameters() if t.is_floating_point()}
+    # The LoRA's dtype counts as the block's too (its weights sit in every block): under autocast its float32
+    # weights get compute-dtype copies. A block's worth for it keeps the estimate above the peaks measured
+    # with bf16 bases (FLUX.1 27.0 against 26.4 GiB, Qwen-Image 43.6 against 43.0 on an H200).
+    weight_dtypes = {t.dtype for t in blocks[largest][2].parameters() if t.is_floating_point()} | {lora_dtype}
     cast_bytes = 0
     if any(d != compute_dtype for d in weight_dtypes):
-        params = sum(t.numel() for t in blocks[largest][2].parameters() if id(t) not in trainable_ids)
-        cast_bytes = params * compute_bytes
+        cast_bytes = sum(t.numel() for t in blocks[largest][2].parameters()) * compute_bytes
     return MemoryEstimate(block_bytes, other_bytes, lora_bytes, unit, batch_size * tokens * tokens * compute_bytes,
                           cast_bytes, checkpointing)
 
@@ -202,16 +222,88 @@ def _tokens(sample):
 
 
 def describe(plan):
-    """One log line: what was chosen and why."""
+    """One log line: where the budget comes from, what was chosen and why."""
+    budget = f"{plan.budget_reason}; " if plan.budget_reason else ""
     if plan.estimate is None:
-        return f"block swap: {plan.count} of {plan.total_blocks} blocks ({plan.reason})"
+        return f"{budget}block swap: {plan.count} of {plan.total_blocks} blocks ({plan.reason})"
     e = plan.estimate
     parts = (f"weights {(e.other_bytes + sum(e.block_bytes)) / GIB:.2f} GiB in {plan.total_blocks} blocks "
              f"(largest {max(e.block_bytes) / GIB:.3f} GiB), LoRA+AdamW {e.lora_bytes / GIB:.3f} GiB, "
              f"activation unit {e.unit_bytes / 2**20:.1f} MiB, checkpointing {'on' if e.checkpointing else 'off'}")
     swapped = sum(e.block_bytes[i] for i in plan.positions)
-    return (f"block swap: {plan.count} of {plan.total_blocks} blocks kept in CPU memory "
+    return (f"{budget}block swap: {plan.count} of {plan.total_blocks} blocks kept in CPU memory "
             f"({swapped / GIB:.2f} GiB streamed per pass): {plan.reason}. Estimate from {parts}.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The budget and the plan of a training run
+
+
+@dataclass
+class MemoryBudget:
+    bytes: int | None            # None: no limit
+    reason: str                  # where it comes from, for the log
+
+
+def device_memory(device):
+    """(bytes this process may use, a description) of a CUDA device, as torch reports them: its total
+    memory, times the process's memory fraction when one is set. The one place that reads them."""
+    properties = torch.cuda.get_device_properties(device)
+    total, name = properties.total_memory, f"{properties.name} ({device})"
+    read_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # absent from older torch
+    share = read_fraction(device) if read_fraction is not None else 1.0
+    if share < 1.0:
+        return int(total * share), f"{name} (this process may use {share:.3f} of its {total / GIB:.2f} GiB)"
+    return total, name
+
+
+def automatic_budget(total_bytes, device_name):
+    """The budget ``max_vram_gb`` = 0 gives on a CUDA device of ``total_bytes``: all but the reserve."""
+    budget = max(0, total_bytes - DEVICE_RESERVE_BYTES)
+    return MemoryBudget(budget, f"max_vram_gb automatic: {device_name} has {total_bytes / GIB:.2f} GiB; keeping "
+                                f"{DEVICE_RESERVE_BYTES / GIB:.2f} GiB free for the CUDA context and the display "
+                                f"leaves a budget of {budget / GIB:.2f} GiB")
+
+
+def memory_budget(max_vram_gb, device, sharded=False):
+    """The device budget of a training run: ``max_vram_gb`` GiB when it is above 0; else automatic: on
+    CUDA ``automatic_budget`` of what the device has, no limit on other devices and under FSDP
+    (``sharded``: each GPU holds only a shard of the base, which the estimate does not model)."""
+    if max_vram_gb > 0:
+        return MemoryBudget(int(max_vram_gb * GIB), f"max_vram_gb = {max_vram_gb:g} GiB")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return MemoryBudget(None, f"max_vram_gb automatic: no limit on the {device.type} device (a budget applies "
+                                  "on CUDA only)")
+    if sharded:
+        return MemoryBudget(None, "max_vram_gb automatic: no limit under FSDP (each GPU holds a shard of the "
+                                  "base); set max_vram_gb to swap blocks")
+    return automatic_budget(*device_memory(device))
+
+
+def plan_memory(diffusion_model, training_blocks, lora_parameters, lora_dtype, request, budget, compute_dtype,
+                checkpointing):
+    """The block-swap plan of a training run, made before the model is loaded; None when there is no
+    limit and no fixed block count (nothing to estimate). ``request``: a MemoryRequest; ``budget``: a
+    MemoryBudget. A plan that swaps nothing (``not plan.swaps``) trains the usual way."""
+    fixed = request.blocks_to_swap if request.blocks_to_swap >= 0 else None
+    if budget.bytes is None and fixed is None:
+        return None
+    estimate = estimate_memory(diffusion_model, training_blocks, lora_parameters, lora_dtype, request.samples,
+                               request.batch_size, request.autocast_dtype or compute_dtype, checkpointing)
+    plan = plan_block_swap(estimate, budget.bytes, fixed)
+    plan.budget_reason = budget.reason
+    blocks = ordered_blocks(diffusion_model, training_blocks)
+    plan.block_names = [f"{kind} {index}" for kind, index, _ in (blocks[i] for i in plan.positions)]
+    return plan
+
+
+def log_plan(budget, plan):
+    """The training run's one memory line: the plan, or why there is no limit."""
+    if plan is None:
+        logging.info("EliGen training: %s.", budget.reason)
+    else:
+        (logging.info if plan.fits else logging.warning)("EliGen training: %s", describe(plan))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,47 +465,35 @@ class BlockSwapper:
 
 @dataclass
 class MemoryRequest:
-    """What the trainer asks of block swap: a device budget (GiB, 0 = none) or a fixed block count
-    (-1 = choose from the budget), and what the activation estimate needs."""
+    """What the trainer asks of block swap: a device budget (GiB, 0 = automatic, see ``memory_budget``)
+    or a fixed block count (-1 = choose from the budget), and what the activation estimate needs."""
     max_vram_gb: float = 0.0
     blocks_to_swap: int = -1
     samples: list = field(default_factory=list)
     batch_size: int = 1
     autocast_dtype: torch.dtype | None = None
 
-    @property
-    def active(self):
-        return self.max_vram_gb > 0 or self.blocks_to_swap >= 0
-
 
 class SwapSession:
     """The model side of block swap for one training run.
 
     ``load``: every other model leaves the device, the ModelPatcher's weight patches are applied with
-    all weights on its offload device (CPU). ``start`` (after the LoRA layers exist): plan, keep the
-    swapped blocks' frozen tensors in pinned CPU memory, move everything else (LoRA included) to the
-    device. ``close``: original tensors back, weight patches undone, model on the offload device."""
+    all weights on its offload device (CPU). ``start`` (after the LoRA layers exist): keep the frozen
+    tensors of the blocks the plan (``plan_memory``) names in pinned CPU memory, move everything else
+    (LoRA included) to the device. ``close``: original tensors back, weight patches undone, model on the
+    offload device."""
 
-    def __init__(self, model_patcher, device, request, record=False):
-        self.patcher, self.device, self.request, self.record = model_patcher, torch.device(device), request, record
-        self.plan, self.swapper, self._loaded = None, None, False
+    def __init__(self, model_patcher, device, plan, record=False):
+        self.patcher, self.device, self.plan, self.record = model_patcher, torch.device(device), plan, record
+        self.swapper, self._loaded = None, False
 
     def load(self):
         host.memory.unload_models_on(self.device)
         host.memory.patch_weights_on_offload_device(self.patcher)
         self._loaded = True
 
-    def start(self, diffusion_model, training_blocks, trainable, compute_dtype, checkpointing):
-        request = self.request
-        dtype = request.autocast_dtype or compute_dtype
-        estimate = estimate_memory(diffusion_model, training_blocks, trainable, request.samples,
-                                   request.batch_size, dtype, checkpointing)
-        budget = int(request.max_vram_gb * GIB) if request.max_vram_gb > 0 else None
-        fixed = request.blocks_to_swap if request.blocks_to_swap >= 0 else None
-        self.plan = plan_block_swap(estimate, budget, fixed)
+    def start(self, diffusion_model, training_blocks, trainable):
         blocks = ordered_blocks(diffusion_model, training_blocks)
-        self.plan.block_names = [f"{kind} {index}" for kind, index, _ in (blocks[i] for i in self.plan.positions)]
-        (logging.info if self.plan.fits else logging.warning)("EliGen training: %s", describe(self.plan))
         self.swapper = BlockSwapper([b for _, _, b in blocks], self.plan.positions, self.device, trainable,
                                     record=self.record)
         self.patcher.model.to(self.device)  # the resident part, LoRA layers and the placeholders

@@ -24,6 +24,7 @@ from .hooks import Hooks
 from .loop import CheckpointFolder, TrainingData, train
 from .loss_plot import loss_graph
 from .outputs import prepare_outputs
+from .peft_requirement import import_peft
 from .validation import decode_and_release, validation_sample
 
 
@@ -49,6 +50,7 @@ class JobResult:
 def run_job(job, inputs, folders, hooks=None, resume=None, distributed=None):
     """Run ``job`` (training/job.py) on ``inputs`` writing into ``folders`` (training/outputs.py).
     ``resume``: None, "latest" or a checkpoint file name; ``distributed``: a torchrun Group or None."""
+    import_peft()  # before any work: without peft the run would fail after encoding the whole dataset
     hooks = hooks or Hooks()
     adapter = adapter_for(inputs.model)
     job.validate(adapter)

@@ -52,9 +52,10 @@ class TrainSettings:
         3.5, "Embedded guidance of the validation images for guidance-distilled models (FLUX.1-dev; training "
              "itself uses 1 as the reference). Others ignore it.", min=0.0, max=100.0, step=0.1, optional=True)
     max_vram_gb: float = setting(
-        0.0, "GPU memory budget in GB (0 = no limit). The trainer estimates what a step needs and keeps just enough "
-             "transformer blocks in CPU memory, streaming each to the GPU when it runs (block swap); the log says "
-             "how many and why. E.g. 11 on a 12 GB card, 15 on 16 GB.", min=0.0, max=1024.0, step=0.5, optional=True)
+        0.0, "GPU memory budget in GB. 0 = automatic: on CUDA what the card has minus 1 GB (CUDA context, display), "
+             "no limit on the CPU. The trainer estimates what a step needs and keeps just enough transformer blocks "
+             "in CPU memory, streaming each to the GPU when it runs (block swap); the log says the budget, how many "
+             "blocks and why. Set a number to use less of the card.", min=0.0, max=1024.0, step=0.5, optional=True)
     blocks_to_swap: int = setting(-1, "Transformer blocks kept in CPU memory and streamed to the GPU: -1 chooses "
                                       "from max_vram_gb; N swaps exactly N blocks.", min=-1, max=1000, optional=True)
 
