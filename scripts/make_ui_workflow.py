@@ -235,6 +235,14 @@ def ui_to_api(workflow, object_info):
     return graph
 
 
+def as_read_back(graph):
+    """An API graph as ui_to_api gives it back from its UI twin: titles kept, model links (which the UI
+    keeps in node properties) left out."""
+    return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"],
+                      **({"_meta": {"title": node["_meta"]["title"]}} if node.get("_meta", {}).get("title") else {})}
+            for node_id, node in graph.items()}
+
+
 FILE_EXTENSIONS = {".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin", ".png", ".jpg", ".jpeg", ".webp"}
 VALUE_TYPES = {"INT": (int,), "FLOAT": (int, float), "STRING": (str,), "BOOLEAN": (bool,)}
 
