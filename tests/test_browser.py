@@ -17,8 +17,9 @@ update the frontend before ComfyUI. Each frontend gets one fresh server of its o
   this server lacks): that is told apart.
 - The toy-world painted-layout workflow runs from the page's Run button and its images appear on the page.
 
-Responses with an error status are collected per page; the only ones allowed are those a frontend newer
-than the server makes by design (HARMLESS_MISSES). Screenshots go to $ELIGEN_BROWSER_ARTIFACTS (default
+Responses with an error status and uncaught errors are collected per page; the only ones allowed are
+those a frontend newer than the server makes by design (HARMLESS_MISSES) and one start-up error of an
+older frontend (HARMLESS_PAGE_ERRORS). Screenshots go to $ELIGEN_BROWSER_ARTIFACTS (default
 bench_out/browser/, not committed), named by frontend. The browser is Debian's `chromium`
 (scripts/setup_browser.sh installs it, Playwright and the newest frontend); this test fails, never
 skips, when any of them is missing.
@@ -58,6 +59,13 @@ HARMLESS_MISSES = {
     "/api/userdata": "the frontend looks for user files and folders a new user does not have yet",
     "/user.css": "the frontend looks for the user's optional style sheet",
     "/templates/index_logo.json": "the core templates bundled with ComfyUI 0.3.75 and older predate the newer frontend's logo index",
+    "/api/global_subgraphs": "ComfyUI 0.3.64 has no global subgraphs API; newer frontends ask for it and go on",
+}
+# Uncaught errors in the page that come from a frontend itself, not from this package: {a frame in the
+# error's stack: why it is harmless}. Any other uncaught error fails the test.
+HARMLESS_PAGE_ERRORS = {
+    "at Proxy.addSetting": "frontend 1.27 (ComfyUI 0.3.64's pin) throws while it registers its own core settings "
+                           "on a new user's first load (a setting's onChange sets another); the page works on",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIEWPORT = {"width": 1800, "height": 1100}
@@ -146,7 +154,7 @@ def page(comfy_server):
             tab = browser.new_page(viewport=VIEWPORT)
             tab.responses, tab.errors = [], []
             tab.on("response", lambda response: tab.responses.append((response.status, response.url)))
-            tab.on("pageerror", lambda error: tab.errors.append(str(error)))
+            tab.on("pageerror", lambda error: tab.errors.append(error.stack or str(error)))
             tab.goto(comfy_server.url)
             tab.wait_for_function(APP_READY, timeout=180_000)
             tab.evaluate(RUN_EVENTS)
@@ -159,6 +167,11 @@ def shot(page, comfy_server, name):
     path = os.path.join(artifacts_dir(), f"{name}_{comfy_server.frontend}.png")
     page.screenshot(path=path)
     return path
+
+
+def page_errors(page):
+    """Uncaught errors in the page but those HARMLESS_PAGE_ERRORS explains."""
+    return [error for error in page.errors if not any(frame in error for frame in HARMLESS_PAGE_ERRORS)]
 
 
 def error_responses(page):
@@ -367,7 +380,7 @@ def test_templates_run_in_their_listed_order_on_a_fresh_server(page, comfy_serve
         shot_of_nodes(page, comfy_server, f"score_{name.split(' - ')[0].replace(' ', '_')}", page.evaluate(
             "() => window.app.graph._nodes.filter(n => ['EliGenPlacementMetric', 'PreviewAny'].includes(n.type)).map(n => n.id)"))
     assert not error_responses(page), error_responses(page)
-    assert not page.errors, page.errors
+    assert not page_errors(page), page_errors(page)
 
 
 def close_dialogs(page):
