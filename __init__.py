@@ -5,7 +5,8 @@ imported only when ComfyUI asks for the node list, so the plain library code in 
 ``training/`` and ``toyworld/`` can be imported by tests and scripts without a server.
 """
 
-WEB_DIRECTORY = None
+# Served to the page as /extensions/<this folder>/: fresh LoRA lists after training, template order.
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

@@ -2,8 +2,8 @@
 
     bash scripts/demo.sh [--out demo_out] [--layouts 16]
 
-Starts a headless ComfyUI with this package, writes the synthetic training set into its input folder,
-runs the four example workflows with `comfy run` - (a) base, (b) base + EliGen attention, (c) train an
+Starts a headless ComfyUI with this package and runs four of the toy templates with `comfy run` - (a)
+base, (b) base + EliGen attention, (c) write the synthetic training set into the input folder and train an
 EliGen LoRA in-process, (d) LoRA + EliGen attention - and writes into --out:
 
     contact_sheet.png   rows a, b, d (and the layouts drawn exactly); columns: held-out layouts,
@@ -134,15 +134,11 @@ def main(argv=None):
         server.check_nodes_loaded(server_module.expected_node_ids("comfyui_eligen"))
         clock.log(f"ComfyUI ready in {server.start_seconds:.1f} s at {server.url}")
 
-        started = time.monotonic()
-        dataset_dir = os.path.join(server.input_dir, workflows.DATASET_FOLDER)
-        data.write_dataset(dataset_dir, args.train_count, seed=args.seed, split="train", size=args.size)
-        clock.stage("dataset", time.monotonic() - started)
-        clock.log(f"wrote {args.train_count} synthetic training layouts to input/{workflows.DATASET_FOLDER}")
-
         graphs = {c: workflows.sampling_workflow(c, args.layouts, args.layout_seed, size=args.size)
                   for c in workflows.CONDITIONS}
-        graphs["c"] = workflows.training_workflow(seed=args.seed, steps=args.train_steps, size=args.size)
+        # (c) writes its synthetic training set into input/ itself (EliGen Toy Dataset), as the template does
+        graphs["c"] = workflows.training_workflow(seed=args.seed, steps=args.train_steps, size=args.size,
+                                                  count=args.train_count)
         paths = {}
         for condition, graph in graphs.items():
             paths[condition] = os.path.join(out, "workflows", f"toyworld_{condition}.json")

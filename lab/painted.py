@@ -1,8 +1,8 @@
 """The toy world's painted-layout workflow: a layout painted as a user would (flat palette colours on
 white, soft anti-aliased edges) -> EliGen Painted Layout -> the toy model with the trained EliGen LoRA.
 
-`write_example` writes the API graph and the painted picture into example_workflows/;
-scripts/make_ui_workflow.py makes the UI twin from the API graph (docs/design.md, "Example workflows").
+`write_picture` writes the painted picture into example_workflows/inputs/ (the package copies it into
+ComfyUI's input folder at start-up); lab/workflows.py writes the template (its API graph and UI twin).
 """
 
 import os
@@ -13,11 +13,11 @@ from PIL import Image
 
 from ..core.layouts import masks_in_reading_order
 from ..toyworld import data
-from ..toyworld.files import write_json
+from ..toyworld.files import save_png
 from .evaluate import SAMPLER, TEXT_LENGTH
-from .workflows import EXAMPLES_DIR, LORA_NAME
+from .workflows import EXAMPLES_DIR, LORA_NAME, TEMPLATE_NAMES, score_text
 
-NAME = "toyworld_e_painted_layout"
+NAME = TEMPLATE_NAMES["e"]
 LAYOUT_FILE = "eligen_toy_painted_layout.png"  # in ComfyUI's input folder
 SCALE = 4  # painted at 4x and reduced with LANCZOS: soft edges like a brush or a resized drawing
 PAPER = (255, 255, 255)
@@ -78,6 +78,7 @@ def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="
             "images": ["10", 0], "entities": ["3", 0], "filename_prefix": name}},
         "13": {"class_type": "EliGenPreviewEntities", "inputs": {
             "image": ["2", 0], "entities": ["3", 0], "opacity": 0.45, "labels": True}},
+        "14": score_text(12),
     }
     if lora_name:
         graph["7"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
@@ -86,12 +87,6 @@ def painted_workflow(layout, lora_name=LORA_NAME, batch_size=4, seed=0, prefix="
     return graph
 
 
-def write_example(folder=EXAMPLES_DIR):
-    """example_workflows/api/<NAME>.json and the painted picture example_workflows/inputs/<LAYOUT_FILE>
-    (copy it into ComfyUI's input folder, or upload it in the Load Image node). Returns both paths."""
-    layout = example_layout()
-    api_path = write_json(os.path.join(folder, "api", f"{NAME}.json"), painted_workflow(layout))
-    image_path = os.path.join(folder, "inputs", LAYOUT_FILE)
-    os.makedirs(os.path.dirname(image_path), exist_ok=True)
-    paint(layout).save(image_path)
-    return api_path, image_path
+def write_picture(folder=EXAMPLES_DIR):
+    """The painted picture the template loads: example_workflows/inputs/<LAYOUT_FILE>. Returns its path."""
+    return save_png(paint(example_layout()), os.path.join(folder, "inputs", LAYOUT_FILE))

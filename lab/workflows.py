@@ -1,10 +1,12 @@
 """The toy world's API-format workflows, built in code so the shipped files, the demo and the tests
-are the same graphs. `python scripts/toyworld.py workflows` rewrites example_workflows/toyworld_*.json.
+are the same graphs. `python scripts/toyworld.py workflows` rewrites the toy templates in
+example_workflows/ (API graphs in api/, UI twins with their notes beside them).
 
     a: base model, global caption only
     b: base model + EliGen attention (entity prompts and masks), no LoRA
-    c: train an EliGen LoRA in-process on the synthetic dataset
+    c: train an EliGen LoRA in-process on the synthetic dataset (EliGen Toy Dataset writes it)
     d: base model + the trained LoRA + EliGen attention
+    e: a painted layout picture with the trained LoRA (lab/painted.py)
 """
 
 import importlib.util
@@ -20,6 +22,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(REPO, "example_workflows")
 LORA_NAME = "eligen_toy_flux.safetensors"  # what workflow c saves in models/loras
 DATASET_FOLDER = "eligen_toy_train"  # inside ComfyUI's input directory
+# The template file names. Both frontends (1.32.9 and 1.58.1) title a pack's template card with its file
+# name and describe it with the same name, '-' and '_' read as spaces; the page extension (web/) sorts
+# the cards by the number. Toy templates first (no downloads), the one that trains before those that
+# load its LoRA.
+TEMPLATE_NAMES = {
+    "a": "EliGen 1 - toy, base model only",
+    "b": "EliGen 2 - toy, entity attention",
+    "c": "EliGen 3 - toy, train the LoRA",
+    "d": "EliGen 4 - toy, with the LoRA from 3",
+    "e": "EliGen 5 - toy, painted, LoRA from 3",
+}
 CONDITIONS = {
     "a": "base model, global caption only",
     "b": "base model + EliGen attention, no LoRA",
@@ -29,6 +42,12 @@ CONDITIONS = {
 
 def _link(node, output=0):
     return [str(node), output]
+
+
+def score_text(metric_node):
+    """The stock text display node showing the placement metric's summary line."""
+    return {"class_type": "PreviewAny", "inputs": {"source": _link(metric_node, 0)},
+            "_meta": {"title": "Placement score"}}
 
 
 def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_name=LORA_NAME,
@@ -53,6 +72,7 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
         "8": {"class_type": "SaveImage", "inputs": {"images": _link(7), "filename_prefix": name}},
         "9": {"class_type": "EliGenPlacementMetric", "inputs": {
             "images": _link(7), "entities": _link(2, 1), "filename_prefix": name}},
+        "12": score_text(9),
     }
     model = _link(1, 0)
     if condition == "d":
@@ -69,11 +89,13 @@ def sampling_workflow(condition, count=16, layout_seed=0, family="flux", lora_na
 
 def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LORA_NAME, seed=0,
                       prefix="eligen_toy", size=SIZE, **train):
-    """EliGenDataset (input folder) -> EliGenTrain -> the LoRA in models/loras; the loss graph saved."""
+    """EliGenToyDataset (writes the synthetic set into the input folder) -> EliGenTrain -> the LoRA in
+    models/loras; the loss graph saved."""
     settings = dict(TRAIN_DEFAULTS, **train)
     return {
         "1": {"class_type": "EliGenToyModelLoader", "inputs": {"family": family, "weights": "pretrained", "seed": 0}},
-        "2": {"class_type": "EliGenDataset", "inputs": {"folder": dataset_folder, "max_pixels": size * size}},
+        "2": {"class_type": "EliGenToyDataset", "inputs": {
+            "folder": dataset_folder, "count": settings["count"], "seed": seed, "size": size}},
         "3": {"class_type": "EliGenLoraConfig", "inputs": {
             "rank": settings["rank"], "alpha": float(settings["rank"]), "dropout": 0.0, "init": "kaiming",
             "preset": TRAIN_FIXED["preset"], "custom_pattern": "", "dtype": "float32"}},
@@ -93,9 +115,12 @@ def training_workflow(family="flux", dataset_folder=DATASET_FOLDER, lora_name=LO
 
 
 def all_workflows(count=16, layout_seed=0):
-    graphs = {f"toyworld_{c}_{slug}": sampling_workflow(c, count, layout_seed)
-              for c, slug in (("a", "base"), ("b", "eligen_attention"), ("d", "eligen_lora"))}
-    graphs["toyworld_c_train"] = training_workflow()
+    """{template name: API graph} of the toy templates."""
+    from . import painted  # it builds on this module
+
+    graphs = {TEMPLATE_NAMES[c]: sampling_workflow(c, count, layout_seed) for c in ("a", "b", "d")}
+    graphs[TEMPLATE_NAMES["c"]] = training_workflow()
+    graphs[TEMPLATE_NAMES["e"]] = painted.painted_workflow(painted.example_layout())
     return graphs
 
 
@@ -103,7 +128,9 @@ def write_examples(folder=EXAMPLES_DIR, server_url=None):
     """Write every toy workflow as <folder>/api/<name>.json (API format, for `comfy run`) and, given a
     running ComfyUI with this package, its UI-format twin <folder>/<name>.json (scripts/make_ui_workflow.py)
     with the note <folder>/notes/<name>.md when there is one."""
-    paths = []
+    from . import painted  # it builds on this module
+
+    paths = [painted.write_picture(folder)]
     for name, graph in sorted(all_workflows().items()):
         api_path = write_json(os.path.join(folder, "api", f"{name}.json"), graph)
         paths.append(api_path)

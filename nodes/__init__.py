@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension
 
 from ..core import host
+from ..toyworld.example_inputs import provide_example_inputs
 from ..training import peft_requirement
 from . import dataset, entities, layouts, lora, preview, toyworld, training
 
@@ -11,6 +12,7 @@ NODE_MODULES = (entities, layouts, preview, lora, dataset, training, toyworld)
 
 class EliGenExtension(ComfyExtension):
     async def get_node_list(self):
-        host.startup_report()  # one log line when this ComfyUI lacks something EliGen needs
+        if not host.startup_report():  # one log line when this ComfyUI lacks something EliGen needs
+            provide_example_inputs(host.files.input_directory())  # the painted-layout template's picture
         peft_requirement.startup_report()  # one log line when training cannot run for want of peft
         return [node for module in NODE_MODULES for node in module.NODES]

@@ -1,4 +1,5 @@
-"""Toy world nodes: tiny models that run the whole EliGen job on a CPU, layouts and a placement metric."""
+"""Toy world nodes: tiny models that run the whole EliGen job on a CPU, layouts, a training set and a placement
+metric."""
 
 import os
 
@@ -6,13 +7,25 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-
 from ..core import host
 from ..core import conditioning as entity_conds
-from ..toyworld import data, files, metric, models
+from ..toyworld import data, files, metric, models, score_card
+from ..training.dataset import dataset_fingerprint, load_dataset
+from .dataset import ELIGEN_DATASET
 
 CATEGORY = "EliGen/toy world"
 Entities = io.Custom("ELIGEN_ENTITIES")
+TOY_DATASET_FOLDER = "eligen_toy_train"  # what EliGen Toy Dataset writes, inside ComfyUI's input folder
+
+
+def toy_dataset_path(folder):
+    """``folder`` inside ComfyUI's input directory; a name that would leave it is refused, naming it."""
+    name = folder.strip().rstrip("/\\")
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"folder {folder!r}: give a folder name inside ComfyUI's input directory "
+                         "(no absolute path, no '.' or '..', no empty part)")
+    return os.path.join(host.files.input_directory(), *parts)
 
 
 class EliGenToyModelLoader(io.ComfyNode):
@@ -99,7 +112,8 @@ class EliGenPlacementMetric(io.ComfyNode):
             category=CATEGORY,
             description="Per entity: IoU between where its colour appears and its mask, share of its colour "
             "outside the mask, success (IoU > 0.5). Entities of one colour are told apart by their masks (a "
-            "pixel outside all of them counts for the nearest). For toy-world images (palette colours).",
+            "pixel outside all of them counts for the nearest). For toy-world images (palette colours). The "
+            "node shows the score as a picture; the summary output carries it as text.",
             is_input_list=True,
             is_output_node=True,
             inputs=[
@@ -124,7 +138,54 @@ class EliGenPlacementMetric(io.ComfyNode):
             folder, name, counter = host.files.save_image_path(prefix, host.files.output_directory())
             files.write_json(os.path.join(folder, f"{name}_{counter:05}_.json"), result)
         figures = result["summary"]
-        return io.NodeOutput(summary, figures["mean_iou"], figures["success_rate"], ui=ui.PreviewText(summary))
+        card = torch.from_numpy(score_card.score_card(figures, len(result["images"])).astype(np.float32) / 255.0)[None]
+        shown = {**ui.PreviewImage(card, cls=cls).as_dict(), **ui.PreviewText(summary).as_dict()}
+        return io.NodeOutput(summary, figures["mean_iou"], figures["success_rate"], ui=shown)
 
 
-NODES = [EliGenToyModelLoader, EliGenToyLayouts, EliGenPlacementMetric]
+class EliGenToyDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EliGenToyDataset",
+            display_name="EliGen Toy Dataset",
+            category=CATEGORY,
+            description="The toy world's synthetic training set (1-4 coloured shapes per image, one prompt and one "
+            "mask per shape), written into a folder of ComfyUI's input directory in the reference metadata "
+            "format when that folder does not hold it yet, then read and checked as EliGen Dataset (folder) "
+            "reads any dataset.",
+            inputs=[
+                io.String.Input("folder", default=TOY_DATASET_FOLDER,
+                                tooltip="Folder inside ComfyUI's input directory. Written only if new, empty or "
+                                "written by this node before; a folder of yours is never written into."),
+                io.Int.Input("count", default=512, min=1, max=100_000,
+                             tooltip="How many training layouts (images)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Layout seed; the same seed and count give the same files."),
+                io.Int.Input("size", default=data.SIZE, min=64, max=1024, step=16,
+                             tooltip=f"Image side in px. {data.SIZE}: the toy world's 16x16 image tokens; "
+                             f"{data.QUICK_SIZE}: 8x8 tokens, about 4x cheaper to train."),
+            ],
+            outputs=[
+                ELIGEN_DATASET.Output(display_name="dataset"),
+                io.String.Output(display_name="summary", tooltip="Record, entity and size counts."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, count, seed, size):
+        # Re-run when the files changed or went away (the dataset reads its images from disk).
+        try:
+            return (dataset_fingerprint(toy_dataset_path(folder)), count, seed, size)
+        except ValueError:
+            return float("nan")  # never equal to itself: run and write the folder
+
+    @classmethod
+    def execute(cls, folder, count, seed, size) -> io.NodeOutput:
+        path = toy_dataset_path(folder)
+        data.ensure_dataset(path, count, seed, size)
+        dataset = load_dataset(path, max_pixels=size * size)
+        return io.NodeOutput(dataset, dataset.summary())
+
+
+NODES = [EliGenToyModelLoader, EliGenToyLayouts, EliGenToyDataset, EliGenPlacementMetric]

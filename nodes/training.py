@@ -101,7 +101,9 @@ class EliGenTrain(io.ComfyNode):
                        write_reference_format, cache, entity_text_length)
         result = run_training(job, JobInputs(model, clip, vae, dataset, validation_positive, validation_entities),
                               resume=resume, node_id=cls.hidden.unique_id, graph=cls.hidden.prompt)
-        return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"])
+        # the page's EliGen extension (web/) refreshes the LoRA lists when it sees this
+        saved = {"eligen_lora_saved": (result["lora_name"],)}
+        return io.NodeOutput(result["model"], result["lora_name"], result["loss_graph"], result["validation"], ui=saved)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ class ComfyServer:
         paths = []
         for outputs in entry["outputs"].values():
             for item in outputs.get(kind, []):
-                folder = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}[item["type"]]
+                # ComfyUI keeps its temp files in a "temp" folder inside the one --temp-directory names
+                folder = {"output": self.output_dir, "temp": os.path.join(self.temp_dir, "temp"),
+                          "input": self.input_dir}[item["type"]]
                 paths.append(os.path.join(folder, item.get("subfolder", ""), item["filename"]))
         return paths
 

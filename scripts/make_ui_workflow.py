@@ -99,9 +99,10 @@ def _depths(graph):
     return depth
 
 
-def _node_size(sockets, outputs, widgets, multiline, has_preview):
-    height = 30 + 22 * max(len(sockets), len(outputs), 0) + 26 * widgets + 80 * multiline + 380 * has_preview
-    return [400 if multiline or has_preview else 320, max(height, 60)]
+def _node_size(sockets, outputs, widgets, multiline, has_preview, shows_text=False):
+    height = (30 + 22 * max(len(sockets), len(outputs), 0) + 26 * widgets + 80 * multiline + 380 * has_preview
+              + 100 * shows_text)
+    return [400 if multiline or has_preview or shows_text else 320, max(height, 60)]
 
 
 def api_to_ui(graph, object_info, notes=()):
@@ -140,9 +141,11 @@ def api_to_ui(graph, object_info, notes=()):
         preview |= bool(info.get("output_node")) and any(kind == "IMAGE" for _, kind, _, _ in sockets)
         outputs = info.get("output", [])
         output_names = info.get("output_name", outputs)
+        # An output node with nothing to pass on and no picture shows text (Preview Any): room for it.
+        shows_text = bool(info.get("output_node")) and not outputs and not preview
         node = {
             "id": ids[key], "type": class_type, "pos": [0, 0],
-            "size": _node_size(sockets, outputs, len(widgets_values), multiline, preview),
+            "size": _node_size(sockets, outputs, len(widgets_values), multiline, preview, shows_text),
             "flags": {}, "order": len(nodes), "mode": 0,
             "inputs": [], "outputs": [{"name": output_names[i], "type": outputs[i], "links": [], "slot_index": i}
                                       for i in range(len(outputs))],
@@ -230,6 +233,14 @@ def ui_to_api(workflow, object_info):
             api_node["_meta"] = {"title": node["title"]}
         graph[str(node["id"])] = api_node
     return graph
+
+
+def as_read_back(graph):
+    """An API graph as ui_to_api gives it back from its UI twin: titles kept, model links (which the UI
+    keeps in node properties) left out."""
+    return {node_id: {"class_type": node["class_type"], "inputs": node["inputs"],
+                      **({"_meta": {"title": node["_meta"]["title"]}} if node.get("_meta", {}).get("title") else {})}
+            for node_id, node in graph.items()}
 
 
 FILE_EXTENSIONS = {".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin", ".png", ".jpg", ".jpeg", ".webp"}

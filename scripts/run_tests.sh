@@ -2,7 +2,7 @@
 # Run the test suite against a real ComfyUI: set up (fast when already done), then pytest.
 #
 #   bash scripts/run_tests.sh                               # everything
-#   bash scripts/run_tests.sh tests/test_x.py::test_y -x    # arguments go to pytest
+#   bash scripts/run_tests.sh tests/unit/test_x.py::test_y -x    # arguments go to pytest
 #   bash scripts/run_tests.sh --comfyui 0.3.52 -m compat    # on another ComfyUI version (set up beside)
 #
 # Exits non-zero when a test fails and also when no test ran (pytest's exit code 5).

@@ -8,7 +8,8 @@
     .venv/bin/python scripts/toyworld.py style [--seeds 0 ...]          (d) with a stacked style LoRA
     .venv/bin/python scripts/toyworld.py ablations [--family F ...]     recipe ablations (one setting at a time)
     .venv/bin/python scripts/toyworld.py demo [--out demo_out]            README command 1 (scripts/demo.sh)
-    .venv/bin/python scripts/toyworld.py workflows                        rewrite example_workflows/toyworld_*
+    .venv/bin/python scripts/toyworld.py workflows                        rewrite the toy templates (example_workflows/)
+    .venv/bin/python scripts/toyworld.py thumbnails [--json times.json]   template thumbnails from real runs, timed
 
 The repository is imported as the package ``comfyui_eligen`` (its name inside ComfyUI) with ComfyUI
 from $COMFYUI_DIR or the folder scripts/setup.sh recorded. Add --gpu to run on a GPU. Every command but
@@ -30,6 +31,7 @@ COMMANDS = {
     "ablations": "lab.ablations",
     "demo": "lab.demo",
     "workflows": "lab.workflows",
+    "thumbnails": "lab.thumbnails",
 }
 
 

@@ -4,6 +4,7 @@ Also provides the session fixture ``comfy_server``: one real ComfyUI server (scr
 with this package loaded, shared by all server tests and always stopped at the end.
 """
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -55,11 +56,9 @@ _register_package()
 _started_servers = []  # for the summary line
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """A running ComfyUI with this package; fails loudly if any EliGen node did not load."""
-    log_path = tmp_path_factory.getbasetemp() / "comfy_server.log"
-    server = ComfyServer(log_path=str(log_path), torch_threads=1)
+@contextlib.contextmanager
+def running_server(server):
+    """``server`` started, with every EliGen node loaded (else the test fails loudly), stopped at the end."""
     _started_servers.append(server)
     try:
         server.start()
@@ -69,6 +68,14 @@ def comfy_server(tmp_path_factory):
         pytest.fail(str(error), pytrace=False)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A running ComfyUI with this package; fails loudly if any EliGen node did not load."""
+    log_path = tmp_path_factory.getbasetemp() / "comfy_server.log"
+    with running_server(ComfyServer(log_path=str(log_path), torch_threads=1)) as server:
+        yield server
 
 
 LAB = os.path.join(TESTS, "lab")

@@ -9,6 +9,7 @@ draw from streams of their own (``layout_rng``'s ``stream``).
 node reads like any user dataset.
 """
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -177,3 +178,64 @@ def write_dataset(folder, count, seed=0, split="train", size=SIZE, make=make_lay
     write_json(path, records)
     return path
 
+
+
+# The toy training set that EliGen Toy Dataset writes into ComfyUI's input folder carries this file, so
+# the node can tell its own folder (reuse it, or rewrite it for other settings) from a user's.
+TOY_DATASET_MARKER = ".eligen_toy_dataset.json"
+
+
+class ToyDatasetError(ValueError):
+    """The toy dataset cannot go into the folder asked for; the message names the folder and why."""
+
+
+def _read_marker(folder):
+    try:
+        with open(os.path.join(folder, TOY_DATASET_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+        return marker if isinstance(marker, dict) else {}
+    except (OSError, ValueError):
+        return None
+
+
+def _files_named_in(metadata_path):
+    try:
+        with open(metadata_path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        return set()
+    names = set()
+    for record in records if isinstance(records, list) else []:
+        if isinstance(record, dict):
+            names.add(record.get("image"))
+            names.update(record.get("eligen_entity_masks") or [])
+    return {name for name in names if isinstance(name, str)}
+
+
+def ensure_dataset(folder, count, seed=0, size=SIZE):
+    """The toy training set (``count`` train layouts of ``seed`` at ``size`` px) in ``folder``, written
+    only when the folder does not already hold exactly that set. Returns True when it wrote the files.
+
+    The folder must be new, empty or one this function wrote (its marker file says so): a user's folder
+    is never written into. The marker is written first (incomplete) and completed after metadata.json,
+    so an interrupted write is redone on the next call rather than taken for a user's folder. Files of
+    an earlier toy set that the new one does not name are removed.
+    """
+    settings = {"count": int(count), "seed": int(seed), "size": int(size), "split": "train"}
+    marker = _read_marker(folder)
+    if marker is None and os.path.isdir(folder) and os.listdir(folder):
+        raise ToyDatasetError(
+            f"dataset folder {folder} already holds files that EliGen Toy Dataset did not write (no "
+            f"{TOY_DATASET_MARKER}): choose another folder name; your files are left as they are")
+    metadata = os.path.join(folder, "metadata.json")
+    if marker == dict(settings, complete=True) and os.path.isfile(metadata):
+        return False
+    old_files = _files_named_in(metadata) if marker is not None else set()
+    write_json(os.path.join(folder, TOY_DATASET_MARKER), dict(settings, complete=False))
+    write_dataset(folder, count, seed=seed, split="train", size=size)
+    for name in sorted(old_files - _files_named_in(metadata)):
+        path = os.path.join(folder, name)
+        if os.path.dirname(name) in ("images", "masks") and os.path.isfile(path):
+            os.remove(path)
+    write_json(os.path.join(folder, TOY_DATASET_MARKER), dict(settings, complete=True))
+    return True

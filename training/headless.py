@@ -148,6 +148,9 @@ def main(argv=None, device="cpu", loaders=None):
         if watch is None:
             where = "" if group is None else f"rank {rank} of {group.world}: "
             print(f"EliGen training failed: {where}{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            if group is None and isinstance(error, ValueError):
+                # the package's named errors (bad run file, outputs, resume) say it all: no traceback
+                raise SystemExit(1) from None
             raise
         if watch.report(error):
             raise  # this rank's own error: its traceback too

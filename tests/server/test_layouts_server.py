@@ -57,13 +57,12 @@ def test_shipped_painted_workflow_is_the_builder_graph(comfy_server):
     layout = painted.example_layout()
     graph = painted.painted_workflow(layout)
     with open(os.path.join(painted.EXAMPLES_DIR, "api", f"{painted.NAME}.json")) as f:
-        assert json.load(f) == graph, "run lab.painted.write_example() and scripts/make_ui_workflow.py"
+        assert json.load(f) == graph, "run `scripts/toyworld.py workflows` to rewrite it"
     object_info = comfy_server.object_info()
     assert make_ui.check_api_graph(graph, object_info) == []
     with open(os.path.join(painted.EXAMPLES_DIR, f"{painted.NAME}.json")) as f:
         ui = json.load(f)
-    assert make_ui.ui_to_api(ui, object_info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
-                                                  for k, v in graph.items()}
+    assert make_ui.ui_to_api(ui, object_info) == make_ui.as_read_back(graph)
     shipped = np.asarray(Image.open(os.path.join(painted.EXAMPLES_DIR, "inputs", painted.LAYOUT_FILE)).convert("RGB"))
     assert np.array_equal(shipped, np.asarray(painted.paint(layout)))
 

@@ -68,7 +68,7 @@ def test_comfy_node_pack_contents(copy):
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     # everything ComfyUI imports or the users open is there
     wanted = [n for n in repo_files() if not n.startswith(LEFT_OUT)
-              and (n.endswith(".py") or n.startswith("example_workflows/"))]
+              and (n.endswith(".py") or n.startswith(("example_workflows/", "web/")))]
     assert wanted and not sorted(set(wanted) - names), sorted(set(wanted) - names)
     # the package runs without the lab: no module in the archive imports it
     with zipfile.ZipFile(copy / "node.zip") as archive:
@@ -81,9 +81,13 @@ def test_comfy_node_pack_contents(copy):
     for name in weights:
         with open(os.path.join(REPO, name), "rb") as f:
             assert zipfile.crc32(f.read()) == infos[name].CRC, f"{name} differs in the archive"
-    # the only images are the example inputs (no docs figures)
+    # the page extension (WEB_DIRECTORY) that refreshes LoRA lists and orders the template cards
+    assert "web/eligen.js" in names
+    # the only images are the example inputs and the template thumbnails (no docs figures)
     images = sorted(n for n in names if n.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".webp")))
-    assert images and all(n.startswith("example_workflows/inputs/") for n in images), images
+    thumbnails = [n for n in images if re.fullmatch(r"example_workflows/[^/]+\.jpg", n)]
+    assert {n[:-4] for n in thumbnails} == {n[:-5] for n in names if re.fullmatch(r"example_workflows/[^/]+\.json", n)}
+    assert all(n.startswith("example_workflows/inputs/") for n in sorted(set(images) - set(thumbnails))), images
 
 
 def test_registry_fields_are_complete():

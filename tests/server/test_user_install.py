@@ -38,13 +38,14 @@ import user_comfyui
 from comfy_server import REPO, ComfyServer, ServerError, expected_node_ids, find_comfyui_dir
 from test_pack import run_comfy
 
+from comfyui_eligen.lab.workflows import TEMPLATE_NAMES
 from comfyui_eligen.toyworld import data
 
 pytestmark = pytest.mark.user_install
 
 MANAGER_FOLDER = "ComfyUI-EliGen"   # what a git clone of the repository is called
 REGISTRY_FOLDER = "comfyui-eligen"  # what comfy node install names it: the Registry id
-TOY_DATASET = "eligen_toy_train"    # the folder the shipped training workflow reads from input/
+TOY_DATASET = "eligen_toy_train"    # the folder in input/ the shipped training workflow writes and reads
 
 
 def say(text):
@@ -208,31 +209,32 @@ def shipped_workflow(package, name):
         return json.load(handle)
 
 
+def saved_images(server, entry, node_id="8"):
+    """The files the workflow's SaveImage node wrote (the Placement Metric shows a picture too)."""
+    return server.output_files({"outputs": {node_id: entry["outputs"][node_id]}})
+
+
 def run_toy_workflow_a(server, package):
-    graph = shipped_workflow(package, "toyworld_a_base")
+    graph = shipped_workflow(package, TEMPLATE_NAMES["a"])
     graph["2"]["inputs"]["count"] = 2  # two layouts, four steps: the shipped graph, shortened
     graph["6"]["inputs"]["steps"] = 4
     entry = server.run_workflow(graph)
-    images = server.output_files(entry)
+    images = saved_images(server, entry)
     assert len(images) == 2 and all(Image.open(p).size == (data.SIZE, data.SIZE) for p in images)
     assert "mean IoU" in entry["outputs"]["9"]["text"][0]
 
 
 def toy_training_graph(package, lora_name):
-    """The shipped training workflow (c) on a small toy dataset: two steps of batch 2."""
-    graph = shipped_workflow(package, "toyworld_c_train")
+    """The shipped training workflow (c) on a small toy dataset it writes itself: two steps of batch 2."""
+    graph = shipped_workflow(package, TEMPLATE_NAMES["c"])
     train = graph["4"]["inputs"]
-    assert graph["2"]["inputs"]["folder"] == TOY_DATASET
+    assert graph["2"]["class_type"] == "EliGenToyDataset" and graph["2"]["inputs"]["folder"] == TOY_DATASET
+    graph["2"]["inputs"].update(count=4, size=data.QUICK_SIZE)
     train.update(lora_name=lora_name, steps=2, batch_size=2, warmup_steps=0)
     return graph
 
 
-def write_toy_dataset(server):
-    data.write_dataset(os.path.join(server.input_dir, TOY_DATASET), count=4, size=data.QUICK_SIZE)
-
-
 def train_and_sample_with_the_stock_nodes(server, package):
-    write_toy_dataset(server)
     started = time.monotonic()
     server.run_workflow(toy_training_graph(package, "user_install_toy"), timeout=900)
     lora_file = os.path.join(server.models_dir, "loras", "user_install_toy.safetensors")
@@ -240,12 +242,12 @@ def train_and_sample_with_the_stock_nodes(server, package):
     say(f"{os.path.basename(package)}: toy training (2 steps) {time.monotonic() - started:.1f} s")
     images = {}
     for strength in (1.0, 0.0):  # the shipped workflow (d): stock LoRA loader, EliGen Apply, stock KSampler
-        graph = shipped_workflow(package, "toyworld_d_eligen_lora")
+        graph = shipped_workflow(package, TEMPLATE_NAMES["d"])
         graph["2"]["inputs"]["count"] = 1
         graph["6"]["inputs"]["steps"] = 3
         graph["10"]["inputs"].update(lora_name="user_install_toy.safetensors", strength_model=strength)
         graph["8"]["inputs"]["filename_prefix"] = graph["9"]["inputs"]["filename_prefix"] = f"user_install/d{strength:g}"
-        [path] = [p for p in server.output_files(server.run_workflow(graph)) if p.endswith(".png")]
+        [path] = saved_images(server, server.run_workflow(graph))
         images[strength] = np.asarray(Image.open(path).convert("RGB"))
     assert not np.array_equal(images[1.0], images[0.0]), "the trained LoRA changes nothing"
     unused = [line for line in server.log_text().splitlines() if "lora key not loaded" in line]
@@ -319,7 +321,6 @@ def test_without_peft_every_other_node_works_and_training_says_how_to_install_it
     say(f"start-up line: {line.strip()}")
     assert f"({env.python}) has no peft. Install it with: {command} and restart ComfyUI" in line
     run_toy_workflow_a(server, package)
-    write_toy_dataset(server)
     with pytest.raises(ServerError) as failure:
         server.run_workflow(toy_training_graph(package, "user_install_no_peft"), timeout=600)
     message = str(failure.value)

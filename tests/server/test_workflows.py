@@ -1,15 +1,20 @@
 """UI-format workflow generator (scripts/make_ui_workflow.py) and the example workflows, checked against a
 running ComfyUI's /object_info (the example graphs are validated, not run: the real models are not here)."""
 
+import glob
 import importlib.util
 import json
 import os
 
 import pytest
 
+from comfyui_eligen.lab.workflows import TEMPLATE_NAMES
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "example_workflows")
-EXAMPLE_NAMES = ["eligen_flux1_dev", "eligen_qwen_image", "eligen_train_flux1_dev", "eligen_train_qwen_image"]
+# The real-model templates (FLUX.1-dev, Qwen-Image): every example but the toy world's.
+EXAMPLE_NAMES = sorted({os.path.basename(p)[:-5] for p in glob.glob(os.path.join(EXAMPLES, "*.json"))}
+                       - set(TEMPLATE_NAMES.values()))
 
 
 def load_script():

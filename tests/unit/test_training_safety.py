@@ -230,7 +230,7 @@ def test_node_logs_what_block_swap_chose(comfy_folders, dataset_folder, caplog):
 
 def test_the_command_line_shows_block_swap_and_refuses_a_second_run(tmp_path, dataset_folder):
     """scripts/train.py itself: its INFO lines show block swap; run again in the same folder it stops
-    with the message and changes nothing."""
+    with the message (one line, exit status 1) and changes nothing."""
     from conftest import comfyui_dir
 
     path = write_run(str(tmp_path / "run.json"), read_job(run_file(dataset_folder, "cli", blocks_to_swap=1)))
@@ -243,7 +243,7 @@ def test_the_command_line_shows_block_swap_and_refuses_a_second_run(tmp_path, da
     assert "step 1/1 loss" in first.stdout and "Requested to load" not in first.stderr  # ComfyUI's INFO stays out
     files = sorted(os.listdir(tmp_path / "run"))
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode != 0
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]  # one line, no traceback
     assert (f"EliGen training failed: ValueError: the run folder {tmp_path / 'run'} already holds a run "
             f"(cli.safetensors, latest.json, step_000001.safetensors); nothing was overwritten") in second.stderr
     assert sorted(os.listdir(tmp_path / "run")) == files and json.loads((tmp_path / "run" / "latest.json").read_text())
