@@ -1,5 +1,5 @@
 """Fuzz the package's entry points: N random hostile inputs (mask building, dataset records, LoRA key
-conversion; tests/fuzz_cases.py) and the count of each outcome. Any exception type other than the
+conversion; tests/support/fuzz_cases.py) and the count of each outcome. Any exception type other than the
 package's named errors (ValueError and subclasses) is unexpected and makes the exit status 1.
 
     .venv/bin/python scripts/fuzz.py [--cases 10000] [--seed 20251128]

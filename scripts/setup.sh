@@ -205,7 +205,7 @@ except Exception: print("")' "${pin%%==*}")"
   echo "$req_hash" > "$REQ_STAMP"
 fi
 
-# 4b. the reference package, for the tests that compare with its own code (tests/diffsynth_reference.py).
+# 4b. the reference package, for the tests that compare with its own code (tests/support/diffsynth_reference.py).
 #    Without its dependencies: the tests load only the module files they need.
 if [ "$("$PY" -c 'from importlib.metadata import version; print(version("diffsynth"))' 2>/dev/null)" != "2.1.12" ]; then
   say "installing diffsynth==2.1.12 (no dependencies; test reference only)"

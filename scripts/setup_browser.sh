@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What tests/test_browser.py needs: Debian's headless-capable `chromium`, Playwright for Python (driving
+# What tests/server/test_browser.py needs: Debian's headless-capable `chromium`, Playwright for Python (driving
 # that Chromium through executable_path; Playwright's own browser download is not used, so this works
 # offline once the packages are installed) and a second, newer ComfyUI frontend: users update the
 # frontend before ComfyUI, so the browser test runs against ComfyUI's pinned one and against
@@ -15,7 +15,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ELIGEN_VENV:-$REPO/.venv}"
-NEWEST_FRONTEND=1.58.1  # tests/test_browser.py names the same version
+NEWEST_FRONTEND=1.58.1  # tests/server/test_browser.py names the same version
 FRONTENDS="${ELIGEN_FRONTENDS_DIR:-$REPO/.frontends}"
 say() { printf '[setup-browser] %s\n' "$*"; }
 

@@ -13,8 +13,9 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
+SUPPORT = os.path.join(TESTS, "support")  # helpers the tests share (tiny models, the toy LoRA, the reference)
 SCRIPTS = os.path.join(REPO, "scripts")  # the server harness (scripts/comfy_server.py), shared with the demo
-for folder in (TESTS, SCRIPTS):  # test modules import tiny_models and ``comfy_server`` under any import mode
+for folder in (TESTS, SUPPORT, SCRIPTS):  # test modules import tiny_models and ``comfy_server`` under any import mode
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
@@ -78,15 +79,19 @@ def comfy_server(tmp_path_factory):
 
 
 LAB = os.path.join(TESTS, "lab")
+SERVER = os.path.join(TESTS, "server")
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses the server, so ``-m "not server"`` runs only the fast in-process tests,
-    and every test under tests/lab/ (the measurement lab, lab/), so ``-m "not lab"`` leaves them out."""
+    """Mark the tests by kind from their folder: tests/server/ (a real ComfyUI server or other processes)
+    gets ``server``, so ``-m "not server"`` runs only the in-process tests; tests/lab/ (the measurement
+    lab, lab/) gets ``lab``, so ``-m "not lab"`` leaves them out. A test elsewhere that asks for the
+    server is marked ``server`` too."""
     for item in items:
-        if "comfy_server" in getattr(item, "fixturenames", ()):
+        path = str(item.path)
+        if "comfy_server" in getattr(item, "fixturenames", ()) or os.path.commonpath([SERVER, path]) == SERVER:
             item.add_marker(pytest.mark.server)
-        if os.path.commonpath([LAB, str(item.path)]) == LAB:
+        if os.path.commonpath([LAB, path]) == LAB:
             item.add_marker(pytest.mark.lab)
 
 
@@ -120,3 +125,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def comfy_folders(tmp_path, monkeypatch):
+    """ComfyUI's output and loras folders pointed at a temp dir (the ComfyUI copy is never written)."""
+    import folder_paths  # ComfyUI's: importable once the module-level set-up above has run
+
+    output, loras = tmp_path / "output", tmp_path / "loras"
+    output.mkdir()
+    loras.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(loras)], folder_paths.supported_pt_extensions))
+    return output, loras

@@ -1,5 +1,5 @@
 """The weights build script keeps working (a few steps) and its file loads as the pretrained toy model;
-the shipped files themselves are checked in tests/test_toyworld_models.py."""
+the shipped files themselves are checked in tests/unit/test_toyworld_models.py."""
 
 import json
 import math

@@ -1,0 +1,46 @@
+"""One trained toy EliGen LoRA per family per test session, shared by the tests that need one: the lab's
+training test (does training place entities?) and the server tests that need a trained LoRA (painted
+layouts, the browser test). Trained in-process with the project's trainer on the shipped toy base, then,
+for a server, written into its models/loras."""
+
+import os
+
+import torch
+
+from comfyui_eligen.core.lora_formats import save_lora
+from comfyui_eligen.lab import evaluate
+from comfyui_eligen.lab.workflows import LORA_NAME
+from comfyui_eligen.toyworld import data, models
+
+TRAIN = dict(steps=150, batch_size=16, learning_rate=5e-3, rank=8, warmup_steps=10, count=256, size=data.QUICK_SIZE)
+_trained = {}
+
+
+def toy_lora_state(family="flux"):
+    """``(lora, losses, base_untouched)``: the toy EliGen LoRA of ``family`` trained on the shipped toy base
+    with TRAIN (seed 0, data seed 3), once per session; ``base_untouched`` says whether the base model's
+    weights were bit-identical after training (the lab's training test asserts it)."""
+    if family not in _trained:
+        # one thread, as the autouse fixture gives tests (module fixtures run before it): several
+        # threads on busy cores make tiny-model steps many times slower
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model, clip, vae = models.load_toy_models(family, "pretrained")
+            before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+            lora, losses, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=3, **TRAIN)
+            after = model.model.diffusion_model.state_dict()
+            untouched = all(torch.equal(before[k], after[k]) for k in before)
+        finally:
+            torch.set_num_threads(threads)
+        _trained[family] = (lora, losses, untouched)
+    return _trained[family]
+
+
+def trained_toy_lora(server, name=LORA_NAME):
+    """The LoRA file name in ``server.models_dir/loras`` (the session's FLUX toy LoRA, written once)."""
+    path = os.path.join(server.models_dir, "loras", name)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_lora(path, toy_lora_state("flux")[0])
+    return name
