@@ -81,7 +81,9 @@ def head(tmp_path_factory):
 
 
 def clone_head(commit, folder):
-    for command in (["git", "clone", "--quiet", "--no-checkout", REPO, str(folder)],
+    # --no-hardlinks: a local clone would share its object files' inodes with this repository (and with a
+    # clone another test run makes at the same time), so making this folder read-only would change theirs
+    for command in (["git", "clone", "--quiet", "--no-checkout", "--no-hardlinks", REPO, str(folder)],
                     ["git", "-C", str(folder), "checkout", "--quiet", commit]):
         subprocess.run(command, check=True, capture_output=True, timeout=300)
 
