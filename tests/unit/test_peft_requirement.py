@@ -4,6 +4,7 @@ naming what is missing and the command that installs it. (tests/server/test_user
 ComfyUI in a venv without peft.)"""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -16,12 +17,15 @@ from comfy_server import REPO, expected_node_ids, find_comfyui_dir
 from tiny_models import tiny_flux
 
 
+USER_PYTHON = os.path.join("ComfyUI", "venv", "bin", "python")  # any Python that runs a user's ComfyUI
+
+
 def test_the_message_names_what_is_missing_and_the_command():
-    missing = peft_requirement.problem(None, python="/opt/comfy/python")
-    assert "/opt/comfy/python) has no peft" in missing
-    assert 'Install it with: /opt/comfy/python -m pip install "peft>=0.13" and restart ComfyUI' in missing
-    old = peft_requirement.problem("0.12.0", python="/opt/comfy/python")
-    assert "has peft 0.12.0" in old and '/opt/comfy/python -m pip install "peft>=0.13"' in old
+    missing = peft_requirement.problem(None, python=USER_PYTHON)
+    assert f"{USER_PYTHON}) has no peft" in missing
+    assert f'Install it with: {USER_PYTHON} -m pip install "peft>=0.13" and restart ComfyUI' in missing
+    old = peft_requirement.problem("0.12.0", python=USER_PYTHON)
+    assert "has peft 0.12.0" in old and f'{USER_PYTHON} -m pip install "peft>=0.13"' in old
     spaced = peft_requirement.problem(None, python=r"C:\ComfyUI portable\python_embeded\python.exe")
     assert r'"C:\ComfyUI portable\python_embeded\python.exe" -m pip install' in spaced
 
