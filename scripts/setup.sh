@@ -77,7 +77,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY_BIN" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet)
+# --no-compile: pip would byte-compile every file it installs (torch alone is thousands, ~2 min on 2
+# cores); Python compiles the modules actually imported, once, on first import.
+PIP=("$PY" -m pip install --quiet --no-compile)
 
 # 2. torch + torchvision (ComfyUI imports torchvision at start-up). Skip if an importable pair exists.
 #    Importing torch takes seconds, so a stamp remembers the installed versions that imported fine.
