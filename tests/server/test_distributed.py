@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from comfyui_eligen.toyworld.data import write_dataset
-from comfyui_eligen.toyworld.models import load_toy_models
 from comfyui_eligen.training import checkpoints, headless
 from comfyui_eligen.training.job import read_job
 from comfyui_eligen.training.run_file import write_run
+from shallow_toys import load_shallow_toy_models
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
@@ -43,8 +43,9 @@ def environment():
 
 
 def one_process(job, run_dir, dtype=torch.float32, **options):
-    """The headless trainer in this process on toy models of ``dtype``: (TrainResult, LoRA path)."""
-    loaders = {"EliGenToyModelLoader": functools.partial(load_toy_models, dtype=dtype)}
+    """The headless trainer in this process on the workers' shallow toy models of ``dtype``: (TrainResult,
+    LoRA path)."""
+    loaders = {"EliGenToyModelLoader": functools.partial(load_shallow_toy_models, dtype=dtype)}
     done = headless.run(job, headless.Options(run_dir=run_dir, **options), loaders=loaders)
     return done.result, done.lora_path
 
@@ -69,6 +70,24 @@ def dataset(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dataset):
+    """``reference(family, world, accumulation)``: (run, TrainResult, LoRA path, run folder) of one process
+    with the global batch of ``world`` ranks x 1 (toy_run, 2 steps, float64 models), computed once per
+    module: the table and the rendezvous test share one."""
+    folder, done = tmp_path_factory.mktemp("one_process"), {}
+
+    def compute(family, world, accumulation):
+        name = f"{family}_{world}_{accumulation}"
+        if name not in done:
+            run = toy_run(dataset, family, steps=2, grad_accumulation=accumulation)
+            result, path = one_process(run, str(folder / name), torch.float64, batch_size=world)
+            done[name] = (run, result, path, str(folder / name))
+        return done[name]
+
+    return compute
+
+
 def losses(run_dir):
     return checkpoints.Checkpoint(checkpoints.latest_checkpoint(run_dir)).info["losses"]
 
@@ -87,51 +106,53 @@ def checkpoint_difference(run_dir, reference_dir):
     return max((ours[k] - reference[k]).abs().max().item() for k in reference)
 
 
-def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, dataset):
+def test_ranks_equal_one_process_with_the_same_global_batch(tmp_path, dataset, reference):
     """Batch 1 per rank on 2 and 3 ranks = batch 2 and 3 on one process: both families, gradient
     accumulation 1 and 2, plain data parallel and with the frozen base sharded by FSDP (fully_shard, gloo).
     The toy samples differ in entity count and prompt length, and entity dropout changes them further,
-    so one process runs padded batches where the ranks run single samples.
+    so one process runs padded batches where the ranks run single samples. One torchrun launch of 3
+    processes trains all 16 runs: first as its own world of 3, then ranks 0 and 1 as a world of 2
+    (tests/support/torchrun_worker.py); each run builds its own model, LoRA and optimizer.
 
     Toy models in float64 (and so a float64 LoRA): the comparison is then exact up to float64 rounding,
     so any difference in which samples, randomness or weighting the ranks use would show. In float32 a
     batch of two rounds differently from two batches of one (matrix products over other row counts and
     sequence lengths), and AdamW, dividing by sqrt(v) + 1e-8, turns that rounding in near-zero gradient
     entries into visible weight differences (training/loop.py, GradientSum)."""
-    table = []
-    for world in (2, 3):
-        jobs, references = [], {}
+    table, blocks, references = [], [], {}
+    for world in (3, 2):
+        jobs = []
         for family in ("flux", "qwen_image"):
             for accumulation in (1, 2):
                 name = f"{family}_{world}_{accumulation}"
-                run = toy_run(dataset, family, steps=2, grad_accumulation=accumulation)
+                run, *references[name] = reference(family, world, accumulation)
                 path = write_run(str(tmp_path / f"{name}.json"), run)
-                references[name] = one_process(run, str(tmp_path / name / "one"), torch.float64, batch_size=world)
                 for fsdp in (False, True):
                     jobs.append({"run": path, "run_dir": str(tmp_path / name / ("fsdp" if fsdp else "ranks")),
                                  "batch_size": 1, "fsdp": fsdp, "dtype": "float64"})
-        started = time.monotonic()
-        done = subprocess.run(torchrun(world) + [WORKER, "jobs", json.dumps(jobs)],
-                              env=environment(), capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        print(f"torchrun, {world} processes, {len(jobs)} runs: {time.monotonic() - started:.1f} s")
-        for name, (one, one_path) in references.items():
-            for mode in ("ranks", "fsdp"):
-                run_dir = tmp_path / name / mode
-                difference = lora_difference(str(run_dir / "dp.safetensors"), one_path)
-                trained = checkpoint_difference(str(run_dir), str(tmp_path / name / "one"))
-                curve = losses(str(run_dir))
-                loss = max(abs(a - b) for (_, a), (_, b) in zip(curve, one.losses))
-                table.append((name, mode, difference, trained, loss))
-                assert [s for s, _ in curve] == [1, 2]
-                # only rank 0 wrote: one checkpoint series, one LoRA, one loss graph
-                assert sorted(os.listdir(run_dir)) == [
-                    "dp.safetensors", "latest.json", "loss.png", "step_000001.safetensors", "step_000002.safetensors"]
+        blocks.append({"world": world, "store": str(tmp_path / f"store_{world}"), "jobs": jobs})
+    started = time.monotonic()
+    done = subprocess.run(torchrun(3) + [WORKER, "jobs", json.dumps(blocks)],
+                          env=environment(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"torchrun, 3 processes, {sum(len(b['jobs']) for b in blocks)} runs: {time.monotonic() - started:.1f} s")
+    for name, (one, one_path, one_dir) in references.items():
+        for mode in ("ranks", "fsdp"):
+            run_dir = tmp_path / name / mode
+            difference = lora_difference(str(run_dir / "dp.safetensors"), one_path)
+            trained = checkpoint_difference(str(run_dir), one_dir)
+            curve = losses(str(run_dir))
+            loss = max(abs(a - b) for (_, a), (_, b) in zip(curve, one.losses))
+            table.append((name, mode, difference, trained, loss))
+            assert [s for s, _ in curve] == [1, 2]
+            # only rank 0 wrote: one checkpoint series, one LoRA, one loss graph
+            assert sorted(os.listdir(run_dir)) == [
+                "dp.safetensors", "latest.json", "loss.png", "step_000001.safetensors", "step_000002.safetensors"]
     print("run (family_ranks_accumulation) | mode | LoRA file (float32) | LoRA as trained (float64) | loss"
           " (max abs differences)")
     for row in table:
         print(" | ".join(f"{v:.2e}" if isinstance(v, float) else str(v) for v in row))
-    # (observed: 0 for the float32 file, up to 2e-12 as trained, 4e-16 for the loss; a wrong sample,
+    # (observed: 0 for the float32 file, up to 2e-13 as trained, 4e-16 for the loss; a wrong sample,
     # generator or weight changes the loss by far more than the bound)
     assert all(max(differences) <= 1e-6 for _, _, *differences in table), table
     # The shared disk cache holds each latent and prompt once, written by one of the ranks.
@@ -145,13 +166,12 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def test_two_nodes_joined_by_rendezvous_equal_one_process(tmp_path, dataset):
+def test_two_nodes_joined_by_rendezvous_equal_one_process(tmp_path, reference):
     """The documented multi-node command on loopback: two torchrun launchers ("nodes") of one process
     each, joined by the c10d rendezvous, train the LoRA of one process with batch 2 (scripts/train.py's
     command line on float64 toy models, as in the equality test above)."""
-    run = toy_run(dataset, "flux", steps=2, grad_accumulation=2)
+    run, _, one_path, _ = reference("flux", 2, 2)
     path = write_run(str(tmp_path / "run.json"), run)
-    _, reference = one_process(run, str(tmp_path / "one"), torch.float64, batch_size=2)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen(TORCHRUN + ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                                           "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
@@ -170,7 +190,7 @@ def test_two_nodes_joined_by_rendezvous_equal_one_process(tmp_path, dataset):
                 node.kill()
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
     assert "step 2/2" in "".join(outputs) and "(2 ranks)" in "".join(outputs)
-    difference = lora_difference(str(tmp_path / "nodes" / "dp.safetensors"), reference)
+    difference = lora_difference(str(tmp_path / "nodes" / "dp.safetensors"), one_path)
     print(f"2 nodes x 1 process (c10d rendezvous) vs 1 process: LoRA max abs difference {difference:.2e}")
     assert difference <= 1e-6
 
