@@ -136,17 +136,27 @@ def encoded_training_samples(model, clip, vae, folder):
                           entity_tokenizer_options=TEXT_LENGTHS[TEXT_LENGTH])
 
 
+def training_samples(model, clip, vae, count=512, data_seed=0, size=data.SIZE, write_dataset=data.write_dataset):
+    """Write `count` training layouts (`write_dataset(folder, count, seed=, split=, size=)`) into a temp
+    folder and return them encoded as the trainer takes them (the folder is removed)."""
+    with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
+        write_dataset(folder, count, seed=data_seed, split="train", size=size)
+        with torch.inference_mode():
+            return encoded_training_samples(model, clip, vae, folder)
+
+
 def train_lora(model, clip, vae, seed=0, steps=200, batch_size=32, learning_rate=3e-3, rank=8, warmup_steps=20,
-               count=512, data_seed=0, log=None, write_dataset=data.write_dataset, size=data.SIZE, **recipe):
+               count=512, data_seed=0, log=None, write_dataset=data.write_dataset, size=data.SIZE, samples=None,
+               **recipe):
     """Write `count` training layouts, encode them and train an EliGen LoRA with training/loop.py (the
     EliGenTrain node's trainer, same settings as workflow c). Returns (lora state dict, losses
     [(step, loss)], seconds). `write_dataset(folder, count, seed=, split=, size=)` writes the training set
     (another writer trains another LoRA the same way, e.g. style.py's captions-only style set).
+    `samples`: the training set already encoded (what `training_samples` returns for these count,
+    data_seed, size and writer), so several runs on one set encode it once.
     `recipe`: other TRAIN_FIXED / TrainSettings / LoraSettings fields (ablations.py varies them)."""
-    with tempfile.TemporaryDirectory(prefix="eligen-toy-train-") as folder:
-        write_dataset(folder, count, seed=data_seed, split="train", size=size)
-        with torch.inference_mode():
-            samples = encoded_training_samples(model, clip, vae, folder)
+    if samples is None:
+        samples = training_samples(model, clip, vae, count, data_seed, size, write_dataset)
     empty = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     recipe = dict(TRAIN_FIXED, **recipe)
     lora_fields = {"preset", "dropout"}

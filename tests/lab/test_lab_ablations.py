@@ -11,12 +11,15 @@ TINY = dict(steps=6, batch_size=4, learning_rate=1e-2, rank=8, warmup_steps=0, c
 
 @pytest.fixture(scope="module")
 def toy():
-    return models.load_toy_models("flux", "pretrained")
+    """The toy FLUX and TINY's training set, encoded once: no variant changes the training data."""
+    model, clip, vae = models.load_toy_models("flux", "pretrained")
+    return model, clip, vae, evaluate.training_samples(model, clip, vae, TINY["count"], 0, TINY["size"])
 
 
 def train(toy, **overrides):
-    model, clip, vae = toy
-    lora, losses, _ = evaluate.train_lora(model, clip, vae, seed=0, data_seed=0, **dict(TINY, **overrides))
+    model, clip, vae, samples = toy
+    assert not {"count", "size"} & set(overrides), "a variant of the training data needs its own encoded set"
+    lora, losses, _ = evaluate.train_lora(model, clip, vae, seed=0, samples=samples, **dict(TINY, **overrides))
     return lora, [loss for _, loss in losses]
 
 
