@@ -64,7 +64,8 @@ def user_env(tmp_path_factory):
                                 text=True, env=user_comfyui.clean_env()).stdout.strip()
     assert torch_file.startswith(os.path.join(str(folder), "torch-family")), f"torch comes from {torch_file!r}"
     say(f"user venv built in {env.seconds['total']:.0f} s (venv {env.seconds['venv']:.0f} s, torch-family overlay "
-        f"{env.seconds['overlay']:.0f} s for {len(env.shared)} distributions, pip {env.seconds['pip']:.0f} s)")
+        f"{env.seconds['overlay']:.0f} s for {len(env.shared)} distributions, pip {env.seconds['pip']:.0f} s; "
+        f"pip {env.version('pip')})")
     yield env
     shutil.rmtree(folder, ignore_errors=True)  # ~0.8 GB; pytest would keep it with its last three runs
 
