@@ -2,7 +2,9 @@
 with this package, twice: with the frontend ComfyUI pins (the venv's comfyui-frontend-package) and with
 the newest one on the index (NEWEST_FRONTEND, served through ComfyUI's --front-end-root), since users
 update the frontend before ComfyUI. Each frontend gets one fresh server of its own (this module's
-``comfy_server``: input/ and models/loras as a new user has them) and one page; in file order:
+``comfy_server``: input/ and models/loras as a new user has them; the next one starts while the first
+one's tests run) and one page. The test waits on what the page does (a load finished, frames drawn,
+pictures loaded, a run's end event), not for fixed times. In file order:
 
 - The template browser lists this package's templates in their numbered order, titled by their names,
   each with a thumbnail that loads (status 200).
