@@ -146,7 +146,27 @@ class ComfyServer:
         ]
 
     def start(self, timeout=180):
-        """Launch main.py and wait until it answers HTTP; raise ServerError with the log tail if not."""
+        """Launch main.py (unless ``launch()`` already did) and wait until it answers HTTP; raise
+        ServerError with the log tail if not."""
+        if self.process is None:
+            self.launch()
+        deadline = self._launched + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"ComfyUI exited with code {self.process.returncode} while starting; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                self._request("GET", "/system_stats", timeout=2)
+                self.start_seconds = time.monotonic() - self._launched
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+                time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"ComfyUI did not answer within {timeout} s; log {self.log_path}:\n{self.log_tail()}")
+
+    def launch(self):
+        """Start main.py and return at once; ``start()`` then waits for it. Lets a caller start a server
+        it needs later while it does other work."""
         if not os.path.isfile(os.path.join(self.comfyui_dir, "main.py")):
             raise ServerError(f"{self.comfyui_dir} is not a ComfyUI folder (no main.py)")
         for sub in ("output", "input", "temp", "user", "custom_nodes", "models/loras"):
@@ -160,26 +180,14 @@ class ComfyServer:
         pinned = os.path.join(self.comfyui_dir, PINNED_PACKAGES_DIR)
         if os.path.isdir(pinned):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pinned, env.get("PYTHONPATH")) if p)
-        started = time.monotonic()
+        self._launched = time.monotonic()
         with open(self.log_path, "wb") as log:
             # a new session makes the server a process-group leader, so stop() can end all of it
             self.process = subprocess.Popen(
                 self.command(), cwd=self.comfyui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent,
             )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"ComfyUI exited with code {self.process.returncode} while starting; "
-                                  f"log {self.log_path}:\n{self.log_tail()}")
-            try:
-                self._request("GET", "/system_stats", timeout=2)
-                self.start_seconds = time.monotonic() - started
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
-                time.sleep(0.2)
-        self.stop()
-        raise ServerError(f"ComfyUI did not answer within {timeout} s; log {self.log_path}:\n{self.log_tail()}")
+        return self
 
     def stop(self, keep_files=False):
         """End the server and everything it started (its process group); safe to call twice."""
