@@ -446,7 +446,12 @@ def test_templates_run_in_their_listed_order_on_a_fresh_server(page, comfy_serve
                             clip={"x": max(0, menu["x"] - 500), "y": max(0, menu["y"] - 280), "width": 1000, "height": 420})
             page.evaluate(CLOSE_MENUS)
             continue
-        page_text, shown, server_text, fetched = score_shown(page, comfy_server, event["detail"]["prompt_id"])
+        # the page fetches the score picture after the run's end event: wait for it (up to 30 s), not a fixed time
+        for _ in range(150):
+            page_text, shown, server_text, fetched = score_shown(page, comfy_server, event["detail"]["prompt_id"])
+            if fetched:
+                break
+            page.wait_for_timeout(200)
         assert page_text == [server_text] and "mean IoU" in server_text, (name, page_text, server_text)
         assert server_text in shown, f"{name}: the score is not on the page"
         assert fetched and set(fetched) == {200}, f"{name}: the page did not fetch the score picture: {fetched}"
