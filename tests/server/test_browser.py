@@ -399,18 +399,26 @@ def open_lora_list(page, node_id):
 
 
 def score_shown(page, comfy_server, prompt_id):
-    """The metric's text as the page shows it, and whether the page fetched the metric's picture."""
-    history = comfy_server.history(prompt_id)[prompt_id]["outputs"]
-    graph = comfy_server.history(prompt_id)[prompt_id]["prompt"][2]
+    """The metric's text as the page shows it, and the statuses of the page's fetches of the metric's
+    picture (which the page makes just after the run's end event: waited for, up to 30 s)."""
+    entry = comfy_server.history(prompt_id)[prompt_id]
+    history, graph = entry["outputs"], entry["prompt"][2]
     metric_id = next(k for k, n in graph.items() if n["class_type"] == "EliGenPlacementMetric")
+    card = history[metric_id]["images"][0]["filename"]
+
+    def fetched():
+        return [status for status, url in page.responses if "/view?" in url and f"filename={card}" in url]
+
+    for _ in range(150):
+        if fetched():
+            break
+        page.wait_for_timeout(200)
     # the text display node's widget, and what the page shows (its text area or rendered text)
     text = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type == 'PreviewAny')
         .flatMap(n => n.widgets.map(w => w.value).filter(v => typeof v == 'string' && v.includes('mean IoU')))""")
     shown = page.evaluate("""() => [document.body.innerText,
         ...Array.from(document.querySelectorAll('textarea')).map(t => t.value)].join('\\n')""")
-    card = history[metric_id]["images"][0]["filename"]
-    fetched = [status for status, url in page.responses if "/view?" in url and f"filename={card}" in url]
-    return text, shown, history[metric_id]["text"][0], fetched
+    return text, shown, history[metric_id]["text"][0], fetched()
 
 
 def test_templates_run_in_their_listed_order_on_a_fresh_server(page, comfy_server):
@@ -446,12 +454,7 @@ def test_templates_run_in_their_listed_order_on_a_fresh_server(page, comfy_serve
                             clip={"x": max(0, menu["x"] - 500), "y": max(0, menu["y"] - 280), "width": 1000, "height": 420})
             page.evaluate(CLOSE_MENUS)
             continue
-        # the page fetches the score picture after the run's end event: wait for it (up to 30 s), not a fixed time
-        for _ in range(150):
-            page_text, shown, server_text, fetched = score_shown(page, comfy_server, event["detail"]["prompt_id"])
-            if fetched:
-                break
-            page.wait_for_timeout(200)
+        page_text, shown, server_text, fetched = score_shown(page, comfy_server, event["detail"]["prompt_id"])
         assert page_text == [server_text] and "mean IoU" in server_text, (name, page_text, server_text)
         assert server_text in shown, f"{name}: the score is not on the page"
         assert fetched and set(fetched) == {200}, f"{name}: the page did not fetch the score picture: {fetched}"

@@ -23,6 +23,8 @@ STEPS = {"flux": TRAIN["steps"], "qwen_image": 75}
 def recipe(family):
     """TRAIN with ``family``'s steps."""
     return dict(TRAIN, steps=STEPS[family])
+
+
 _trained = {}
 _encoded = {}
 
